@@ -1,0 +1,154 @@
+"""The protocol a segmenter implements so that MaskSD can wrap it.
+
+MaskSD needs to reach inside a segmenter at four points: the token embeddings
+(to mask them), the two encoders (to re-run them on masked embeddings), and
+the decode head (to decode the masked branches). A segmenter exposes them by
+implementing :class:`MaskableSegmenter`; subclassing :class:`SegmenterAdapter`
+gives the inference ``forward`` for free, so that the wrapped model's eval
+output is the segmenter's own by construction.
+
+    images --embed_image--> Embeddings --encode_image--> Features (visual) --+
+                                                                             +--> decode_head --> (B, 1, h, w)
+    texts  --embed_text---> Embeddings --encode_text---> Features (text) ----+
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+__all__ = ["Embeddings", "Features", "MaskableSegmenter", "SegmenterAdapter", "check_embeddings", "check_features"]
+
+
+@dataclass
+class Embeddings:
+    """A token sequence at the embedding level: after the patch or word embedding,
+    before position embedding, which is where MaskSD puts its mask token."""
+
+    tokens: torch.Tensor
+    """(B, N, C) float embeddings."""
+    candidates: torch.Tensor | None = None
+    """(B, N) bool, True where a token may be selected and masked (real words; not
+    padding, SOT or EOT). None means every token is a candidate (image patches)."""
+    context: Any = None
+    """Whatever the encoder needs besides the tokens (token ids, padding mask).
+    MaskSD passes it through untouched."""
+
+
+@dataclass
+class Features:
+    """An encoder's output."""
+
+    tokens: torch.Tensor
+    """(B, N, D) local tokens (patches or words) in the joint image-text space,
+    aligned one to one with the :class:`Embeddings` tokens they came from. Used
+    only for the correlation that guides masking."""
+    pooled: torch.Tensor
+    """(B, D) global token in the joint space (image [class] token, sentence EOT
+    token). Guides the other modality's masking; the decode head may use it too."""
+    context: Any = None
+    """Whatever the decode head needs (multi-level feature maps, word features,
+    padding masks). MaskSD passes it through untouched."""
+
+
+@runtime_checkable
+class MaskableSegmenter(Protocol):
+    """What MaskSD requires of a segmenter (an ``nn.Module``).
+
+    The composition ``decode_head(encode_image(embed_image(x)), encode_text(embed_text(t)))``
+    must equal ``forward(x, t)``; :class:`SegmenterAdapter` provides that ``forward``.
+    """
+
+    image_embed_dim: int
+    """C of ``embed_image(...).tokens``: the size of the LMVSD mask token."""
+    text_embed_dim: int
+    """C of ``embed_text(...).tokens``: the size of the VMLSD mask token."""
+    decode_head: nn.Module
+    """Called as ``decode_head(visual: Features, text: Features)`` and returns mask
+    logits (B, 1, h, w). With ``share_weights=False`` MaskSD deep-copies it for each
+    distillation branch, so it must hold every parameter the decoding uses."""
+
+    def embed_image(self, images: Any) -> Embeddings: ...
+
+    def encode_image(self, embedded: Embeddings) -> Features: ...
+
+    def embed_text(self, texts: Any) -> Embeddings: ...
+
+    def encode_text(self, embedded: Embeddings) -> Features: ...
+
+    def __call__(self, images: Any, texts: Any) -> torch.Tensor: ...
+
+
+class SegmenterAdapter(nn.Module):
+    """Base class for segmenters that MaskSD wraps: implement the four
+    embed/encode methods, set ``decode_head``, ``image_embed_dim`` and
+    ``text_embed_dim``, and inherit the inference ``forward``."""
+
+    image_embed_dim: int
+    text_embed_dim: int
+    decode_head: nn.Module
+
+    def embed_image(self, images: Any) -> Embeddings:
+        raise NotImplementedError
+
+    def encode_image(self, embedded: Embeddings) -> Features:
+        raise NotImplementedError
+
+    def embed_text(self, texts: Any) -> Embeddings:
+        raise NotImplementedError
+
+    def encode_text(self, embedded: Embeddings) -> Features:
+        raise NotImplementedError
+
+    def forward(self, images: Any, texts: Any) -> torch.Tensor:
+        """Mask logits (B, 1, h, w) for a batch of images and referring texts."""
+        visual = self.encode_image(self.embed_image(images))
+        text = self.encode_text(self.embed_text(texts))
+        return self.decode_head(visual, text)
+
+
+def check_embeddings(embedded: Embeddings, dim: int, source: str) -> None:
+    """Raise a ValueError/TypeError naming ``source`` if ``embedded`` is not
+    (B, N, dim) float tokens with an optional (B, N) bool candidate mask."""
+    if not isinstance(embedded, Embeddings):
+        raise TypeError(f"{source} must return masksd.Embeddings, got {type(embedded).__name__}")
+    tokens = embedded.tokens
+    if not torch.is_tensor(tokens) or tokens.dim() != 3 or not tokens.is_floating_point():
+        raise ValueError(f"{source} must return float tokens of shape (B, N, C), got {_describe(tokens)}")
+    if tokens.shape[-1] != dim:
+        raise ValueError(f"{source} returned tokens with C={tokens.shape[-1]}, expected the declared embed dim {dim}")
+    candidates = embedded.candidates
+    if candidates is not None:
+        if not torch.is_tensor(candidates) or candidates.dtype != torch.bool:
+            raise TypeError(f"{source} candidates must be a bool tensor (B, N), got {_describe(candidates)}")
+        if candidates.shape != tokens.shape[:2]:
+            raise ValueError(
+                f"{source} candidates have shape {tuple(candidates.shape)}, expected {tuple(tokens.shape[:2])}"
+            )
+
+
+def check_features(features: Features, tokens_like: torch.Tensor, source: str) -> None:
+    """Raise a ValueError naming ``source`` unless ``features`` has (B, N, D) local
+    tokens aligned with the (B, N, C) embeddings ``tokens_like`` and a (B, D) pooled token."""
+    if not isinstance(features, Features):
+        raise TypeError(f"{source} must return masksd.Features, got {type(features).__name__}")
+    local, pooled = features.tokens, features.pooled
+    if not torch.is_tensor(local) or local.dim() != 3 or local.shape[:2] != tokens_like.shape[:2]:
+        raise ValueError(
+            f"{source} must return local tokens (B, N, D) aligned with its input embeddings "
+            f"(B, N)={tuple(tokens_like.shape[:2])}, got {_describe(local)}"
+        )
+    if not torch.is_tensor(pooled) or pooled.shape != (local.shape[0], local.shape[2]):
+        raise ValueError(
+            f"{source} must return a pooled token of shape (B, D)={(local.shape[0], local.shape[2])}, "
+            f"got {_describe(pooled)}"
+        )
+
+
+def _describe(x: Any) -> str:
+    if torch.is_tensor(x):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
