@@ -1,6 +1,27 @@
-"""masksd: cross-modality masked self-distillation (CM-MaskSD) for referring image segmentation."""
+"""masksd: cross-modality masked self-distillation (CM-MaskSD) for referring image segmentation.
+
+Wrap any segmenter that implements :class:`MaskableSegmenter` in :class:`MaskSD`;
+train with the returned loss, evaluate with ``.eval()`` at the bare model's cost.
+"""
 
 from masksd.adapter import Embeddings, Features, MaskableSegmenter, SegmenterAdapter
+from masksd.correlation import CorrelationFilter
+from masksd.loss import SelfDistillLoss, segmentation_loss
+from masksd.masking import GuidedMasker
+from masksd.wrapper import BranchConfig, MaskSD, MaskSDConfig, MaskSDOutput
 
-__all__ = ["Embeddings", "Features", "MaskableSegmenter", "SegmenterAdapter"]
+__all__ = [
+    "BranchConfig",
+    "CorrelationFilter",
+    "Embeddings",
+    "Features",
+    "GuidedMasker",
+    "MaskSD",
+    "MaskSDConfig",
+    "MaskSDOutput",
+    "MaskableSegmenter",
+    "SegmenterAdapter",
+    "SelfDistillLoss",
+    "segmentation_loss",
+]
 __version__ = "0.1.0"

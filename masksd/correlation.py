@@ -1,0 +1,64 @@
+"""Correlation filtering: keep the tokens most related to the other modality (paper Eq. 3 and 6)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from masksd._checks import check_fraction, check_mask, check_tensor
+
+__all__ = ["CorrelationFilter", "topk_counts"]
+
+# Slack for products like 0.1 * 30 = 3.0000000000000004, which must count as 3, not 4.
+_COUNT_EPS = 1e-6
+
+
+def topk_counts(fraction: float, n_valid: torch.Tensor) -> torch.Tensor:
+    """ceil(fraction * n_valid) per sample, at least 1 where n_valid > 0 and 0 where n_valid == 0.
+
+    n_valid: (B,) integer counts. Returns (B,) int64.
+    """
+    counts = torch.ceil(fraction * n_valid.double() - _COUNT_EPS).long()
+    return torch.where(n_valid > 0, counts.clamp(min=1), torch.zeros_like(counts))
+
+
+class CorrelationFilter(nn.Module):
+    """Selects, per sample, the top ``top_k`` fraction of valid tokens by their
+    dot product with a query from the other modality.
+
+    The score of token i is ``p_i = tokens_i · query``. Exactly
+    ``ceil(top_k * n_valid)`` valid tokens are selected (at least one when
+    ``n_valid > 0``, none when ``n_valid == 0``); ties are broken towards the
+    lower index. Selection is a discrete choice: no gradient flows through it.
+    """
+
+    def __init__(self, top_k: float):
+        super().__init__()
+        check_fraction("top_k", top_k, low_open=True)
+        self.top_k = float(top_k)
+
+    def extra_repr(self) -> str:
+        return f"top_k={self.top_k}"
+
+    @torch.no_grad()
+    def select(self, query: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """query: (B, C); tokens: (B, N, C); valid: (B, N) bool or None (all valid).
+
+        Returns a (B, N) bool tensor, True at the selected tokens.
+        """
+        check_tensor("tokens", tokens, dims=3, floating=True)
+        check_tensor("query", query, dims=2, floating=True)
+        batch, length, channels = tokens.shape
+        if query.shape != (batch, channels):
+            raise ValueError(
+                f"query must have shape (B, C)={(batch, channels)} to match tokens {tuple(tokens.shape)}, "
+                f"got {tuple(query.shape)}"
+            )
+        valid = check_mask("valid", valid, (batch, length), tokens.device)
+
+        scores = torch.einsum("bnc,bc->bn", tokens.float(), query.float())  # (B, N)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        order = scores.argsort(dim=1, descending=True, stable=True)  # (B, N) token indices, best first
+        counts = topk_counts(self.top_k, valid.sum(dim=1))  # (B,)
+        take = torch.arange(length, device=tokens.device) < counts[:, None]  # (B, N) by rank
+        return torch.zeros_like(valid).scatter(1, order, take)

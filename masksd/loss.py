@@ -1,0 +1,113 @@
+"""Losses: BCE of the main branch against ground truth and of each masked branch against the main branch (Eq. 9)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masksd._checks import check_choice, check_nonnegative, check_tensor
+
+__all__ = ["SelfDistillLoss", "segmentation_loss", "as_mask_batch"]
+
+
+def as_mask_batch(name: str, mask: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """Check a float ground-truth mask (B, H, W) or (B, 1, H, W) with values in [0, 1]; return it as (B, 1, H, W)."""
+    check_tensor(name, mask, dims=(3, 4), floating=True)
+    if mask.dim() == 4 and mask.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, H, W), got {tuple(mask.shape)}")
+    if batch is not None and mask.shape[0] != batch:
+        raise ValueError(f"{name} has batch size {mask.shape[0]}, expected {batch}")
+    if bool(((mask < 0) | (mask > 1)).any()):
+        raise ValueError(f"{name} values must lie in [0, 1] (a binary or soft mask)")
+    return mask if mask.dim() == 4 else mask[:, None]
+
+
+def _check_logits(name: str, logits: torch.Tensor) -> None:
+    check_tensor(name, logits, dims=4, floating=True)
+    if logits.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (B, 1, h, w), got {tuple(logits.shape)}")
+
+
+def _resize(target: torch.Tensor, size: torch.Size, soft: bool) -> torch.Tensor:
+    """Resize a (B, 1, H, W) target to ``size``: bilinear for soft probabilities, nearest for binary masks."""
+    if target.shape[-2:] == size:
+        return target
+    if soft:
+        return F.interpolate(target, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(target, size=size, mode="nearest")
+
+
+def segmentation_loss(logits: torch.Tensor, ground_truth: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of (B, 1, h, w) logits against a (B, [1,] H, W) mask, averaged over pixels.
+
+    The mask is resized to the logits' size with nearest neighbour, as CRIS does.
+    """
+    _check_logits("logits", logits)
+    target = as_mask_batch("ground_truth", ground_truth, logits.shape[0])
+    target = _resize(target.to(logits.dtype), logits.shape[-2:], soft=False)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+class SelfDistillLoss(nn.Module):
+    """``weight * BCE(student, target)`` averaged over pixels, where the target is
+
+    * ``supervision="distill"``, ``target="soft"``: sigmoid(teacher), detached;
+    * ``supervision="distill"``, ``target="hard"``: sigmoid(teacher) > threshold, detached;
+    * ``supervision="ground_truth"``: the ground-truth mask (the paper's Table VI ablation).
+
+    A target of another size than the student is resized to it (bilinear for
+    the soft target, nearest for binary ones). No gradient reaches the teacher.
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        target: str = "soft",
+        threshold: float = 0.5,
+        supervision: str = "distill",
+    ):
+        super().__init__()
+        check_nonnegative("weight", weight)
+        check_choice("target", target, ("soft", "hard"))
+        check_choice("supervision", supervision, ("distill", "ground_truth"))
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        self.weight = float(weight)
+        self.target = target
+        self.threshold = float(threshold)
+        self.supervision = supervision
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, target={self.target!r}, threshold={self.threshold}, supervision={self.supervision!r}"
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        ground_truth: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """student_logits, teacher_logits: (B, 1, h, w); ground_truth: (B, [1,] H, W) float.
+
+        Returns the weighted scalar loss.
+        """
+        _check_logits("student_logits", student_logits)
+        if self.supervision == "ground_truth":
+            if ground_truth is None:
+                raise ValueError("ground_truth is required when supervision='ground_truth'")
+            return self.weight * segmentation_loss(student_logits, ground_truth)
+
+        if teacher_logits is None:
+            raise ValueError("teacher_logits is required when supervision='distill'")
+        _check_logits("teacher_logits", teacher_logits)
+        if teacher_logits.shape[0] != student_logits.shape[0]:
+            raise ValueError(
+                f"teacher_logits has batch size {teacher_logits.shape[0]}, "
+                f"student_logits has {student_logits.shape[0]}"
+            )
+        with torch.no_grad():
+            target = torch.sigmoid(teacher_logits.float())  # (B, 1, h', w')
+            if self.target == "hard":
+                target = (target > self.threshold).float()
+            target = _resize(target, student_logits.shape[-2:], soft=self.target == "soft")
+        return self.weight * F.binary_cross_entropy_with_logits(student_logits, target.to(student_logits.dtype))

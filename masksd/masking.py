@@ -1,0 +1,71 @@
+"""Cross-modality guided masking: replace a random share of the selected tokens with a learnable token (Eq. 4 and 7)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from masksd._checks import check_fraction, check_mask, check_tensor
+
+__all__ = ["GuidedMasker", "mask_counts"]
+
+
+def mask_counts(ratio: float, n_candidates: torch.Tensor) -> torch.Tensor:
+    """round(ratio * n_candidates) per sample, halves rounded up (0.5 -> 1, 2.5 -> 3).
+
+    n_candidates: (B,) integer counts. Returns (B,) int64.
+    """
+    # floor(x + 0.5) with slack so that 0.1 * 5 = 0.5 counts as a half, not just below it.
+    return torch.floor(ratio * n_candidates.double() + 0.5 + 1e-9).long()
+
+
+class GuidedMasker(nn.Module):
+    """Replaces ``round(ratio * n_candidates)`` randomly chosen candidate tokens
+    per sample with one learnable mask token of size ``dim``.
+
+    All other positions are returned bit-identical. The token is initialised
+    from a truncated normal (std 0.02) and receives gradient through every
+    position it replaces.
+    """
+
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        check_fraction("ratio", ratio, low_open=False)
+        self.dim = dim
+        self.ratio = float(ratio)
+        self.mask_token = nn.Parameter(torch.empty(dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, ratio={self.ratio}"
+
+    def mask(
+        self,
+        embeddings: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeddings: (B, N, C=dim); candidates: (B, N) bool or None (all).
+
+        Returns ``(masked_embeddings (B, N, C), applied (B, N) bool)`` where
+        ``applied`` marks the positions that now hold the mask token.
+        """
+        check_tensor("embeddings", embeddings, dims=3, floating=True)
+        batch, length, channels = embeddings.shape
+        if channels != self.dim:
+            raise ValueError(f"embeddings must have C={self.dim} (the mask token size), got shape {tuple(embeddings.shape)}")
+        candidates = check_mask("candidates", candidates, (batch, length), embeddings.device)
+
+        # A uniform random order over the candidates: non-candidates get keys above every candidate's.
+        keys = torch.rand((batch, length), generator=generator, device=embeddings.device)  # (B, N) in [0, 1)
+        keys = keys.masked_fill(~candidates, 2.0)
+        order = keys.argsort(dim=1)  # (B, N)
+        counts = mask_counts(self.ratio, candidates.sum(dim=1))  # (B,)
+        take = torch.arange(length, device=embeddings.device) < counts[:, None]  # (B, N) by rank
+        applied = torch.zeros_like(candidates).scatter(1, order, take)  # (B, N)
+
+        token = self.mask_token.to(embeddings.dtype).expand_as(embeddings)  # (B, N, C)
+        masked = torch.where(applied[..., None], token, embeddings)
+        return masked, applied

@@ -1,0 +1,238 @@
+"""MaskSD: wraps a segmenter with the LMVSD and VMLSD masked self-distillation branches."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from masksd._checks import check_choice, check_fraction, check_nonnegative
+from masksd.adapter import Embeddings, Features, check_embeddings, check_features
+from masksd.correlation import CorrelationFilter
+from masksd.loss import SelfDistillLoss, segmentation_loss
+from masksd.masking import GuidedMasker
+
+__all__ = ["BranchConfig", "MaskSDConfig", "MaskSDOutput", "MaskSD", "DistillBranch"]
+
+
+@dataclass
+class BranchConfig:
+    """One masked self-distillation branch (LMVSD or VMLSD)."""
+
+    enabled: bool = True
+    """Run this branch during training."""
+    top_k: float = 0.5
+    """K: fraction of candidate tokens kept by correlation filtering, in (0, 1]."""
+    ratio: float = 0.25
+    """α: fraction of the kept tokens replaced by the mask token, in [0, 1]."""
+    weight: float = 0.75
+    """λ: weight of this branch's loss in the total."""
+
+    def validate(self, name: str) -> None:
+        check_fraction(f"{name}.top_k", self.top_k, low_open=True)
+        check_fraction(f"{name}.ratio", self.ratio, low_open=False)
+        check_nonnegative(f"{name}.weight", self.weight)
+
+
+@dataclass
+class MaskSDConfig:
+    """Every switch of the paper's ablations (Tables II–VII); defaults are the paper's."""
+
+    lmvsd: BranchConfig = field(default_factory=lambda: BranchConfig(top_k=0.5, ratio=0.25, weight=0.75))
+    """Language-guided masked visual self-distillation: masks image patches chosen by the sentence."""
+    vmlsd: BranchConfig = field(default_factory=lambda: BranchConfig(top_k=0.5, ratio=0.1, weight=0.1))
+    """Visual-guided masked language self-distillation: masks words chosen by the image."""
+    share_weights: bool = True
+    """Branches decode with the segmenter's own head; False gives each branch its own copy (Table VII)."""
+    masking: bool = True
+    """False runs the branches on unmasked embeddings (Table V): no mask tokens are created."""
+    supervision: str = "distill"
+    """"distill": branches learn the main prediction; "ground_truth": they learn the GT (Table VI)."""
+    target: str = "soft"
+    """Distillation target: "soft" = sigmoid(main logits), "hard" = sigmoid(main logits) > threshold."""
+    threshold: float = 0.5
+    """Binarisation threshold of the hard target."""
+
+    def __post_init__(self) -> None:
+        self.lmvsd.validate("lmvsd")
+        self.vmlsd.validate("vmlsd")
+        check_choice("supervision", self.supervision, ("distill", "ground_truth"))
+        check_choice("target", self.target, ("soft", "hard"))
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+    @classmethod
+    def baseline(cls) -> "MaskSDConfig":
+        """Both branches off: MaskSD trains the bare segmenter with its segmentation loss."""
+        return cls(lmvsd=BranchConfig(enabled=False), vmlsd=BranchConfig(enabled=False))
+
+
+@dataclass
+class MaskSDOutput:
+    """What a training step of :class:`MaskSD` returns."""
+
+    loss: torch.Tensor
+    """Scalar total: seg + λ1·lmvsd + λ2·vmlsd (the λ are inside the branch losses)."""
+    seg_loss: torch.Tensor
+    """Scalar BCE of the main prediction against the ground truth."""
+    logits: torch.Tensor
+    """(B, 1, h, w) main-branch mask logits."""
+    lmvsd_loss: torch.Tensor | None = None
+    """Scalar λ1-weighted LMVSD loss; None when the branch is off."""
+    vmlsd_loss: torch.Tensor | None = None
+    """Scalar λ2-weighted VMLSD loss; None when the branch is off."""
+    image_masked: torch.Tensor | None = None
+    """(B, N) bool: image tokens the LMVSD branch replaced by the mask token."""
+    text_masked: torch.Tensor | None = None
+    """(B, L) bool: text tokens the VMLSD branch replaced by the mask token."""
+
+    def parts(self) -> dict[str, float]:
+        """The losses as Python floats, for logging (synchronises with the device)."""
+        named = {"loss": self.loss, "seg": self.seg_loss, "lmvsd": self.lmvsd_loss, "vmlsd": self.vmlsd_loss}
+        return {k: float(v.detach()) for k, v in named.items() if v is not None}
+
+
+class DistillBranch(nn.Module):
+    """Correlation filter, masker, loss and (when weights are not shared) decode head of one branch."""
+
+    def __init__(self, config: BranchConfig, dim: int, wrapper: MaskSDConfig, head: nn.Module | None):
+        super().__init__()
+        self.filter = CorrelationFilter(config.top_k)
+        self.masker = GuidedMasker(dim, config.ratio) if wrapper.masking else None
+        self.criterion = SelfDistillLoss(
+            config.weight, target=wrapper.target, threshold=wrapper.threshold, supervision=wrapper.supervision
+        )
+        self.head = head
+
+    def perturb(
+        self,
+        embedded: Embeddings,
+        query: torch.Tensor,
+        features: Features,
+        generator: torch.Generator | None,
+    ) -> tuple[Embeddings, torch.Tensor]:
+        """Mask the embeddings at the tokens whose features correlate most with ``query`` (B, D).
+
+        Returns the masked embeddings and the (B, N) bool mask of replaced tokens.
+        """
+        if embedded.candidates is not None and not bool(embedded.candidates.any(dim=1).all()):
+            empty = (~embedded.candidates.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"samples {empty} have no candidate token to mask (an empty text?): "
+                "the segmenter's embed_text/embed_image marked none"
+            )
+        selected = self.filter.select(query, features.tokens, embedded.candidates)  # (B, N)
+        if self.masker is None:
+            return embedded, torch.zeros_like(selected)
+        tokens, applied = self.masker.mask(embedded.tokens, selected, generator=generator)
+        return replace(embedded, tokens=tokens), applied
+
+
+class MaskSD(nn.Module):
+    """Cross-modality masked self-distillation around a :class:`~masksd.adapter.MaskableSegmenter`.
+
+    Training (``model.train()``): ``forward(images, texts, ground_truth)`` runs
+    the main branch once and each enabled branch on masked embeddings, reusing
+    every unmasked feature: the image encoder runs twice (main, LMVSD), the
+    text encoder twice (main, VMLSD), the decode head three times. Returns a
+    :class:`MaskSDOutput`.
+
+    Inference (``model.eval()``): ``forward(images, texts)`` returns exactly
+    ``segmenter(images, texts)``; the branches cost nothing.
+    """
+
+    def __init__(self, segmenter: nn.Module, config: MaskSDConfig | None = None):
+        super().__init__()
+        _check_segmenter(segmenter)
+        config = MaskSDConfig() if config is None else config
+        if not isinstance(config, MaskSDConfig):
+            raise TypeError(f"config must be a MaskSDConfig, got {type(config).__name__}")
+        self.segmenter = segmenter
+        self.config = config
+        self.branches = nn.ModuleDict()
+        for name, branch, dim in (
+            ("lmvsd", config.lmvsd, segmenter.image_embed_dim),
+            ("vmlsd", config.vmlsd, segmenter.text_embed_dim),
+        ):
+            if branch.enabled:
+                head = None if config.share_weights else copy.deepcopy(segmenter.decode_head)
+                self.branches[name] = DistillBranch(branch, dim, config, head)
+
+    def forward(
+        self,
+        images: Any,
+        texts: Any,
+        ground_truth: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MaskSDOutput | torch.Tensor:
+        """images, texts: whatever the segmenter takes; ground_truth: (B, [1,] H, W) float mask.
+
+        ``generator`` (optional) drives the random choice of masked tokens.
+        """
+        if not self.training:
+            return self.segmenter(images, texts)
+        if ground_truth is None:
+            raise ValueError("ground_truth is required in training mode (call .eval() for inference)")
+        seg = self.segmenter
+
+        image_embedded = seg.embed_image(images)
+        check_embeddings(image_embedded, seg.image_embed_dim, "segmenter.embed_image")
+        text_embedded = seg.embed_text(texts)
+        check_embeddings(text_embedded, seg.text_embed_dim, "segmenter.embed_text")
+        batch = image_embedded.tokens.shape[0]
+        if text_embedded.tokens.shape[0] != batch:
+            raise ValueError(f"images and texts have different batch sizes: {batch} and {text_embedded.tokens.shape[0]}")
+
+        visual = seg.encode_image(image_embedded)
+        check_features(visual, image_embedded.tokens, "segmenter.encode_image")
+        text = seg.encode_text(text_embedded)
+        check_features(text, text_embedded.tokens, "segmenter.encode_text")
+        if visual.pooled.shape[-1] != text.pooled.shape[-1]:
+            raise ValueError(
+                f"visual and text features must share the joint dim D for the correlation, "
+                f"got {visual.pooled.shape[-1]} and {text.pooled.shape[-1]}"
+            )
+
+        logits = seg.decode_head(visual, text)  # (B, 1, h, w)
+        seg_loss = segmentation_loss(logits, ground_truth)
+        out = MaskSDOutput(loss=seg_loss, seg_loss=seg_loss, logits=logits)
+
+        if "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused
+            branch = self.branches["lmvsd"]
+            masked, out.image_masked = branch.perturb(image_embedded, text.pooled, visual, generator)
+            student = self._head(branch)(seg.encode_image(masked), text)
+            out.lmvsd_loss = branch.criterion(student, logits, ground_truth)
+            out.loss = out.loss + out.lmvsd_loss
+
+        if "vmlsd" in self.branches:  # image-guided masking of words; visual features reused
+            branch = self.branches["vmlsd"]
+            masked, out.text_masked = branch.perturb(text_embedded, visual.pooled, text, generator)
+            student = self._head(branch)(visual, seg.encode_text(masked))
+            out.vmlsd_loss = branch.criterion(student, logits, ground_truth)
+            out.loss = out.loss + out.vmlsd_loss
+
+        return out
+
+    def _head(self, branch: DistillBranch) -> Callable[[Features, Features], torch.Tensor]:
+        return self.segmenter.decode_head if branch.head is None else branch.head
+
+
+def _check_segmenter(segmenter: object) -> None:
+    if not isinstance(segmenter, nn.Module):
+        raise TypeError(f"segmenter must be an nn.Module, got {type(segmenter).__name__}")
+    required = ("image_embed_dim", "text_embed_dim", "decode_head", "embed_image", "encode_image", "embed_text", "encode_text")
+    missing = [name for name in required if not hasattr(segmenter, name)]
+    if missing:
+        raise TypeError(
+            f"segmenter {type(segmenter).__name__} does not implement masksd.MaskableSegmenter; missing: {missing}"
+        )
+    if not isinstance(segmenter.decode_head, nn.Module):
+        raise TypeError(f"segmenter.decode_head must be an nn.Module, got {type(segmenter.decode_head).__name__}")
+    for name in ("image_embed_dim", "text_embed_dim"):
+        value = getattr(segmenter, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"segmenter.{name} must be a positive int, got {value!r}")
+
