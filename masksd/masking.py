@@ -24,7 +24,7 @@ class GuidedMasker(nn.Module):
     per sample with one learnable mask token of size ``dim``.
 
     All other positions are returned bit-identical. The token is initialised
-    from a truncated normal (std 0.02) and receives gradient through every
+    from a normal (std 0.02) truncated at ±2 std and receives gradient through every
     position it replaces.
     """
 
@@ -36,7 +36,8 @@ class GuidedMasker(nn.Module):
         self.dim = dim
         self.ratio = float(ratio)
         self.mask_token = nn.Parameter(torch.empty(dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # Truncate at two standard deviations (torch's default bounds are ±2 absolute, i.e. no truncation here).
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, ratio={self.ratio}"

@@ -1,0 +1,101 @@
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from masksd import GuidedMasker
+
+
+def expected_count(fraction: Fraction, n: int) -> int:
+    return math.floor(fraction * n + Fraction(1, 2))
+
+
+@st.composite
+def batches(draw, max_b=4, max_n=24, max_c=8):
+    b, n, c = draw(st.integers(1, max_b)), draw(st.integers(1, max_n)), draw(st.integers(1, max_c))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    embeddings = torch.randn(b, n, c, generator=g)
+    candidates = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=b, max_size=b)))
+    return embeddings, candidates, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches(), st.integers(0, 20))
+def test_masks_exact_count_of_candidates_and_leaves_the_rest_bit_identical(batch, twentieths):
+    embeddings, candidates, seed = batch
+    fraction = Fraction(twentieths, 20)
+    masker = GuidedMasker(embeddings.shape[-1], float(fraction))
+    masked, applied = masker.mask(embeddings, candidates, generator=torch.Generator().manual_seed(seed))
+
+    assert masked.shape == embeddings.shape and applied.shape == candidates.shape
+    assert not (applied & ~candidates).any(), "only candidates may be masked"
+    for b in range(embeddings.shape[0]):
+        assert int(applied[b].sum()) == expected_count(fraction, int(candidates[b].sum()))
+    assert torch.equal(masked[~applied], embeddings[~applied])
+    assert torch.equal(masked[applied], masker.mask_token.detach().expand_as(masked)[applied])
+
+
+def test_halves_round_up():
+    masker = GuidedMasker(4, 0.1)
+    _, applied = masker.mask(torch.randn(3, 10, 4), torch.tensor([[True] * 5 + [False] * 5, [True] * 4 + [False] * 6, [True] * 10]))
+    assert applied.sum(dim=1).tolist() == [1, 0, 1]  # 0.5 -> 1, 0.4 -> 0, 1.0 -> 1
+
+
+def test_generator_makes_the_choice_reproducible_and_uniform():
+    masker = GuidedMasker(2, 0.25)
+    x = torch.randn(1, 8, 2)
+    first = masker.mask(x, generator=torch.Generator().manual_seed(7))[1]
+    again = masker.mask(x, generator=torch.Generator().manual_seed(7))[1]
+    assert torch.equal(first, again)
+
+    g = torch.Generator().manual_seed(0)
+    hits = sum(masker.mask(x, generator=g)[1][0].long() for _ in range(4000))  # 2 of 8 each time
+    expected = 4000 * 2 / 8
+    assert ((hits - expected).abs() < 0.1 * expected).all(), hits
+
+
+def test_mask_token_gets_gradient_and_embeddings_keep_theirs():
+    masker = GuidedMasker(4, 0.5)
+    x = torch.randn(2, 6, 4, requires_grad=True)
+    masked, applied = masker.mask(x)
+    (masked * torch.randn_like(masked)).sum().backward()
+    assert masker.mask_token.grad is not None and masker.mask_token.grad.abs().sum() > 0
+    assert (x.grad[applied] == 0).all() and (x.grad[~applied] != 0).any()
+
+
+def test_mask_token_init_and_dtype_follow_embeddings():
+    masker = GuidedMasker(512, 0.5)
+    assert masker.mask_token.shape == (512,)
+    assert masker.mask_token.abs().max() <= 0.04 + 1e-6  # truncated at 2 std
+    assert 0.01 < masker.mask_token.std() < 0.03
+    masked, _ = masker.mask(torch.randn(1, 4, 512, dtype=torch.bfloat16))
+    assert masked.dtype == torch.bfloat16
+
+
+def test_ratio_zero_masks_nothing_ratio_one_masks_all_candidates():
+    x, cand = torch.randn(2, 5, 3), torch.tensor([[True, True, False, True, False]] * 2)
+    assert not GuidedMasker(3, 0.0).mask(x, cand)[1].any()
+    assert torch.equal(GuidedMasker(3, 1.0).mask(x, cand)[1], cand)
+
+
+@pytest.mark.parametrize("ratio", [-0.01, 1.5, float("inf")])
+def test_ratio_out_of_range(ratio):
+    with pytest.raises((ValueError, TypeError), match="ratio"):
+        GuidedMasker(4, ratio)
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="dim"):
+        GuidedMasker(0, 0.5)
+    masker = GuidedMasker(4, 0.5)
+    with pytest.raises(ValueError, match="embeddings"):
+        masker.mask(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="embeddings"):
+        masker.mask(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="candidates"):
+        masker.mask(torch.randn(2, 3, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="candidates"):
+        masker.mask(torch.randn(2, 3, 4), torch.ones(3, 3, dtype=torch.bool))

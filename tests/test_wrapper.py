@@ -1,0 +1,253 @@
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from masksd import BranchConfig, Embeddings, MaskSD, MaskSDConfig, MaskSDOutput
+from tests.toys import ConvGRU, ToyViT, colour_task
+
+ABLATIONS = {
+    "default": MaskSDConfig(),
+    "baseline": MaskSDConfig.baseline(),
+    "lmvsd_only": MaskSDConfig(vmlsd=BranchConfig(enabled=False)),
+    "vmlsd_only": MaskSDConfig(lmvsd=BranchConfig(enabled=False)),
+    "not_shared": MaskSDConfig(share_weights=False),
+    "no_masking": MaskSDConfig(masking=False),
+    "ground_truth": MaskSDConfig(supervision="ground_truth"),
+    "hard_target": MaskSDConfig(target="hard", threshold=0.4),
+}
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Spy:
+    """Counts calls to a segmenter's embed/encode methods and to every decode head."""
+
+    def __init__(self, model: MaskSD):
+        self.calls = Counter()
+        seg = model.segmenter
+        for name in ("embed_image", "encode_image", "embed_text", "encode_text"):
+            setattr(seg, name, self._counting(name, getattr(seg, name)))
+        heads = [seg.decode_head] + [b.head for b in model.branches.values() if b.head is not None]
+        for head in heads:
+            head.register_forward_pre_hook(lambda *_: self.calls.update(["decode"]))
+
+    def _counting(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+@pytest.fixture
+def batch():
+    return colour_task(4, seed=1)
+
+
+@pytest.mark.parametrize("segmenter_cls", [ToyViT, ConvGRU])
+def test_eval_output_is_the_bare_segmenters_bit_for_bit(segmenter_cls, batch):
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    segmenter = segmenter_cls()
+    model = MaskSD(segmenter).train()
+    model(images, ids, masks).loss.backward()  # a training step must not change what eval computes
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images, ids), segmenter(images, ids))
+
+
+def test_main_branch_in_training_is_the_segmenters_forward(batch):
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    model = MaskSD(ToyViT(), MaskSDConfig.baseline())
+    model.train()
+    torch.manual_seed(3)
+    out = model(images, ids, masks)
+    torch.manual_seed(3)
+    assert torch.equal(out.logits, model.segmenter(images, ids))  # same dropout draws
+
+
+@pytest.mark.parametrize("segmenter_cls", [ToyViT, ConvGRU])
+def test_extra_parameters_are_exactly_the_two_mask_tokens(segmenter_cls):
+    segmenter = segmenter_cls()
+    bare = n_params(segmenter)
+    model = MaskSD(segmenter)
+    assert n_params(model) - bare == segmenter.image_embed_dim + segmenter.text_embed_dim
+    tokens = {n for n, _ in model.named_parameters() if not n.startswith("segmenter.")}
+    assert tokens == {"branches.lmvsd.masker.mask_token", "branches.vmlsd.masker.mask_token"}
+
+
+def test_unshared_heads_add_one_head_copy_per_branch():
+    segmenter = ToyViT()
+    bare, head = n_params(segmenter), n_params(segmenter.decode_head)
+    model = MaskSD(segmenter, MaskSDConfig(share_weights=False))
+    assert n_params(model) - bare == 2 * head + segmenter.image_embed_dim + segmenter.text_embed_dim
+    lmvsd_only = MaskSD(ToyViT(), MaskSDConfig(share_weights=False, vmlsd=BranchConfig(enabled=False)))
+    assert n_params(lmvsd_only) - bare == head + segmenter.image_embed_dim
+    assert n_params(MaskSD(ToyViT(), MaskSDConfig(masking=False))) == bare  # no mask tokens without masking
+    assert n_params(MaskSD(ToyViT(), MaskSDConfig.baseline())) == bare
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("default", {"embed_image": 1, "embed_text": 1, "encode_image": 2, "encode_text": 2, "decode": 3}),
+        ("not_shared", {"embed_image": 1, "embed_text": 1, "encode_image": 2, "encode_text": 2, "decode": 3}),
+        ("no_masking", {"embed_image": 1, "embed_text": 1, "encode_image": 2, "encode_text": 2, "decode": 3}),
+        ("lmvsd_only", {"embed_image": 1, "embed_text": 1, "encode_image": 2, "encode_text": 1, "decode": 2}),
+        ("vmlsd_only", {"embed_image": 1, "embed_text": 1, "encode_image": 1, "encode_text": 2, "decode": 2}),
+        ("baseline", {"embed_image": 1, "embed_text": 1, "encode_image": 1, "encode_text": 1, "decode": 1}),
+    ],
+)
+def test_encoders_and_decoder_run_exactly_as_often_as_specified(name, expected, batch):
+    images, ids, masks = batch
+    model = MaskSD(ToyViT(), ABLATIONS[name]).train()
+    spy = Spy(model)
+    model(images, ids, masks)
+    assert dict(spy.calls) == expected
+    spy.calls.clear()
+    model.eval()
+    model(images, ids)
+    assert dict(spy.calls) == {"embed_image": 1, "embed_text": 1, "encode_image": 1, "encode_text": 1, "decode": 1}
+
+
+def test_branches_decode_with_the_other_modalitys_unmasked_features(batch):
+    images, ids, masks = batch
+    model = MaskSD(ToyViT()).train()
+    seen = []
+    model.segmenter.decode_head.register_forward_pre_hook(lambda _m, args: seen.append(args))
+    model(images, ids, masks)
+    (main_v, main_t), (lm_v, lm_t), (vm_v, vm_t) = seen
+    assert lm_t is main_t and lm_v is not main_v  # LMVSD re-encodes the image, reuses the text
+    assert vm_v is main_v and vm_t is not main_t  # VMLSD re-encodes the text, reuses the image
+
+
+def test_training_output_adds_weighted_parts(batch):
+    images, ids, masks = batch
+    model = MaskSD(ToyViT()).train()
+    out = model(images, ids, masks)
+    assert isinstance(out, MaskSDOutput)
+    assert torch.allclose(out.loss, out.seg_loss + out.lmvsd_loss + out.vmlsd_loss)
+    assert torch.allclose(out.seg_loss, F.binary_cross_entropy_with_logits(out.logits, F.interpolate(masks, size=out.logits.shape[-2:])))
+    assert out.image_masked.shape == (4, 16) and out.text_masked.shape == ids.shape
+    assert out.image_masked.sum(dim=1).tolist() == [2] * 4  # K=0.5 of 16 patches -> 8, α=0.25 -> 2
+    assert not (out.text_masked & (ids < 3)).any()  # never SOT, EOT or padding
+    assert set(out.parts()) == {"loss", "seg", "lmvsd", "vmlsd"}
+
+    # λ scales the branch loss linearly
+    torch.manual_seed(0)
+    half = MaskSD(ToyViT(), MaskSDConfig(lmvsd=BranchConfig(weight=0.375)))
+    half.load_state_dict(model.state_dict())
+    half.train()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    model.eval(), half.eval()  # disable dropout but call the training path explicitly
+    model.training = half.training = True
+    a = model(images, ids, masks, generator=g1)
+    b = half(images, ids, masks, generator=g2)
+    assert torch.allclose(b.lmvsd_loss, a.lmvsd_loss / 2)
+
+
+def test_mask_tokens_get_gradient_and_teacher_logits_get_none(batch):
+    images, ids, masks = batch
+    ids = ids.clone()
+    ids[:, 1:5] = torch.tensor([3, 4, 5, 2])  # three real words
+    # K=1, α=0.5: round(1.5) = 2 words masked per sample (the paper's α=0.1 would mask none of 3 words)
+    model = MaskSD(ToyViT(), MaskSDConfig(vmlsd=BranchConfig(top_k=1.0, ratio=0.5, weight=0.1))).train()
+    out = model(images, ids, masks)
+    assert out.text_masked.sum(dim=1).tolist() == [2] * 4
+    distill = out.lmvsd_loss + out.vmlsd_loss
+    (teacher_grad,) = torch.autograd.grad(distill, out.logits, retain_graph=True, allow_unused=True)
+    assert teacher_grad is None or (teacher_grad == 0).all()
+    out.loss.backward()
+    for name in ("lmvsd", "vmlsd"):
+        grad = model.branches[name].masker.mask_token.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_generator_makes_masking_reproducible(batch):
+    images, ids, masks = batch
+    model = MaskSD(ToyViT())
+    model.eval()
+    model.training = True  # training path without dropout
+    a = model(images, ids, masks, generator=torch.Generator().manual_seed(1))
+    b = model(images, ids, masks, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.image_masked, b.image_masked) and torch.equal(a.loss, b.loss)
+
+
+def test_no_masking_runs_branches_on_the_unmasked_embeddings(batch):
+    images, ids, masks = batch
+    model = MaskSD(ToyViT(), MaskSDConfig(masking=False))
+    model.eval()
+    model.training = True  # without dropout the unmasked branch reproduces the main prediction
+    out = model(images, ids, masks)
+    assert not out.image_masked.any() and not out.text_masked.any()
+    expected = 0.75 * F.binary_cross_entropy_with_logits(out.logits, torch.sigmoid(out.logits))
+    assert torch.allclose(out.lmvsd_loss, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("segmenter_cls", [ToyViT, ConvGRU])
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_ablation_trains_with_decreasing_loss(segmenter_cls, name):
+    torch.manual_seed(0)
+    model = MaskSD(segmenter_cls(), ABLATIONS[name]).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        images, ids, masks = colour_task(16, seed=step % 4)
+        out = model(images, ids, masks)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.seg_loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_bad_input_is_rejected_with_a_named_argument(batch):
+    images, ids, masks = batch
+    with pytest.raises(TypeError, match="segmenter"):
+        MaskSD(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="config"):
+        MaskSD(ToyViT(), {"lmvsd": {}})
+    with pytest.raises(ValueError, match="lmvsd.top_k"):
+        MaskSDConfig(lmvsd=BranchConfig(top_k=0.0))
+    with pytest.raises(ValueError, match="vmlsd.ratio"):
+        MaskSDConfig(vmlsd=BranchConfig(ratio=1.5))
+    with pytest.raises(ValueError, match="lmvsd.weight"):
+        MaskSDConfig(lmvsd=BranchConfig(weight=-1))
+    with pytest.raises(ValueError, match="supervision"):
+        MaskSDConfig(supervision="gt")
+
+    model = MaskSD(ToyViT()).train()
+    with pytest.raises(ValueError, match="ground_truth"):
+        model(images, ids)
+    with pytest.raises(TypeError, match="ground_truth"):
+        model(images, ids, masks.long())
+    with pytest.raises(ValueError, match="ground_truth"):
+        model(images, ids, masks[:2])
+    with pytest.raises(ValueError, match="batch sizes"):
+        model(images, ids[:3], masks)
+    empty = ids.clone()
+    empty[0] = torch.tensor([1, 2, 0, 0, 0, 0])  # SOT EOT: no word
+    with pytest.raises(ValueError, match=r"samples \[0\] have no candidate"):
+        model(images, empty, masks)
+
+
+def test_a_segmenter_returning_wrong_shapes_is_named():
+    class Broken(ToyViT):
+        def embed_image(self, images):
+            return Embeddings(super().embed_image(images).tokens[..., :5])
+
+    images, ids, masks = colour_task(2)
+    with pytest.raises(ValueError, match="segmenter.embed_image"):
+        MaskSD(Broken()).train()(images, ids, masks)
+
+
+def test_config_replace_keeps_validation():
+    with pytest.raises(ValueError, match="threshold"):
+        replace(MaskSDConfig(), threshold=1.0)
