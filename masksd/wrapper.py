@@ -177,24 +177,7 @@ class MaskSD(nn.Module):
         if ground_truth is None:
             raise ValueError("ground_truth is required in training mode (call .eval() for inference)")
         seg = self.segmenter
-
-        image_embedded = seg.embed_image(images)
-        check_embeddings(image_embedded, seg.image_embed_dim, "segmenter.embed_image")
-        text_embedded = seg.embed_text(texts)
-        check_embeddings(text_embedded, seg.text_embed_dim, "segmenter.embed_text")
-        batch = image_embedded.tokens.shape[0]
-        if text_embedded.tokens.shape[0] != batch:
-            raise ValueError(f"images and texts have different batch sizes: {batch} and {text_embedded.tokens.shape[0]}")
-
-        visual = seg.encode_image(image_embedded)
-        check_features(visual, image_embedded.tokens, "segmenter.encode_image")
-        text = seg.encode_text(text_embedded)
-        check_features(text, text_embedded.tokens, "segmenter.encode_text")
-        if visual.pooled.shape[-1] != text.pooled.shape[-1]:
-            raise ValueError(
-                f"visual and text features must share the joint dim D for the correlation, "
-                f"got {visual.pooled.shape[-1]} and {text.pooled.shape[-1]}"
-            )
+        image_embedded, text_embedded, visual, text = self._encode(images, texts)
 
         logits = seg.decode_head(visual, text)  # (B, 1, h, w)
         seg_loss = segmentation_loss(logits, ground_truth)
@@ -215,6 +198,43 @@ class MaskSD(nn.Module):
             out.loss = out.loss + out.vmlsd_loss
 
         return out
+
+    @torch.no_grad()
+    def masked_tokens(
+        self, images: Any, texts: Any, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Which image tokens (B, N) and text tokens (B, L) the LMVSD and VMLSD branches would
+        replace for this batch (None for a branch that is off), without running the branches.
+        For inspection and figures; runs in the module's current train/eval mode."""
+        image_embedded, text_embedded, visual, text = self._encode(images, texts)
+        image_masked = text_masked = None
+        if "lmvsd" in self.branches:
+            image_masked = self.branches["lmvsd"].perturb(image_embedded, text.pooled, visual, generator)[1]
+        if "vmlsd" in self.branches:
+            text_masked = self.branches["vmlsd"].perturb(text_embedded, visual.pooled, text, generator)[1]
+        return image_masked, text_masked
+
+    def _encode(self, images: Any, texts: Any) -> tuple[Embeddings, Embeddings, Features, Features]:
+        """Embed and encode both modalities once, checking what the segmenter returns."""
+        seg = self.segmenter
+        image_embedded = seg.embed_image(images)
+        check_embeddings(image_embedded, seg.image_embed_dim, "segmenter.embed_image")
+        text_embedded = seg.embed_text(texts)
+        check_embeddings(text_embedded, seg.text_embed_dim, "segmenter.embed_text")
+        batch = image_embedded.tokens.shape[0]
+        if text_embedded.tokens.shape[0] != batch:
+            raise ValueError(f"images and texts have different batch sizes: {batch} and {text_embedded.tokens.shape[0]}")
+
+        visual = seg.encode_image(image_embedded)
+        check_features(visual, image_embedded.tokens, "segmenter.encode_image")
+        text = seg.encode_text(text_embedded)
+        check_features(text, text_embedded.tokens, "segmenter.encode_text")
+        if visual.pooled.shape[-1] != text.pooled.shape[-1]:
+            raise ValueError(
+                f"visual and text features must share the joint dim D for the correlation, "
+                f"got {visual.pooled.shape[-1]} and {text.pooled.shape[-1]}"
+            )
+        return image_embedded, text_embedded, visual, text
 
     def _head(self, branch: DistillBranch) -> Callable[[Features, Features], torch.Tensor]:
         return self.segmenter.decode_head if branch.head is None else branch.head

@@ -251,3 +251,14 @@ def test_a_segmenter_returning_wrong_shapes_is_named():
 def test_config_replace_keeps_validation():
     with pytest.raises(ValueError, match="threshold"):
         replace(MaskSDConfig(), threshold=1.0)
+
+
+def test_masked_tokens_reports_what_the_training_step_masks(batch):
+    images, ids, masks = batch
+    model = MaskSD(ToyViT())
+    model.eval()
+    image_masked, text_masked = model.masked_tokens(images, ids, generator=torch.Generator().manual_seed(4))
+    model.training = True  # the training path, without dropout
+    out = model(images, ids, masks, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(image_masked, out.image_masked) and torch.equal(text_masked, out.text_masked)
+    assert MaskSD(ToyViT(), MaskSDConfig.baseline()).masked_tokens(images, ids) == (None, None)
