@@ -54,11 +54,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, choices:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     choices = choices or {}
+    instance = cls()
     for f in dataclasses.fields(cls):
         kind, optional = _base_type(hints[f.name])
         flag = f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        default = getattr(instance, f.name)
+        help_text = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
         if kind is bool:
             if default:
                 parser.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=help_text)
@@ -67,7 +68,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, choices:
         else:
             parse = _parse_optional(kind) if optional else kind
             parser.add_argument(f"--{flag}", dest=f.name, type=parse, choices=choices.get(f.name), help=help_text)
-    parser.set_defaults(**{f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)})
+    parser.set_defaults(**{f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)})
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:

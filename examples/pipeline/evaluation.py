@@ -1,0 +1,49 @@
+"""Evaluate a segmenter's main branch: predictions restored to each original image size, thresholded, scored."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from masksd.data import restore
+from masksd.metrics import RISMetrics
+
+__all__ = ["evaluate", "autocast"]
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """torch.autocast for ``amp`` in {"bf16", "fp16"}; a no-op for "none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(
+    segmenter: torch.nn.Module,
+    loader: Iterable[dict],
+    tokenize: Callable[[list[str]], torch.Tensor],
+    device: torch.device,
+    threshold: float = 0.35,
+    amp: str = "none",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Run ``segmenter(images, tokens)`` over ``loader`` (collated sample dicts), upsample each
+    prediction to its original image size, binarise ``sigmoid > threshold`` and return
+    mIoU / oIoU / Prec@X (percentages) summed over all DDP ranks."""
+    was_training = segmenter.training
+    segmenter.eval()
+    metrics = RISMetrics()
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images = batch["image"].to(device, non_blocking=True)
+        tokens = tokenize(batch["text"]).to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = segmenter(images, tokens)  # (B, 1, h, w)
+        probs = torch.sigmoid(logits.float()).cpu()
+        preds = [restore(p, frame) > threshold for p, frame in zip(probs, batch["frame"])]  # each (H0, W0)
+        metrics.update(preds, [torch.as_tensor(t) for t in batch["target"]])
+    segmenter.train(was_training)
+    return metrics.compute()

@@ -1,0 +1,119 @@
+"""Building blocks of the training pipeline: config/flags, sampling, schedule, checkpoints."""
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from examples.pipeline.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from examples.pipeline.config import PRESETS, TrainConfig, preset
+from examples.pipeline.optim import build_optimizer, warmup_cosine
+from examples.pipeline.sampling import EpochSampler, ShardSampler
+from examples.train_cris_masksd import parse_args
+
+
+def test_no_arguments_is_the_demo_and_presets_hold_the_paper_settings():
+    demo = parse_args([])
+    assert demo == TrainConfig()
+    assert demo.dataset == "synthetic" and demo.model == "masksd-tiny"
+
+    paper = parse_args(["--preset", "refcoco-vitb"])
+    assert (paper.dataset, paper.split_by, paper.model, paper.pretrained) == ("refcoco", "unc", "ViT-B-16", "openai")
+    assert (paper.image_size, paper.max_words, paper.batch_size, paper.epochs, paper.warmup_epochs) == (576, 17, 32, 100, 10)
+    assert (paper.lr, paper.weight_decay) == (1e-5, 5e-4)
+    assert parse_args(["--preset", "refcocog-vitb"]).max_words == 22
+    assert parse_args(["--preset", "refcoco-vitl"]).image_size == 532
+    assert parse_args(["--preset", "ablation-vitb"]).image_size == 480
+    assert parse_args(["--preset", "refcoco-vitb", "--lr", "2e-5"]).lr == 2e-5  # flags after a preset win
+    assert preset("refcoco-vitb", image_size=480).image_size == 480
+    assert set(PRESETS) >= {"demo", "refcoco-vitb", "refcoco+-vitb", "refcocog-vitb", "refcoco-vitl"}
+
+
+def test_every_ablation_switch_is_a_flag():
+    cfg = parse_args(["--no-lmvsd", "--no-share-weights", "--no-masking", "--supervision", "ground_truth",
+                      "--vmlsd-top-k", "0.75", "--vmlsd-ratio", "0.25", "--vmlsd-weight", "0.5", "--target", "hard"])
+    m = cfg.masksd_config()
+    assert not m.lmvsd.enabled and m.vmlsd.enabled
+    assert (m.vmlsd.top_k, m.vmlsd.ratio, m.vmlsd.weight) == (0.75, 0.25, 0.5)
+    assert not m.share_weights and not m.masking and m.supervision == "ground_truth" and m.target == "hard"
+    baseline = parse_args(["--baseline"]).masksd_config()
+    assert not baseline.lmvsd.enabled and not baseline.vmlsd.enabled
+    assert parse_args(["--pretrained", "none"]).pretrained is None
+
+
+def test_bad_flags_exit_with_a_message_naming_them(capsys):
+    for argv, name in [(["--lmvsd-top-k", "0"], "lmvsd.top_k"), (["--epochs", "0"], "epochs"),
+                       (["--dataset", "coco"], "--dataset"), (["--batch-size", "x"], "--batch-size")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert name in capsys.readouterr().err
+
+
+def test_epoch_sampler_splits_batches_across_ranks_and_resumes_mid_epoch():
+    full = EpochSampler(50, batch_size=8, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    assert len(order) == 6 * 8 and len(set(order)) == 48  # whole batches, no repeats
+    ranks = [EpochSampler(50, 8, rank=r, world_size=2, seed=3) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(2)
+    per_rank = [list(s) for s in ranks]
+    for step in range(6):  # the two ranks' halves make up exactly the single-process batch
+        assert per_rank[0][4 * step : 4 * step + 4] + per_rank[1][4 * step : 4 * step + 4] == order[8 * step : 8 * step + 8]
+    full.set_epoch(2, skip_batches=4)
+    assert list(full) == order[32:]
+    full.set_epoch(3)
+    assert list(full) != order
+    with pytest.raises(ValueError, match="divisible"):
+        EpochSampler(50, 7, world_size=2)
+
+
+def test_shard_sampler_covers_everything_once():
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+
+
+def test_warmup_then_cosine():
+    factors = [warmup_cosine(s, 10, 110) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5) and factors[110] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_optimizer_scales_backbone_lr_and_skips_frozen_parameters():
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 1), "frozen": torch.nn.Linear(2, 2)})
+    model["frozen"].requires_grad_(False)
+    opt = build_optimizer(model, 1e-3, 5e-4, backbone_lr_scale=0.1, backbone_prefixes=("backbone.",))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4
+    assert opt.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_atomic_checkpoint_round_trip_with_rng_states(tmp_path: Path):
+    g = torch.Generator().manual_seed(1)
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    state = {"model": {"w": torch.arange(3.0)}, "step": 4, "rng": rng_state(g)}
+    expected = (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=g))
+    save_atomic(state, tmp_path / "run" / "last.pt")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["last.pt"]  # no temp file left
+    loaded = load_checkpoint(tmp_path / "run" / "last.pt")
+    set_rng_state(loaded["rng"], g)
+    assert (random.random(), np.random.rand(), torch.rand(1), torch.rand(1, generator=g)) == expected
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["step"] == 4
+
+
+def test_checkpoint_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(bad)
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": argparse.Namespace(x=1)}, evil)  # arbitrary objects are refused by weights_only loading
+    with pytest.raises(ValueError, match="weights_only"):
+        load_checkpoint(evil)
