@@ -375,3 +375,15 @@ def test_summary_of_vit_b16_at_480_is_near_the_paper():
     assert abs(params - paper["params_m"]) / paper["params_m"] < 0.10, params
     assert abs(macs - paper["gflops"]) / paper["gflops"] < 0.10, macs  # the paper's "FLOPs" are multiply-adds
     assert summary.masksd_params["both, shared"] - summary.masksd_params["baseline"] == 768 + 512
+
+
+def test_readme_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Reference model: CRIS-style CLIP segmenter", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (CRIS example)", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 1, 32, 32)
+    assert all(p.grad is not None for p in namespace["wrapped"].parameters() if p.requires_grad)
