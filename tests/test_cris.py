@@ -387,3 +387,17 @@ def test_readme_example_runs():
     exec(compile(code, "README.md (CRIS example)", "exec"), namespace)
     assert namespace["logits"].shape == (2, 1, 32, 32)
     assert all(p.grad is not None for p in namespace["wrapped"].parameters() if p.requires_grad)
+
+
+def test_vit_b16_blocks_after_the_deepest_level_are_frozen_and_the_rest_train():
+    torch.manual_seed(0)
+    model = CRIS(CRISConfig(pretrained=None, image_size=64, feature_layers=(2, 5, 8)))  # ViT-B-16 at a 4x4 grid
+    blocks = model.backbone.visual.transformer.resblocks
+    assert all(p.requires_grad for p in blocks[:9].parameters())
+    assert not any(p.requires_grad for p in blocks[9:].parameters())
+    wrapped = MaskSD(model).train()
+    images, ids, truth = batch(model)
+    out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(0))
+    assert out.logits.shape == (2, 1, 16, 16)
+    out.loss.backward()
+    assert [name for name, p in wrapped.named_parameters() if p.requires_grad and p.grad is None] == []
