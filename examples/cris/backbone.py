@@ -1,0 +1,195 @@
+"""The CLIP image and text encoders, built by open_clip and split at the embedding level for MaskSD."""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import open_clip
+import torch
+from einops import rearrange
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from examples.cris.config import TINY_CLIP
+
+__all__ = ["CLIPBackbone", "create_clip", "get_tokenizer", "register_model_configs", "resolve_quick_gelu"]
+
+MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
+
+
+def register_model_configs() -> None:
+    """Add ``examples/cris/model_configs/`` to open_clip's model configs (once), so that
+    ``open_clip.create_model(TINY_CLIP)`` builds the tiny model like any built-in one."""
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def resolve_quick_gelu(model_name: str, pretrained: str | None, quick_gelu: bool | None) -> bool:
+    """QuickGELU on or off: ``quick_gelu`` when given, else what the pretrained tag was trained with."""
+    if quick_gelu is not None:
+        return quick_gelu
+    if pretrained is None:
+        return False
+    return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+
+
+def create_clip(
+    model_name: str, pretrained: str | None, image_size: int, quick_gelu: bool | None = None
+) -> open_clip.CLIP:
+    """An open_clip CLIP at ``image_size`` px: random init, a pretrained tag, or a local checkpoint.
+
+    open_clip interpolates the checkpoint's image position embedding to the new grid when it loads.
+    Raises FileNotFoundError for a ``pretrained`` that is neither a tag nor a file, and a
+    RuntimeError that says what to do when a tag's weights cannot be downloaded.
+    """
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"model_name {model_name!r} is not an open_clip model config (see open_clip.list_models())")
+    is_tag = pretrained is not None and bool(open_clip.get_pretrained_cfg(model_name, pretrained))
+    if pretrained is not None and not is_tag and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} is neither an open_clip tag for {model_name} (tags: {tags}) "
+            f"nor an existing checkpoint file: {os.path.abspath(pretrained)}"
+        )
+    try:
+        clip = open_clip.create_model(
+            model_name,
+            pretrained=pretrained,
+            force_image_size=image_size,
+            force_quick_gelu=resolve_quick_gelu(model_name, pretrained, quick_gelu),
+        )
+    except RuntimeError as error:
+        if not is_tag:
+            raise
+        raise RuntimeError(
+            f"could not fetch the {model_name} weights tagged {pretrained!r} (offline?). Download them where "
+            f"there is a network (open_clip.create_model({model_name!r}, pretrained={pretrained!r}) fills the "
+            f"Hugging Face cache, which later runs use offline), or pass the checkpoint file as pretrained "
+            f"(with quick_gelu=True for OpenAI weights)."
+        ) from error
+    _check_clip(model_name, clip)
+    return clip
+
+
+def _check_clip(model_name: str, clip: nn.Module) -> None:
+    """Raise unless ``clip`` is the CLIP layout the backbone reads: ViT image tower, CLIP text tower."""
+    problems = []
+    if not isinstance(clip, open_clip.CLIP):
+        problems.append(f"model class {type(clip).__name__} (expected open_clip.CLIP)")
+    else:
+        visual = clip.visual
+        if not isinstance(visual, VisionTransformer):
+            problems.append(f"image tower {type(visual).__name__} (expected a ViT)")
+        elif visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            problems.append("image pooling other than the class token")
+        elif not isinstance(visual.patch_dropout, nn.Identity):
+            problems.append("patch dropout (it would break the token alignment MaskSD relies on)")
+        if clip.text_pool_type != "argmax":
+            problems.append(f"text pooling {clip.text_pool_type!r} (expected the EOT token, 'argmax')")
+    if problems:
+        raise ValueError(f"{model_name} cannot serve as the CRIS backbone: " + "; ".join(problems))
+
+
+@lru_cache(maxsize=8)
+def get_tokenizer(model_name: str, context_length: int) -> open_clip.SimpleTokenizer:
+    """open_clip's tokenizer for ``model_name`` at ``context_length`` (built once: it parses the BPE merges)."""
+    register_model_configs()
+    return open_clip.get_tokenizer(model_name, context_length=context_length)
+
+
+class CLIPBackbone(nn.Module):
+    """CLIP's two towers with the embedding step split from the encoder, as MaskSD needs.
+
+    Holds the CLIP modules under open_clip's own attribute names, so that its state dict is a CLIP
+    state dict without ``logit_scale`` (see :meth:`clip_state_dict`). The text context stays at 77
+    positions so pretrained weights load unchanged; only the first ``max_words`` are used.
+    """
+
+    def __init__(self, clip: open_clip.CLIP, max_words: int, feature_layers: tuple[int, int, int]):
+        super().__init__()
+        if max_words > clip.context_length:
+            raise ValueError(f"max_words={max_words} exceeds the text tower's {clip.context_length} positions")
+        self.visual: VisionTransformer = clip.visual
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.register_buffer("attn_mask", clip.attn_mask[:max_words, :max_words].clone(), persistent=False)
+        # CLIP's logit_scale (and logit_bias) are not taken: only the contrastive loss uses them.
+        self.max_words = max_words
+        self.feature_layers = tuple(feature_layers)
+        self.grid_size = tuple(self.visual.grid_size)
+
+        # ln_post and proj only map tokens into the joint space for MaskSD's no-grad correlation: frozen.
+        self.visual.ln_post.requires_grad_(False)
+        self.visual.proj.requires_grad_(False)
+        # Blocks after the deepest feature level feed only that correlation too.
+        self.visual.transformer.resblocks[self.feature_layers[-1] + 1 :].requires_grad_(False)
+
+    @property
+    def image_width(self) -> int:
+        """C of the patch embeddings (the ViT width)."""
+        return self.visual.conv1.out_channels
+
+    @property
+    def text_width(self) -> int:
+        """C of the token embeddings (the text transformer width)."""
+        return self.token_embedding.embedding_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """D of CLIP's joint image-text space."""
+        return self.visual.output_dim
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, N, Cv) patch embeddings, before class token and position embedding."""
+        x = self.visual.conv1(images)  # (B, Cv, h, w)
+        return rearrange(x, "b c h w -> b (h w) c")
+
+    def encode_image(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(B, N, Cv) patch embeddings -> (tokens (B, N, D), pooled (B, D), levels).
+
+        tokens and pooled are the patch and class tokens through ln_post and proj (the joint space);
+        levels are the (B, Cv, h, w) outputs of the ``feature_layers`` blocks, class token dropped.
+        """
+        visual = self.visual
+        batch = patches.shape[0]
+        cls = visual.class_embedding.to(patches.dtype).expand(batch, 1, -1)  # (B, 1, Cv)
+        x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)  # (B, 1 + N, Cv)
+        x = visual.ln_pre(x)
+        levels = []
+        for index, block in enumerate(visual.transformer.resblocks):
+            x = block(x)
+            if index in self.feature_layers:
+                levels.append(rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid_size[0]))
+        x = visual.ln_post(x) @ visual.proj  # (B, 1 + N, D)
+        return x[:, 1:], x[:, 0], levels
+
+    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, Ct) token embeddings, before position embedding."""
+        return self.token_embedding(token_ids)
+
+    def encode_text(self, embedded: torch.Tensor, eot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, Ct) token embeddings, (B,) EOT positions -> (words (B, L, D), sentence (B, D)).
+
+        Both through ln_final and text_projection; the sentence state is the EOT token's feature.
+        """
+        length = embedded.shape[1]
+        x = embedded + self.positional_embedding[:length].to(embedded.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])  # causal: padding never leaks back
+        x = self.ln_final(x)
+        words = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        sentence = words[torch.arange(words.shape[0], device=words.device), eot_index]  # (B, D)
+        return words, sentence
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as an open_clip CLIP state dict, loadable by ``create_model(pretrained=<file>)``."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        # open_clip's strict loader expects the key; CRIS never trains it, so CLIP's initial value goes in.
+        state["logit_scale"] = torch.tensor(math.log(1 / 0.07))
+        return state

@@ -1,0 +1,161 @@
+"""CRIS: the CRIS-style CLIP referring segmenter of CM-MaskSD, implementing masksd's adapter protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from examples.cris.backbone import CLIPBackbone, create_clip, get_tokenizer
+from examples.cris.config import CRISConfig
+from examples.cris.decoder import Projector, VisionLanguageDecoder
+from examples.cris.neck import FusionNeck, ViTPyramid
+from masksd import Embeddings, Features, SegmenterAdapter
+
+__all__ = ["CRIS", "DecodeHead", "TextContext"]
+
+
+class TextContext(NamedTuple):
+    """What the decoder needs from the text encoder (``Features.context`` of :meth:`CRIS.encode_text`)."""
+
+    words: torch.Tensor
+    """(B, L, D) projected word features: the decoder's keys and values."""
+    padding: torch.Tensor
+    """(B, L) bool, True after the EOT token (padding the decoder must not attend to)."""
+
+
+class DecodeHead(nn.Module):
+    """Everything after the encoders: ViT pyramid, fusion neck, vision-language decoder, projector.
+
+    Called as ``head(visual, text)`` with :class:`masksd.Features`: ``visual.context`` holds the three
+    (B, Cv, g, g) ViT levels, ``text.pooled`` the (B, D) sentence state and ``text.context`` a
+    :class:`TextContext`. Returns (B, 1, 4g, 4g) mask logits (1/4 of the input for patch 16).
+    """
+
+    def __init__(self, image_width: int, text_dim: int, config: CRISConfig):
+        super().__init__()
+        self.pyramid = ViTPyramid(image_width, config.pyramid_channels)
+        self.neck = FusionNeck(config.pyramid_channels, config.neck_channels, text_dim)
+        self.decoder = VisionLanguageDecoder(
+            config.decoder_layers,
+            config.decoder_dim,
+            config.decoder_heads,
+            config.decoder_ffn,
+            config.decoder_dropout,
+            text_dim,
+        )
+        self.projector = Projector(config.decoder_dim, text_dim, config.projector_kernel)
+
+    def forward(self, visual: Features, text: Features) -> torch.Tensor:
+        levels, context = visual.context, text.context
+        if not isinstance(levels, Sequence) or len(levels) != 3:
+            raise TypeError(f"visual.context must hold the three ViT levels, got {type(levels).__name__}")
+        if not isinstance(context, TextContext):
+            raise TypeError(f"text.context must be a TextContext, got {type(context).__name__}")
+        fused = self.neck(self.pyramid(levels), text.pooled)  # (B, dim, g, g)
+        fused = self.decoder(fused, context.words, context.padding)
+        return self.projector(fused, text.pooled)  # (B, 1, 4g, 4g)
+
+
+class CRIS(SegmenterAdapter):
+    """CRIS-style referring segmenter on an open_clip CLIP (paper §III-A, Eq. 1-2).
+
+    ``model(images, token_ids)`` returns (B, 1, 4g, 4g) mask logits for (B, 3, S, S) images
+    (S = ``config.image_size``) and (B, L <= max_words) token ids from :meth:`tokenize`.
+    Wrap it in :class:`masksd.MaskSD` for training with the distillation branches.
+    """
+
+    def __init__(self, config: CRISConfig | None = None):
+        super().__init__()
+        config = CRISConfig() if config is None else config
+        if not isinstance(config, CRISConfig):
+            raise TypeError(f"config must be a CRISConfig, got {type(config).__name__}")
+        self.config = config
+        clip = create_clip(config.model_name, config.pretrained, config.image_size, config.quick_gelu)
+        patch = clip.visual.patch_size[0]
+        if config.image_size % patch:
+            raise ValueError(f"image_size={config.image_size} must be a multiple of {config.model_name}'s patch size {patch}")
+        layers = config.resolved_feature_layers(len(clip.visual.transformer.resblocks))
+        self.backbone = CLIPBackbone(clip, config.max_words, layers)
+        self.decode_head = DecodeHead(self.backbone.image_width, self.backbone.embed_dim, config)
+        self.image_embed_dim = self.backbone.image_width
+        self.text_embed_dim = self.backbone.text_width
+        self._tokenizer = get_tokenizer(config.model_name, config.max_words)
+        self.sot_id = self._tokenizer.sot_token_id
+        self.eot_id = self._tokenizer.eot_token_id
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Referring expressions -> (B, max_words) long token ids (SOT, words, EOT, zero padding).
+
+        Uses open_clip's tokenizer: a sentence too long is cut to max_words with EOT kept last.
+        Raises ValueError naming the index of an empty or whitespace-only text.
+        """
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+        if not texts:
+            raise ValueError("texts is empty: nothing to tokenize")
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"texts[{index}] is empty or whitespace only: {text!r}")
+        ids = self._tokenizer(list(texts), context_length=self.config.max_words)
+        wordless = (ids[:, 1] == self.eot_id).nonzero().flatten().tolist()
+        if wordless:  # e.g. text the tokenizer's cleaning removes entirely
+            raise ValueError(f"texts at indices {wordless} have no word left after tokenization: {[texts[i] for i in wordless]}")
+        return ids
+
+    def embed_image(self, images: torch.Tensor) -> Embeddings:
+        """(B, 3, S, S) float images -> Embeddings with (B, N, Cv) patch embeddings; context = grid (h, w)."""
+        size = self.config.image_size
+        if not torch.is_tensor(images) or images.dim() != 4 or not images.is_floating_point():
+            got = f"shape {tuple(images.shape)}, dtype {images.dtype}" if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a float tensor (B, 3, {size}, {size}), got {got}")
+        if tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"images must have shape (B, 3, {size}, {size}) to match image_size={size} "
+                f"(the position embedding's grid), got {tuple(images.shape)}"
+            )
+        return Embeddings(self.backbone.embed_image(images), candidates=None, context=self.backbone.grid_size)
+
+    def encode_image(self, embedded: Embeddings) -> Features:
+        """Patch embeddings -> Features: tokens (B, N, D) and pooled (B, D) in CLIP's joint space
+        (through CLIP's frozen ln_post and proj), context = the three (B, Cv, g, g) ViT levels."""
+        tokens, pooled, levels = self.backbone.encode_image(embedded.tokens)
+        return Features(tokens=tokens, pooled=pooled, context=tuple(levels))
+
+    def embed_text(self, token_ids: torch.Tensor) -> Embeddings:
+        """(B, L) long token ids -> Embeddings with (B, L, Ct) token embeddings; candidates True at
+        real words only (not SOT, EOT or padding); context = the token ids."""
+        self._check_token_ids(token_ids)
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+        eot = _eot_index(token_ids, self.eot_id)
+        candidates = (positions > 0) & (positions < eot[:, None])  # (B, L): strictly between SOT and EOT
+        return Embeddings(self.backbone.embed_text(token_ids), candidates=candidates, context=token_ids)
+
+    def encode_text(self, embedded: Embeddings) -> Features:
+        """Token embeddings -> Features: tokens = (B, L, D) word features, pooled = (B, D) EOT
+        sentence state (both projected into the joint space); context = :class:`TextContext`."""
+        token_ids = embedded.context
+        eot = _eot_index(token_ids, self.eot_id)
+        words, sentence = self.backbone.encode_text(embedded.tokens, eot)
+        padding = torch.arange(token_ids.shape[1], device=token_ids.device) > eot[:, None]  # (B, L)
+        return Features(tokens=words, pooled=sentence, context=TextContext(words, padding))
+
+    def _check_token_ids(self, token_ids: torch.Tensor) -> None:
+        max_words = self.config.max_words
+        if not torch.is_tensor(token_ids) or token_ids.dim() != 2 or token_ids.dtype != torch.long:
+            got = f"shape {tuple(token_ids.shape)}, dtype {token_ids.dtype}" if torch.is_tensor(token_ids) else type(token_ids).__name__
+            raise ValueError(f"token_ids must be a (B, L) long tensor from CRIS.tokenize, got {got}")
+        if not 2 <= token_ids.shape[1] <= max_words:
+            raise ValueError(f"token_ids must have 2..max_words={max_words} columns, got {token_ids.shape[1]}")
+        bad = ((token_ids[:, 0] != self.sot_id) | ~(token_ids == self.eot_id).any(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"token_ids rows {bad} do not start with SOT ({self.sot_id}) and hold an EOT ({self.eot_id})")
+
+
+def _eot_index(token_ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B,) position of the first EOT token in each row."""
+    return (token_ids == eot_id).int().argmax(dim=1)
