@@ -107,6 +107,13 @@ class CRIS(SegmenterAdapter):
             raise ValueError(f"texts at indices {wordless} have no word left after tokenization: {[texts[i] for i in wordless]}")
         return ids
 
+    def token_strings(self, token_ids: torch.Tensor) -> list[str]:
+        """One row of token ids (L,) -> the text of each position up to and including EOT
+        (``<start_of_text>``, word pieces, ``<end_of_text>``), aligned with ``embed_text``'s positions."""
+        ids = token_ids.tolist()
+        end = ids.index(self.eot_id) + 1 if self.eot_id in ids else len(ids)
+        return [self._tokenizer.decode([i]).strip() for i in ids[:end]]
+
     def embed_image(self, images: torch.Tensor) -> Embeddings:
         """(B, 3, S, S) float images -> Embeddings with (B, N, Cv) patch embeddings; context = grid (h, w)."""
         size = self.config.image_size

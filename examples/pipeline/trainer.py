@@ -88,10 +88,10 @@ class _Run:
         else:
             _seed_everything(cfg.seed + 104_729 * env.rank + 1)
 
-        if cfg.compile:
-            for name in ("visual", "text", "decode_head"):
-                if hasattr(self.segmenter, name):
-                    getattr(self.segmenter, name).compile()
+        if cfg.compile:  # the four pieces MaskSD calls; the wrapper's own glue stays eager
+            for name in ("encode_image", "encode_text"):
+                setattr(self.segmenter, name, torch.compile(getattr(self.segmenter, name)))
+            self.segmenter.decode_head.compile()
         self.train_model = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if env.enabled
@@ -258,7 +258,7 @@ class _Run:
         image_masked, text_masked = self.model.masked_tokens(
             images, tokens, generator=torch.Generator(self.device).manual_seed(self.cfg.seed)
         )
-        grid = self.segmenter.grid_size
+        grid = self.segmenter.backbone.grid_size
         for i in range(count):
             words = self.segmenter.token_strings(tokens[i])
             panel = render_overlay(
