@@ -120,3 +120,11 @@ def test_bad_inputs_name_the_argument():
         restore(torch.zeros(1, 8, 8), (8, 8))
     with pytest.raises(ValueError, match="Frame rows"):
         Frame(10, 10, 5, 0, 8, 8, 8)
+
+
+def test_normalize_uint8_matches_the_torch_path():
+    from masksd.data.transforms import normalize, normalize_uint8, to_tensor
+
+    image = random_image(9, 7)
+    assert torch.allclose(normalize_uint8(image), normalize(to_tensor(image)), atol=1e-5)
+    assert normalize_uint8(image).shape == (3, 9, 7) and normalize_uint8(image).dtype == torch.float32
