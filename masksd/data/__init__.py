@@ -1,5 +1,6 @@
 """Data for referring image segmentation: refer-format RefCOCO/RefCOCO+/G-Ref
-loaders, procedurally generated referring scenes, and the shared input transform.
+loaders (:class:`ReferDataset`), procedurally generated referring scenes
+(:class:`SyntheticReferDataset`), and the shared input transform.
 
 Every dataset here returns the same sample dict, so a trainer can use either:
 
@@ -15,6 +16,7 @@ Every dataset here returns the same sample dict, so a trainer can use either:
 
 from masksd.data.collate import SAMPLE_KEYS, collate
 from masksd.data.refer import DEFAULT_SPLIT_BY, SPLITS, ReferConfig, ReferDataset, decode_segmentation
+from masksd.data.synthetic import Scene, SceneObject, SyntheticConfig, SyntheticReferDataset
 from masksd.data.transforms import CLIP_MEAN, CLIP_STD, RESIZE_MODES, Frame, InputTransform, restore
 
 __all__ = [
@@ -28,6 +30,10 @@ __all__ = [
     "InputTransform",
     "ReferConfig",
     "ReferDataset",
+    "Scene",
+    "SceneObject",
+    "SyntheticConfig",
+    "SyntheticReferDataset",
     "collate",
     "decode_segmentation",
     "restore",
