@@ -122,9 +122,11 @@ def test_bad_inputs_name_the_argument():
         Frame(10, 10, 5, 0, 8, 8, 8)
 
 
-def test_normalize_uint8_matches_the_torch_path():
-    from masksd.data.transforms import normalize, normalize_uint8, to_tensor
+def test_normalize_uint8_is_the_clip_normalisation():
+    from masksd.data.transforms import normalize_uint8
 
     image = random_image(9, 7)
-    assert torch.allclose(normalize_uint8(image), normalize(to_tensor(image)), atol=1e-5)
-    assert normalize_uint8(image).shape == (3, 9, 7) and normalize_uint8(image).dtype == torch.float32
+    expected = (torch.from_numpy(image).permute(2, 0, 1) / 255 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    out = normalize_uint8(image)
+    assert out.shape == (3, 9, 7) and out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=1e-5)

@@ -23,26 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "Frame", "InputTransform", "normalize", "normalize_uint8", "restore", "to_tensor"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "Frame", "InputTransform", "normalize_uint8", "restore"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_MODES = ("letterbox", "resize")
-
-
-_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 RGB (H, W, 3) -> float32 (3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255)
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """float (3, H, W) in [0, 1] -> CLIP-normalised (3, H, W); the CLIP mean colour becomes 0."""
-    return (pixels - _MEAN) / _STD
-
 
 # the normalised value of every uint8 level per channel: (x / 255 - mean) / std
 _LEVELS = ((np.arange(256)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None]) / np.array(CLIP_STD)[:, None]).astype(np.float32)  # (3, 256)
@@ -137,10 +122,11 @@ class InputTransform:
         h0, w0 = image.shape[:2]
         frame = Frame.fit(h0, w0, self.size, self.mode)
 
-        pixels = to_tensor(image)  # (3, H0, W0)
+        # normalising first gives the same input: a per-channel affine map commutes with interpolation (weights sum to 1)
+        pixels = normalize_uint8(image)  # (3, H0, W0)
         pixels = F.interpolate(pixels[None], size=(frame.height, frame.width), mode="bilinear", align_corners=False, antialias=True)[0]
         out = torch.zeros(3, self.size, self.size)  # zero is the CLIP mean colour after normalisation
-        out[:, frame.top : frame.top + frame.height, frame.left : frame.left + frame.width] = normalize(pixels)
+        out[:, frame.top : frame.top + frame.height, frame.left : frame.left + frame.width] = pixels
 
         if mask is None:
             return out, None, frame
