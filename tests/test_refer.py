@@ -283,3 +283,14 @@ def test_split_absent_from_the_file_and_dangling_ann(root, tmp_path):
         ReferDataset(ReferConfig(str(r), "refcoco", "testA"))
     with pytest.raises(ValueError, match=r"ref_id 7 points to ann_id 999, which is not in .*instances\.json"):
         ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+
+
+def test_sentence_without_the_text_key(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    refs = [dict(x) for x in UNC_REFS]
+    refs[2] = dict(refs[2], sentences=[{"sent_id": 1, "sent": "no raw field"}])
+    with open(r / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    with pytest.raises(ValueError, match=r"ref_id 3 in .*refs\(unc\)\.p has a sentence without the text_key field 'raw'"):
+        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+    assert len(ReferDataset(ReferConfig(str(r), "refcoco", "val", text_key="sent"))) == 1

@@ -193,6 +193,8 @@ class ReferDataset(Dataset):
                 continue
             if not ref["sentences"]:
                 raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has no sentences")
+            if not all(config.text_key in sentence for sentence in ref["sentences"]):
+                raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has a sentence without the text_key field {config.text_key!r}")
             self.refs.append(ref)
         if not self.refs:
             present = sorted({r["split"] for r in all_refs})
