@@ -172,6 +172,8 @@ def test_bad_config_names_the_field():
         SyntheticConfig(held_out=(("pink", "circle"),))
     with pytest.raises(ValueError, match="needs a non-empty held_out"):
         SyntheticConfig(split="compositional", held_out=())
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got -1"):
+        SyntheticConfig(seed=-1)
     with pytest.raises(ValueError, match="background_noise must be in"):
         SyntheticConfig(background_noise=60)
     with pytest.raises(IndexError, match=r"index must be in \[0, 4\)"):

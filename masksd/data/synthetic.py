@@ -50,6 +50,7 @@ __all__ = [
     "SceneObject",
     "SyntheticConfig",
     "SyntheticReferDataset",
+    "shortest_expression",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -138,6 +139,8 @@ class SyntheticConfig:
             raise ValueError(f"split must be one of {SYNTHETIC_SPLITS}, got {self.split!r}")
         if not isinstance(self.image_size, int) or self.image_size < 32:
             raise ValueError(f"image_size must be an int >= 32 (smaller shapes become unreadable), got {self.image_size!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
         if not 2 <= self.min_objects <= self.max_objects <= 8:
@@ -187,7 +190,7 @@ def _unique_phrase(objects: tuple[SceneObject, ...], i: int) -> str | None:
     return None
 
 
-def describe(objects: tuple[SceneObject, ...], target: int, rng: np.random.Generator) -> str | None:
+def shortest_expression(objects: tuple[SceneObject, ...], target: int, rng: np.random.Generator) -> str | None:
     """The shortest expression that identifies ``objects[target]`` alone, or None if the grammar has none.
     Ties (several reference objects or relations) are broken with ``rng``."""
     phrase = _unique_phrase(objects, target)
@@ -288,7 +291,7 @@ class SyntheticReferDataset(Dataset):
             order = rng.permutation(len(objects))  # the target is not always first
             objects = tuple(objects[k] for k in order)
             target = int(np.flatnonzero(order == 0)[0])
-            text = describe(objects, target, rng)
+            text = shortest_expression(objects, target, rng)
             if text is not None:
                 return Scene(objects, target, text), rng
         raise RuntimeError(f"no describable scene in {_MAX_SCENE_TRIES} tries for index {index} of {self.config}; use fewer objects or a larger image_size")
