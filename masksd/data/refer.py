@@ -1,0 +1,283 @@
+"""RefCOCO, RefCOCO+ and G-Ref (RefCOCOg) read from the standard refer files.
+
+Layout (the refer repo's ``data/`` folder, https://github.com/lichengunc/refer)::
+
+    <root>/
+      refcoco/   refs(unc).p  instances.json
+      refcoco+/  refs(unc).p  instances.json
+      refcocog/  refs(umd).p  refs(google).p  instances.json
+      images/mscoco/images/train2014/COCO_train2014_000000000009.jpg ...
+
+``refs(<split_by>).p`` is a pickle: a list of refs, each a dict with ``ref_id,
+ann_id, image_id, split, sentences`` (dicts with ``sent_id, sent, raw, tokens``),
+``sent_ids, category_id, file_name``. ``instances.json`` is COCO-style:
+``images`` (``id, file_name, height, width``) and ``annotations`` (``id,
+image_id, segmentation``: polygons, compressed RLE or uncompressed RLE).
+
+The index (pickle and json) is read once at construction; images and masks are
+read and decoded per item. Needs ``pillow`` and ``pycocotools``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from masksd.data.transforms import RESIZE_MODES, InputTransform
+
+__all__ = ["DEFAULT_SPLIT_BY", "SPLITS", "ReferConfig", "ReferDataset", "decode_segmentation"]
+
+SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+    ("refcocog", "umd"): ("train", "val", "test"),
+    ("refcocog", "google"): ("train", "val"),
+}
+"""The (dataset, split_by) partitions this loader reads, and their splits."""
+
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+"""The partition each dataset is usually reported on (the paper uses UMD for G-Ref)."""
+
+_MISSING_DEPS = "ReferDataset needs pillow and pycocotools (pip install pillow pycocotools, or masksd[examples])"
+
+
+def _coco_mask():
+    try:
+        from pycocotools import mask
+    except ImportError as e:
+        raise ImportError(_MISSING_DEPS) from e
+    return mask
+
+
+@dataclass
+class ReferConfig:
+    """Which refer dataset and split to read, and how to turn it into model input."""
+
+    root: str
+    """Folder holding ``<dataset>/refs(<split_by>).p`` and ``<dataset>/instances.json`` (the refer repo's ``data/``)."""
+    dataset: str = "refcoco"
+    """One of ``refcoco``, ``refcoco+``, ``refcocog``."""
+    split: str = "val"
+    """A split of the (dataset, split_by) partition, see :data:`SPLITS` (e.g. ``testA`` for RefCOCO, ``test`` for G-Ref UMD)."""
+    split_by: str | None = None
+    """``unc`` (RefCOCO, RefCOCO+), ``umd`` or ``google`` (G-Ref); None takes :data:`DEFAULT_SPLIT_BY`."""
+    image_root: str | None = None
+    """Folder with the COCO train2014 JPEGs; None means ``<root>/images/mscoco/images/train2014``."""
+    image_size: int = 480
+    """S: side of the square model input (the paper: 480 for ablations, 576 ViT-B, 532 ViT-L)."""
+    resize_mode: str = "letterbox"
+    """``letterbox`` (keep aspect, pad with the CLIP mean; CRIS) or ``resize`` (stretch), see :mod:`masksd.data.transforms`."""
+    mode: str | None = None
+    """``train``: one item per ref, with one of its sentences drawn at random on every access;
+    ``eval``: one item per (ref, sentence). None: ``train`` for the ``train`` split, ``eval`` otherwise."""
+    text_key: str = "raw"
+    """Sentence field used as ``text``: ``raw`` (as typed by the annotator) or ``sent`` (lower-cased, tokenised; CRIS uses this)."""
+
+    def __post_init__(self) -> None:
+        if self.split_by is None and self.dataset in DEFAULT_SPLIT_BY:
+            self.split_by = DEFAULT_SPLIT_BY[self.dataset]
+        if self.dataset not in DEFAULT_SPLIT_BY:
+            raise ValueError(f"dataset must be one of {sorted(DEFAULT_SPLIT_BY)}, got {self.dataset!r}")
+        partitions = sorted(s for d, s in SPLITS if d == self.dataset)
+        if (self.dataset, self.split_by) not in SPLITS:
+            raise ValueError(f"split_by for dataset {self.dataset!r} must be one of {partitions}, got {self.split_by!r}")
+        allowed = SPLITS[(self.dataset, self.split_by)]
+        if self.split not in allowed:
+            raise ValueError(f"split for dataset {self.dataset!r} split_by {self.split_by!r} must be one of {list(allowed)}, got {self.split!r}")
+        if self.mode is None:
+            self.mode = "train" if self.split == "train" else "eval"
+        if self.mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train', 'eval' or None, got {self.mode!r}")
+        if self.text_key not in ("raw", "sent"):
+            raise ValueError(f"text_key must be 'raw' or 'sent', got {self.text_key!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+        if self.image_root is None:
+            self.image_root = os.path.join(self.root, "images", "mscoco", "images", "train2014")
+
+    @property
+    def refs_path(self) -> str:
+        return os.path.join(self.root, self.dataset, f"refs({self.split_by}).p")
+
+    @property
+    def instances_path(self) -> str:
+        return os.path.join(self.root, self.dataset, "instances.json")
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` as a bool (height, width) mask.
+
+    Accepts a list of polygons (flat ``[x0, y0, x1, y1, ...]`` lists; the parts are
+    merged), an uncompressed RLE (``counts`` a list of ints) or a compressed RLE
+    (``counts`` a str or bytes).
+    """
+    mask_utils = _coco_mask()
+    if isinstance(segmentation, list):
+        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
+            raise ValueError("polygon segmentation must be a non-empty list of [x0, y0, x1, y1, ...] lists with at least 3 points")
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if list(segmentation["size"]) != [height, width]:
+            raise ValueError(f"RLE size {list(segmentation['size'])} does not match the image's [height, width] [{height}, {width}]")
+        rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list) else segmentation
+    else:
+        raise ValueError(f"segmentation must be a polygon list or an RLE dict with 'counts' and 'size', got {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(bool)  # (H, W)
+
+
+def _load_refs(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"refs file not found: {path} (expected the refer repo's data layout <root>/<dataset>/refs(<split_by>).p)")
+    try:
+        with open(path, "rb") as f:
+            # the published refs are Python 2 pickles whose str objects hold UTF-8 bytes
+            refs = pickle.load(f, encoding="utf-8")
+    except Exception as e:
+        raise ValueError(f"could not read refs pickle {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise ValueError(f"refs pickle {path} must hold a list of dicts, got {type(refs).__name__}")
+    return refs
+
+
+def _load_instances(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"instances file not found: {path} (expected COCO-style <root>/<dataset>/instances.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            instances = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"could not parse {path} as JSON: {e}") from e
+    if not isinstance(instances, dict) or not {"images", "annotations"} <= instances.keys():
+        raise ValueError(f"{path} must be a COCO-style dict with 'images' and 'annotations'")
+    return instances
+
+
+class ReferDataset(Dataset):
+    """One split of RefCOCO / RefCOCO+ / G-Ref as model-ready samples.
+
+    Items are dicts (see ``masksd.data`` for the format shared with
+    :class:`~masksd.data.synthetic.SyntheticReferDataset`): ``image`` float32
+    (3, S, S), ``mask`` float32 (1, S, S), ``text`` str, ``target`` bool numpy
+    (H0, W0), ``frame`` :class:`~masksd.data.transforms.Frame`, ``index`` int.
+
+    In ``train`` mode the sentence of a ref is drawn on every access with
+    ``generator`` (a ``torch.Generator``; None uses torch's global RNG, which
+    DataLoader seeds per worker; a passed generator is copied into each worker,
+    so the workers then draw the same sequence).
+    """
+
+    def __init__(self, config: ReferConfig, generator: torch.Generator | None = None) -> None:
+        _coco_mask()  # fail now, not in the first __getitem__, if pycocotools is missing
+        self.config = config
+        self.generator = generator
+        self.transform = InputTransform(config.image_size, config.resize_mode)
+
+        refs_path, instances_path = config.refs_path, config.instances_path
+        all_refs = _load_refs(refs_path)
+        instances = _load_instances(instances_path)
+
+        self.refs: list[dict] = []  # the split's refs, in pickle order
+        for i, ref in enumerate(all_refs):
+            missing = {"ref_id", "ann_id", "image_id", "split", "sentences"} - ref.keys()
+            if missing:
+                raise ValueError(f"ref #{i} in {refs_path} lacks keys {sorted(missing)}")
+            if ref["split"] != config.split:
+                continue
+            if not ref["sentences"]:
+                raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has no sentences")
+            if not all(config.text_key in sentence for sentence in ref["sentences"]):
+                raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has a sentence without the text_key field {config.text_key!r}")
+            self.refs.append(ref)
+        if not self.refs:
+            present = sorted({r["split"] for r in all_refs})
+            raise ValueError(f"no refs with split {config.split!r} in {refs_path}; the file has splits {present}")
+
+        # keep only the images and annotations this split refers to
+        ann_ids = {r["ann_id"] for r in self.refs}
+        self.annotations: dict[int, dict] = {a["id"]: a for a in instances["annotations"] if a["id"] in ann_ids}
+        image_ids = {r["image_id"] for r in self.refs}
+        self.images: dict[int, dict] = {im["id"]: im for im in instances["images"] if im["id"] in image_ids}
+        for ref in self.refs:
+            if ref["ann_id"] not in self.annotations:
+                raise ValueError(f"ref_id {ref['ref_id']} points to ann_id {ref['ann_id']}, which is not in {instances_path}")
+            if ref["image_id"] not in self.images:
+                raise ValueError(f"ref_id {ref['ref_id']} points to image_id {ref['image_id']}, which is not in {instances_path}")
+
+        # per item: (position in refs, position in its sentences, or -1 to draw one at random)
+        if config.mode == "train":
+            self.items = [(r, -1) for r in range(len(self.refs))]
+        else:
+            self.items = [(r, s) for r, ref in enumerate(self.refs) for s in range(len(ref["sentences"]))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"ReferDataset({c.dataset}/{c.split_by} {c.split}, mode={c.mode}, refs={len(self.refs)}, items={len(self)})"
+
+    def image_path(self, image_id: int) -> str:
+        """Path of an image's JPEG: ``image_root`` / the ``file_name`` from instances.json.
+        (A ref's own ``file_name`` carries an annotation suffix and names no file.)"""
+        return os.path.join(self.config.image_root, self.images[image_id]["file_name"])
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        """The image as uint8 RGB (H0, W0, 3); errors name the file."""
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ImportError as e:
+            raise ImportError(_MISSING_DEPS) from e
+        path = self.image_path(image_id)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image for image_id {image_id} not found: {path} (image_root={self.config.image_root})")
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise ValueError(f"could not decode image {path}: {type(e).__name__}: {e}") from e
+        info = self.images[image_id]
+        if image.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(f"image {path} is {image.shape[0]}x{image.shape[1]} but {self.config.instances_path} says {info['height']}x{info['width']}")
+        return image
+
+    def load_target(self, ann_id: int) -> np.ndarray:
+        """An annotation's mask as bool (H0, W0)."""
+        ann = self.annotations[ann_id]
+        info = self.images[ann["image_id"]]
+        try:
+            return decode_segmentation(ann["segmentation"], info["height"], info["width"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"bad segmentation of ann_id {ann_id} in {self.config.instances_path}: {e}") from e
+
+    def describe(self, index: int) -> dict:
+        """Identifiers of an item: ``ref_id, ann_id, image_id, sent_id`` (None in train mode) and ``image_path``."""
+        r, s = self.items[index]
+        ref = self.refs[r]
+        return {
+            "ref_id": ref["ref_id"],
+            "ann_id": ref["ann_id"],
+            "image_id": ref["image_id"],
+            "sent_id": ref["sentences"][s].get("sent_id") if s >= 0 else None,
+            "image_path": self.image_path(ref["image_id"]),
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.items):
+            raise IndexError(f"index must be in [0, {len(self.items)}), got {index}")
+        r, s = self.items[index]
+        ref = self.refs[r]
+        if s < 0:
+            s = int(torch.randint(len(ref["sentences"]), (1,), generator=self.generator).item())
+        text = ref["sentences"][s][self.config.text_key]
+        image = self.load_image(ref["image_id"])  # (H0, W0, 3)
+        target = self.load_target(ref["ann_id"])  # (H0, W0)
+        image_t, mask_t, frame = self.transform(image, target)  # (3, S, S), (1, S, S)
+        return {"image": image_t, "mask": mask_t, "text": text, "target": target, "frame": frame, "index": index}

@@ -1,0 +1,167 @@
+"""Resize images and masks to the model's S×S input, and map predictions back.
+
+Two resize modes:
+
+``letterbox`` (default, what CRIS does)
+    Keep the aspect ratio: scale so the longer side is S, centre the result in an
+    S×S canvas and pad the rest with the CLIP mean colour (which is 0 after
+    normalisation, so padding carries no signal).
+``resize``
+    Stretch the image to S×S, ignoring the aspect ratio. No padding.
+
+Either way a :class:`Frame` records where the image content sits inside the S×S
+input, and :func:`restore` uses it to bring a prediction back to the original
+image size: upsample to S×S (bilinear), crop the content box, resize to (H0, W0).
+The paper thresholds the restored sigmoid probabilities at 0.35.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "Frame", "InputTransform", "normalize_uint8", "restore"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("letterbox", "resize")
+
+# the normalised value of every uint8 level per channel: (x / 255 - mean) / std
+_LEVELS = ((np.arange(256)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None]) / np.array(CLIP_STD)[:, None]).astype(np.float32)  # (3, 256)
+
+
+def normalize_uint8(image: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) -> CLIP-normalised float32 (3, H, W) by table lookup
+    (several times faster than float arithmetic in numpy or torch, for data pipelines)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    out = np.empty((3, *image.shape[:2]), dtype=np.float32)  # (3, H, W)
+    for c in range(3):
+        np.take(_LEVELS[c], image[:, :, c], out=out[c])
+    return torch.from_numpy(out)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where an image of size (orig_height, orig_width) sits inside the S×S model input."""
+
+    orig_height: int
+    """H0: height of the original image in pixels."""
+    orig_width: int
+    """W0: width of the original image in pixels."""
+    top: int
+    """First input row holding image content (0 for ``resize``)."""
+    left: int
+    """First input column holding image content (0 for ``resize``)."""
+    height: int
+    """Rows of image content in the input (S for ``resize``)."""
+    width: int
+    """Columns of image content in the input (S for ``resize``)."""
+    size: int
+    """S: side of the square model input."""
+
+    def __post_init__(self) -> None:
+        for name in ("orig_height", "orig_width", "height", "width", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Frame.{name} must be >= 1, got {getattr(self, name)}")
+        if not (0 <= self.top and self.top + self.height <= self.size):
+            raise ValueError(f"Frame rows [top={self.top}, top+height={self.top + self.height}) must lie in [0, size={self.size}]")
+        if not (0 <= self.left and self.left + self.width <= self.size):
+            raise ValueError(f"Frame columns [left={self.left}, left+width={self.left + self.width}) must lie in [0, size={self.size}]")
+
+    @classmethod
+    def fit(cls, orig_height: int, orig_width: int, size: int, mode: str = "letterbox") -> "Frame":
+        """The frame that ``mode`` gives an (orig_height, orig_width) image in an S×S input."""
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
+        if mode == "resize":
+            return cls(orig_height, orig_width, 0, 0, size, size, size)
+        scale = size / max(orig_height, orig_width)
+        # the longer side is exactly S; the shorter one rounds, never to zero
+        height = max(1, min(size, round(orig_height * scale)))
+        width = max(1, min(size, round(orig_width * scale)))
+        return cls(orig_height, orig_width, (size - height) // 2, (size - width) // 2, height, width, size)
+
+    @classmethod
+    def identity(cls, size: int) -> "Frame":
+        """The frame of an image rendered at the input size directly (S×S, no padding)."""
+        return cls(size, size, 0, 0, size, size, size)
+
+
+class InputTransform:
+    """Turns an RGB image (and optionally its mask) into the normalised S×S model input.
+
+    ``__call__(image, mask=None)`` takes
+
+    - ``image``: uint8 RGB, a numpy array (H0, W0, 3) or a PIL image;
+    - ``mask``: bool or {0, 1} numpy array (H0, W0), or None;
+
+    and returns ``(image, mask, frame)``: float32 (3, S, S) normalised with the
+    CLIP mean/std; float32 (1, S, S) in {0, 1} resized with nearest neighbour into
+    the same frame (None if no mask came); the :class:`Frame`.
+    """
+
+    def __init__(self, size: int, mode: str = "letterbox") -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
+        self.size = size
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"InputTransform(size={self.size}, mode={self.mode!r})"
+
+    def __call__(self, image, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Frame]:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        h0, w0 = image.shape[:2]
+        frame = Frame.fit(h0, w0, self.size, self.mode)
+
+        # normalising first gives the same input: a per-channel affine map commutes with interpolation (weights sum to 1)
+        pixels = normalize_uint8(image)  # (3, H0, W0)
+        pixels = F.interpolate(pixels[None], size=(frame.height, frame.width), mode="bilinear", align_corners=False, antialias=True)[0]
+        out = torch.zeros(3, self.size, self.size)  # zero is the CLIP mean colour after normalisation
+        out[:, frame.top : frame.top + frame.height, frame.left : frame.left + frame.width] = pixels
+
+        if mask is None:
+            return out, None, frame
+        mask = np.asarray(mask)
+        if mask.shape != (h0, w0):
+            raise ValueError(f"mask must have the image's shape {(h0, w0)}, got {mask.shape}")
+        if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"mask must be bool or hold only 0 and 1, got {mask.dtype} with other values")
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]  # (1, 1, H0, W0)
+        # nearest-exact samples pixel centres, so the mask lines up with the bilinear image
+        m = F.interpolate(m, size=(frame.height, frame.width), mode="nearest-exact")[0]
+        out_mask = torch.zeros(1, self.size, self.size)
+        out_mask[:, frame.top : frame.top + frame.height, frame.left : frame.left + frame.width] = m
+        return out, out_mask, frame
+
+
+def restore(logits: torch.Tensor, frame: Frame) -> torch.Tensor:
+    """Bring a prediction in the model-input frame back to the original image size.
+
+    ``logits``: float (B, 1, h, w) or (1, h, w), at any resolution of the S×S input
+    (the decoder's output or the input itself); logits or probabilities alike.
+    Upsamples to S×S (bilinear), crops the content box of ``frame`` and resizes it
+    to (H0, W0) (bilinear). Returns (B, 1, H0, W0) or (1, H0, W0), matching the input.
+    Every item of a batch is restored with the same ``frame``.
+    """
+    if not isinstance(frame, Frame):
+        raise TypeError(f"frame must be a Frame, got {type(frame).__name__}")
+    if logits.ndim not in (3, 4) or logits.shape[-3] != 1:
+        raise ValueError(f"logits must be (B, 1, h, w) or (1, h, w), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    x = logits if logits.ndim == 4 else logits[None]  # (B, 1, h, w)
+    if x.shape[-2:] != (frame.size, frame.size):
+        x = F.interpolate(x, size=(frame.size, frame.size), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+    x = x[..., frame.top : frame.top + frame.height, frame.left : frame.left + frame.width]  # (B, 1, height, width)
+    if x.shape[-2:] != (frame.orig_height, frame.orig_width):
+        x = F.interpolate(x, size=(frame.orig_height, frame.orig_width), mode="bilinear", align_corners=False)  # (B, 1, H0, W0)
+    return x if logits.ndim == 4 else x[0]

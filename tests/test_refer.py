@@ -1,0 +1,296 @@
+"""ReferDataset against a tiny dataset written in the exact refer format."""
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from masksd.data import Frame, ReferConfig, ReferDataset, collate
+from masksd.data.refer import _load_refs, decode_segmentation
+
+# pycocotools' decode trips numpy 2's copy-keyword deprecation inside the library; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+IMAGES = {1: (40, 60), 2: (64, 36), 3: (30, 30)}  # image_id: (height, width): landscape, portrait, square
+
+
+def file_name(image_id: int) -> str:
+    return f"COCO_train2014_{image_id:012d}.jpg"
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE: run lengths over the column-major pixels, starting with a run of zeros."""
+    flat = mask.flatten(order="F").astype(np.int64)
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    counts = np.diff(np.concatenate([[0], changes])).tolist()
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def drawn_masks() -> dict[int, tuple[int, np.ndarray, object]]:
+    """ann_id: (image_id, the mask we drew, its COCO segmentation)."""
+    out = {}
+    # a polygon: pycocotools fills [x0, y0, x1, y0, x1, y1, x0, y1] as rows y0..y1-1, columns x0..x1-1
+    m = np.zeros(IMAGES[1], bool)
+    m[5:20, 10:30] = True
+    out[101] = (1, m, [[10, 5, 30, 5, 30, 20, 10, 20]])
+    # a two-part polygon
+    m = np.zeros(IMAGES[1], bool)
+    m[25:35, 5:15] = True
+    m[2:8, 40:55] = True
+    out[102] = (1, m, [[5, 25, 15, 25, 15, 35, 5, 35], [40.0, 2.0, 55.0, 2.0, 55.0, 8.0, 40.0, 8.0]])
+    # a compressed RLE (counts as the str that JSON holds)
+    y, x = np.mgrid[: IMAGES[2][0], : IMAGES[2][1]]
+    m = ((y - 30) / 20) ** 2 + ((x - 18) / 12) ** 2 <= 1
+    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    out[103] = (2, m, {"size": rle["size"], "counts": rle["counts"].decode("ascii")})
+    # an uncompressed RLE (a crowd annotation) of an irregular blob
+    m = np.random.default_rng(0).random(IMAGES[2]) < 0.3
+    m[:10] = False
+    out[104] = (2, m, uncompressed_rle(m))
+    # a polygon touching the image border
+    m = np.zeros(IMAGES[3], bool)
+    m[:, :10] = True
+    out[105] = (3, m, [[0, 0, 10, 0, 10, 30, 0, 30]])
+    return out
+
+
+def make_ref(ref_id, ann_id, split, sentences):
+    image_id = drawn_masks()[ann_id][0]
+    sents = [
+        {"sent_id": ref_id * 10 + i, "sent": s.lower().strip(" ."), "raw": s, "tokens": s.lower().strip(" .").split()}
+        for i, s in enumerate(sentences)
+    ]
+    return {
+        "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split, "sentences": sents,
+        "sent_ids": [s["sent_id"] for s in sents], "category_id": 1,
+        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",  # the refer repo's ref file_name names no file
+    }
+
+
+UNC_REFS = [
+    make_ref(1, 101, "train", ["Man on the LEFT.", "left guy", "person in red"]),
+    make_ref(2, 102, "train", ["two boxes", "the split thing"]),
+    make_ref(3, 103, "val", ["Oval thing", "the ellipse"]),
+    make_ref(4, 104, "testA", ["crowd"]),
+    make_ref(5, 105, "testB", ["left strip", "the bar on the left"]),
+    make_ref(6, 105, "train", ["a", "b", "c", "d"]),
+]
+UMD_REFS = [
+    make_ref(11, 101, "train", ["the box at the top left of the picture", "a wide rectangle"]),
+    make_ref(12, 103, "train", ["an oval shape in the middle"]),
+    make_ref(13, 102, "val", ["two separate pieces", "the pair"]),
+    make_ref(14, 104, "test", ["a noisy crowd", "many dots", "speckles"]),
+    make_ref(15, 105, "test", ["the bar"]),
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refer")
+    image_root = root / "images" / "mscoco" / "images" / "train2014"
+    image_root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for image_id, (h, w) in IMAGES.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(image_root / file_name(image_id), quality=90)
+    masks = drawn_masks()
+    instances = {
+        "images": [{"id": i, "file_name": file_name(i), "height": h, "width": w} for i, (h, w) in IMAGES.items()],
+        "annotations": [
+            {"id": a, "image_id": i, "segmentation": seg, "bbox": [0, 0, 1, 1], "area": int(m.sum()),
+             "iscrowd": int(isinstance(seg, dict) and isinstance(seg["counts"], list)), "category_id": 1}
+            for a, (i, m, seg) in masks.items()
+        ],
+        "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}],
+    }
+    for dataset, refs_name, refs in [("refcoco", "refs(unc).p", UNC_REFS), ("refcocog", "refs(umd).p", UMD_REFS)]:
+        (root / dataset).mkdir()
+        (root / dataset / "instances.json").write_text(json.dumps(instances))
+        with open(root / dataset / refs_name, "wb") as f:
+            pickle.dump(refs, f)
+    return root
+
+
+def ann_of(ds, index):
+    return ds.describe(index)["ann_id"]
+
+
+@pytest.mark.parametrize("dataset,split,refs", [
+    ("refcoco", "train", UNC_REFS), ("refcoco", "val", UNC_REFS), ("refcoco", "testA", UNC_REFS), ("refcoco", "testB", UNC_REFS),
+    ("refcocog", "train", UMD_REFS), ("refcocog", "val", UMD_REFS), ("refcocog", "test", UMD_REFS),
+])
+def test_eval_mode_iterates_every_sentence_with_the_drawn_masks(root, dataset, split, refs):
+    ds = ReferDataset(ReferConfig(str(root), dataset, split, image_size=32, mode="eval"))
+    expected = [(r["ref_id"], s["sent_id"], s["raw"]) for r in refs if r["split"] == split for s in r["sentences"]]
+    assert len(ds) == len(expected)
+    assert len(ds.refs) == sum(r["split"] == split for r in refs)
+    masks = drawn_masks()
+    seen = []
+    for i in range(len(ds)):
+        sample = ds[i]
+        info = ds.describe(i)
+        seen.append((info["ref_id"], info["sent_id"], sample["text"]))
+        image_id, drawn, _ = masks[info["ann_id"]]
+        assert sample["target"].dtype == bool and np.array_equal(sample["target"], drawn)
+        assert sample["index"] == i
+        assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
+        assert sample["mask"].shape == (1, 32, 32) and sample["mask"].dtype == torch.float32
+        assert set(sample["mask"].unique().tolist()) <= {0.0, 1.0} and sample["mask"].sum() > 0
+        assert sample["frame"] == Frame.fit(*IMAGES[image_id], 32, "letterbox")
+    assert seen == expected
+
+
+def test_every_segmentation_form_decodes_to_the_drawn_mask():
+    for ann_id, (image_id, drawn, seg) in drawn_masks().items():
+        assert np.array_equal(decode_segmentation(seg, *IMAGES[image_id]), drawn), ann_id
+    # compressed RLE with bytes counts (pycocotools' own output) too
+    image_id, drawn, seg = drawn_masks()[103]
+    assert np.array_equal(decode_segmentation(mask_utils.encode(np.asfortranarray(drawn.astype(np.uint8))), *IMAGES[image_id]), drawn)
+
+
+def test_train_mode_draws_one_sentence_per_ref_reproducibly(root):
+    def texts(seed, epochs=8):
+        ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16), generator=torch.Generator().manual_seed(seed))
+        assert ds.config.mode == "train" and len(ds) == 3  # one item per train ref
+        return [ds[i]["text"] for _ in range(epochs) for i in range(len(ds))]
+
+    a, b, c = texts(0), texts(0), texts(1)
+    assert a == b
+    assert a != c
+    sentences = [{s["raw"] for s in r["sentences"]} for r in UNC_REFS if r["split"] == "train"]
+    for k, text in enumerate(a):
+        assert text in sentences[k % 3]
+    # the sentence is drawn per access: a ref with 4 sentences shows several over 8 epochs
+    assert len({a[k] for k in range(2, len(a), 3)}) > 1
+
+
+def test_text_key_sent_and_describe(root):
+    ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16, mode="eval", text_key="sent"))
+    assert ds[0]["text"] == "man on the left"
+    info = ds.describe(0)
+    assert info == {"ref_id": 1, "ann_id": 101, "image_id": 1, "sent_id": 10, "image_path": os.path.join(ds.config.image_root, file_name(1))}
+    assert ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16)).describe(0)["sent_id"] is None
+
+
+def test_image_root_override_and_resize_mode(root, tmp_path):
+    other = tmp_path / "coco"
+    shutil.copytree(root / "images" / "mscoco" / "images" / "train2014", other)
+    ds = ReferDataset(ReferConfig(str(root), "refcocog", "val", image_root=str(other), image_size=24, resize_mode="resize"))
+    sample = ds[0]
+    assert ds.image_path(1) == str(other / file_name(1))
+    assert sample["frame"] == Frame(40, 60, 0, 0, 24, 24, 24)
+
+
+def test_collate_through_a_dataloader(root):
+    ds = ReferDataset(ReferConfig(str(root), "refcoco", "val", image_size=32))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
+    assert batch["text"] == ["Oval thing", "the ellipse"]
+    assert batch["index"] == [0, 1]
+    assert all(t.shape == IMAGES[2] for t in batch["target"]) and all(isinstance(f, Frame) for f in batch["frame"])
+
+
+def test_python2_style_pickle_with_utf8_str_loads(tmp_path):
+    # protocol 2 as Python 2 wrote it: SHORT_BINSTRING ('U') holds the UTF-8 bytes of a str
+    raw = "café".encode("utf-8")
+    data = b"\x80\x02](}(U\x03raw" + b"U" + bytes([len(raw)]) + raw + b"ue."
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(data)
+    assert _load_refs(str(path)) == [{"raw": "café"}]
+
+
+# ---- errors name the file or the argument ----------------------------------------------------
+
+def copy_root(root, tmp_path):
+    dst = tmp_path / "root"
+    shutil.copytree(root, dst)
+    return dst
+
+
+def test_missing_refs_and_instances(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    os.remove(r / "refcoco" / "refs(unc).p")
+    with pytest.raises(FileNotFoundError, match=r"refs file not found: .*refcoco/refs\(unc\)\.p"):
+        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+    os.remove(r / "refcocog" / "instances.json")
+    with pytest.raises(FileNotFoundError, match=r"instances file not found: .*refcocog/instances\.json"):
+        ReferDataset(ReferConfig(str(r), "refcocog", "val"))
+
+
+def test_unreadable_pickle_and_bad_json(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    (r / "refcoco" / "refs(unc).p").write_bytes(b"this is not a pickle")
+    with pytest.raises(ValueError, match=r"could not read refs pickle .*refcoco/refs\(unc\)\.p"):
+        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+    (r / "refcocog" / "instances.json").write_text('{"images": [')
+    with pytest.raises(ValueError, match=r"could not parse .*refcocog/instances\.json as JSON"):
+        ReferDataset(ReferConfig(str(r), "refcocog", "val"))
+
+
+def test_missing_and_corrupt_images(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    image_root = r / "images" / "mscoco" / "images" / "train2014"
+    os.remove(image_root / file_name(2))
+    ds = ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+    with pytest.raises(FileNotFoundError, match=rf"image for image_id 2 not found: .*train2014/{file_name(2)}"):
+        ds[0]
+    jpeg = (image_root / file_name(1)).read_bytes()
+    (image_root / file_name(1)).write_bytes(jpeg[: len(jpeg) // 2])  # truncated JPEG
+    (image_root / file_name(3)).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    ds = ReferDataset(ReferConfig(str(r), "refcoco", "train", mode="eval"))
+    with pytest.raises(ValueError, match=rf"could not decode image .*{file_name(1)}"):
+        ds[0]
+    with pytest.raises(ValueError, match=rf"could not decode image .*{file_name(3)}"):
+        ds[len(ds) - 1]
+
+
+def test_image_size_disagreeing_with_instances(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    Image.new("RGB", (10, 10)).save(r / "images" / "mscoco" / "images" / "train2014" / file_name(3))
+    ds = ReferDataset(ReferConfig(str(r), "refcoco", "testB"))
+    with pytest.raises(ValueError, match=rf"{file_name(3)} is 10x10 but .*instances\.json says 30x30"):
+        ds[0]
+
+
+def test_bad_dataset_split_and_options(root):
+    with pytest.raises(ValueError, match=r"dataset must be one of \['refcoco', 'refcoco\+', 'refcocog'\], got 'refclef'"):
+        ReferConfig(str(root), "refclef", "val")
+    with pytest.raises(ValueError, match=r"split for dataset 'refcoco' split_by 'unc' must be one of \['train', 'val', 'testA', 'testB'\], got 'test'"):
+        ReferConfig(str(root), "refcoco", "test")
+    with pytest.raises(ValueError, match=r"split for dataset 'refcocog' split_by 'google' must be one of \['train', 'val'\], got 'test'"):
+        ReferConfig(str(root), "refcocog", "test", split_by="google")
+    with pytest.raises(ValueError, match=r"split_by for dataset 'refcoco\+' must be one of \['unc'\], got 'umd'"):
+        ReferConfig(str(root), "refcoco+", "val", split_by="umd")
+    with pytest.raises(ValueError, match="mode must be 'train', 'eval' or None, got 'test'"):
+        ReferConfig(str(root), "refcoco", "val", mode="test")
+    with pytest.raises(ValueError, match="text_key must be 'raw' or 'sent'"):
+        ReferConfig(str(root), "refcoco", "val", text_key="tokens")
+    with pytest.raises(ValueError, match="resize_mode must be one of"):
+        ReferConfig(str(root), "refcoco", "val", resize_mode="crop")
+    assert ReferConfig(str(root), "refcocog", "test").split_by == "umd"
+
+
+def test_split_absent_from_the_file_and_dangling_ann(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    with open(r / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump([x for x in UNC_REFS if x["split"] != "testA"] + [make_ref(7, 101, "val", ["x"]) | {"ann_id": 999}], f)
+    with pytest.raises(ValueError, match=r"no refs with split 'testA' in .*refs\(unc\)\.p; the file has splits"):
+        ReferDataset(ReferConfig(str(r), "refcoco", "testA"))
+    with pytest.raises(ValueError, match=r"ref_id 7 points to ann_id 999, which is not in .*instances\.json"):
+        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+
+
+def test_sentence_without_the_text_key(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    refs = [dict(x) for x in UNC_REFS]
+    refs[2] = dict(refs[2], sentences=[{"sent_id": 1, "sent": "no raw field"}])
+    with open(r / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    with pytest.raises(ValueError, match=r"ref_id 3 in .*refs\(unc\)\.p has a sentence without the text_key field 'raw'"):
+        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+    assert len(ReferDataset(ReferConfig(str(r), "refcoco", "val", text_key="sent"))) == 1
