@@ -155,17 +155,25 @@ def test_every_segmentation_form_decodes_to_the_drawn_mask():
 
 def test_train_mode_draws_one_sentence_per_ref_reproducibly(root):
     def texts(seed, epochs=8):
-        ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16), generator=torch.Generator().manual_seed(seed))
+        ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16, seed=seed))
         assert ds.config.mode == "train" and len(ds) == 3  # one item per train ref
-        return [ds[i]["text"] for _ in range(epochs) for i in range(len(ds))]
+        out = []
+        for epoch in range(epochs):
+            ds.set_epoch(epoch)
+            out += [ds[i]["text"] for i in range(len(ds))]
+        return out
 
     a, b, c = texts(0), texts(0), texts(1)
     assert a == b
     assert a != c
+    # the draw depends on (seed, epoch, index) only: not on access order or repeated access
+    ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16, seed=0))
+    ds.set_epoch(3)
+    assert [ds[i]["text"] for i in reversed(range(3))] == a[9:12][::-1] == [ds[i]["text"] for i in reversed(range(3))]
     sentences = [{s["raw"] for s in r["sentences"]} for r in UNC_REFS if r["split"] == "train"]
     for k, text in enumerate(a):
         assert text in sentences[k % 3]
-    # the sentence is drawn per access: a ref with 4 sentences shows several over 8 epochs
+    # the sentence is drawn per epoch: a ref with 4 sentences shows several over 8 epochs
     assert len({a[k] for k in range(2, len(a), 3)}) > 1
 
 

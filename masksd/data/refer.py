@@ -26,7 +26,6 @@ import pickle
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from masksd.data.transforms import RESIZE_MODES, InputTransform
@@ -76,6 +75,9 @@ class ReferConfig:
     mode: str | None = None
     """``train``: one item per ref, with one of its sentences drawn at random on every access;
     ``eval``: one item per (ref, sentence). None: ``train`` for the ``train`` split, ``eval`` otherwise."""
+    seed: int = 0
+    """Train mode: the sentence of item i in epoch e is drawn from (seed, e, i), so it does not
+    depend on DataLoader workers and a resumed run draws what an uninterrupted one would."""
     text_key: str = "raw"
     """Sentence field used as ``text``: ``raw`` (as typed by the annotator) or ``sent`` (lower-cased, tokenised; CRIS uses this)."""
 
@@ -168,16 +170,14 @@ class ReferDataset(Dataset):
     (3, S, S), ``mask`` float32 (1, S, S), ``text`` str, ``target`` bool numpy
     (H0, W0), ``frame`` :class:`~masksd.data.transforms.Frame`, ``index`` int.
 
-    In ``train`` mode the sentence of a ref is drawn on every access with
-    ``generator`` (a ``torch.Generator``; None uses torch's global RNG, which
-    DataLoader seeds per worker; a passed generator is copied into each worker,
-    so the workers then draw the same sequence).
+    In ``train`` mode the sentence of a ref is drawn at random per epoch: item i of
+    epoch e (see :meth:`set_epoch`) takes the sentence that (config.seed, e, i) picks.
     """
 
-    def __init__(self, config: ReferConfig, generator: torch.Generator | None = None) -> None:
+    def __init__(self, config: ReferConfig) -> None:
         _coco_mask()  # fail now, not in the first __getitem__, if pycocotools is missing
         self.config = config
-        self.generator = generator
+        self.epoch = 0
         self.transform = InputTransform(config.image_size, config.resize_mode)
 
         refs_path, instances_path = config.refs_path, config.instances_path
@@ -219,6 +219,10 @@ class ReferDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Train mode: draw the sentences of ``epoch`` (call before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
 
     def __repr__(self) -> str:
         c = self.config
@@ -275,7 +279,7 @@ class ReferDataset(Dataset):
         r, s = self.items[index]
         ref = self.refs[r]
         if s < 0:
-            s = int(torch.randint(len(ref["sentences"]), (1,), generator=self.generator).item())
+            s = int(np.random.default_rng((self.config.seed, self.epoch, index)).integers(len(ref["sentences"])))
         text = ref["sentences"][s][self.config.text_key]
         image = self.load_image(ref["image_id"])  # (H0, W0, 3)
         target = self.load_target(ref["ann_id"])  # (H0, W0)
