@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     if result.metrics:
         from masksd.metrics import format_table
 
-        print(f"\n{cfg.eval_split} after {result.steps} steps ({result.output}):")
-        print(format_table(result.metrics))
+        rows = {"untrained": result.untrained} if result.untrained else {}
+        rows[f"after {result.steps} steps"] = result.metrics
+        print(f"\n{cfg.dataset} {cfg.eval_split} ({result.output}):")
+        print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from examples.cris.backbone import CLIPBackbone, create_clip, get_tokenizer
+from examples.cris.backbone import CLIPBackbone, create_clip, get_tokenizer, resolve_quick_gelu
 from examples.cris.config import CRISConfig
 from examples.cris.decoder import Projector, VisionLanguageDecoder
 from examples.cris.neck import FusionNeck, ViTPyramid
@@ -72,6 +73,8 @@ class CRIS(SegmenterAdapter):
         config = CRISConfig() if config is None else config
         if not isinstance(config, CRISConfig):
             raise TypeError(f"config must be a CRISConfig, got {type(config).__name__}")
+        # Keep the activation actually built, so a checkpoint rebuilds the same network without the tag.
+        config = replace(config, quick_gelu=resolve_quick_gelu(config.model_name, config.pretrained, config.quick_gelu))
         self.config = config
         clip = create_clip(config.model_name, config.pretrained, config.image_size, config.quick_gelu)
         patch = clip.visual.patch_size[0]

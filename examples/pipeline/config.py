@@ -79,13 +79,13 @@ class TrainConfig:
     """λ2."""
 
     # optimisation (paper: Adam, wd 5e-4, batch 32, 100 epochs, 10 warm-up, lr 1e-5, cosine)
-    epochs: int = 3
+    epochs: int = 2
     """Training epochs."""
-    warmup_epochs: float = 0.3
+    warmup_epochs: float = 0.2
     """Linear warm-up, in epochs (may be fractional)."""
     batch_size: int = 32
     """Global batch size, split evenly across ranks."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     weight_decay: float = 5e-4
     """Adam L2 weight decay."""
@@ -117,6 +117,8 @@ class TrainConfig:
     """Binarisation threshold of the sigmoid output at evaluation (the paper's 0.35)."""
     overlays: int = 6
     """Overlay PNGs written after the final evaluation."""
+    eval_untrained: bool = True
+    """Also evaluate the freshly initialised model before training, for comparison."""
     progress: bool = True
     """Show tqdm progress bars."""
 
@@ -158,7 +160,7 @@ class TrainConfig:
 
 _PAPER = dict(
     pretrained="openai", epochs=100, warmup_epochs=10, batch_size=32, lr=1e-5, weight_decay=5e-4,
-    amp="bf16", workers=8, log_every=50, save_every=2000, overlays=8,
+    amp="bf16", workers=8, log_every=50, save_every=2000, overlays=8, eval_untrained=False,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {

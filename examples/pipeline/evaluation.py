@@ -43,7 +43,7 @@ def evaluate(
         with autocast(device, amp):
             logits = segmenter(images, tokens)  # (B, 1, h, w)
         probs = torch.sigmoid(logits.float()).cpu()
-        preds = [restore(p, frame) > threshold for p, frame in zip(probs, batch["frame"])]  # each (H0, W0)
+        preds = [restore(p, frame)[0] > threshold for p, frame in zip(probs, batch["frame"])]  # each (H0, W0)
         metrics.update(preds, [torch.as_tensor(t) for t in batch["target"]])
     segmenter.train(was_training)
     return metrics.compute()

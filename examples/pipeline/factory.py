@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
 from torch.utils.data import Dataset
 
 from examples.cris import CRIS, CRISConfig
+from examples.pipeline.checkpoint import load_checkpoint
 from examples.pipeline.config import TrainConfig
 from masksd import MaskSD
 from masksd.data import ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
-__all__ = ["build_dataset", "build_segmenter", "build_model", "cris_config"]
+__all__ = ["build_dataset", "build_segmenter", "build_model", "cris_config", "checkpoint_cris_config", "load_segmenter"]
 
 
 def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
@@ -46,3 +52,26 @@ def build_segmenter(cfg: TrainConfig) -> CRIS:
 def build_model(cfg: TrainConfig) -> MaskSD:
     """The CRIS-style segmenter wrapped in MaskSD (branches off for ``--baseline``)."""
     return MaskSD(build_segmenter(cfg), cfg.masksd_config())
+
+
+def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
+    """The segmenter's architecture as stored in checkpoints: no ``pretrained`` (the weights are in the
+    checkpoint) and the QuickGELU setting actually built, so rebuilding needs no download."""
+    return asdict(replace(segmenter.config, pretrained=None))
+
+
+def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[CRIS, dict[str, Any]]:
+    """The trained CRIS segmenter (main branch only) from a training checkpoint, in eval mode,
+    and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    if "cris_config" not in checkpoint:
+        raise ValueError(f"checkpoint {path} holds no cris_config: not written by examples/train_cris_masksd.py")
+    fields = dict(checkpoint["cris_config"])
+    for name in ("feature_layers", "pyramid_channels", "neck_channels"):
+        if fields.get(name) is not None:
+            fields[name] = tuple(fields[name])
+    segmenter = CRIS(CRISConfig(**fields))
+    prefix = "segmenter."
+    state = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
+    segmenter.load_state_dict(state)
+    return segmenter.to(device).eval(), checkpoint.get("config", {})

@@ -21,7 +21,7 @@ from examples.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng
 from examples.pipeline.config import TrainConfig
 from examples.pipeline.distributed import Dist, cleanup_distributed, init_distributed
 from examples.pipeline.evaluation import autocast, evaluate
-from examples.pipeline.factory import build_dataset, build_model, cris_config
+from examples.pipeline.factory import build_dataset, build_model, checkpoint_cris_config
 from examples.pipeline.optim import build_optimizer, warmup_cosine
 from examples.pipeline.overlay import render_overlay
 from examples.pipeline.sampling import EpochSampler, ShardSampler
@@ -30,6 +30,8 @@ from masksd.data import collate
 
 __all__ = ["train", "TrainResult"]
 
+# Settings a resumed run may change without changing what it computes.
+_RUNTIME_FIELDS = {"resume", "output", "workers", "progress", "log_every", "save_every", "max_steps", "overlays", "device", "data_root", "image_root"}
 LOG_FIELDS = ["step", "epoch", "lr", "loss", "seg", "lmvsd", "vmlsd", "step_time", "images_per_s"]
 
 
@@ -41,8 +43,12 @@ class TrainResult:
     """Optimiser steps taken in total (including those before a resume)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Final evaluation (mIoU, oIoU, Prec@X in %); empty when evaluation was skipped."""
+    untrained: dict[str, float] = field(default_factory=dict)
+    """The same evaluation before the first step (``eval_untrained``, fresh runs only)."""
     output: Path = Path(".")
     """The run folder."""
+    model: MaskSD | None = None
+    """The trained model (MaskSD around the segmenter), on its device."""
 
 
 def train(cfg: TrainConfig, evaluate_at_end: bool = True) -> TrainResult:
@@ -63,6 +69,8 @@ class _Run:
 
         _seed_everything(cfg.seed)  # identical initial weights on every rank
         self.model: MaskSD = build_model(cfg).to(self.device)
+        if env.enabled and self.device.type == "cuda":  # BatchNorm statistics over the global batch, as one GPU would see
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.segmenter = self.model.segmenter
         self.tokenize = self.segmenter.tokenize
 
@@ -108,7 +116,7 @@ class _Run:
             "rng": self._rng_states(),
             "step": self.step,
             "config": asdict(self.cfg),
-            "cris_config": asdict(cris_config(self.cfg)),
+            "cris_config": checkpoint_cris_config(self.segmenter),
         }
 
     def _rng_states(self) -> list[dict]:
@@ -134,6 +142,9 @@ class _Run:
             _seed_everything(self.cfg.seed + 104_729 * self.env.rank + 1)
             return
         state = load_checkpoint(path, map_location=self.device)
+        changed = sorted(k for k, v in state.get("config", {}).items() if k not in _RUNTIME_FIELDS and getattr(self.cfg, k, v) != v)
+        if changed and self.env.is_main:
+            print(f"warning: resuming {path} with changed settings {changed}: the run will not repeat the original")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -168,7 +179,10 @@ class _Run:
 
     def fit(self, evaluate_at_end: bool) -> TrainResult:
         cfg, env = self.cfg, self.env
-        log = _CsvLog(self.out / "train_log.csv", append=self.step > 0) if env.is_main else None
+        result = TrainResult(steps=self.step, output=self.out, model=self.model)
+        if evaluate_at_end and cfg.eval_untrained and self.step == 0:
+            result.untrained = self._evaluate(write=False)
+        log = _CsvLog(self.out / "train_log.csv", resume_step=self.step) if env.is_main else None
         bar = tqdm(total=self.stop_step, initial=self.step, desc="train", disable=not (cfg.progress and env.is_main))
         self.train_model.train()
         start_epoch = self.step // self.steps_per_epoch
@@ -197,9 +211,9 @@ class _Run:
         if log is not None:
             log.close()
 
-        result = TrainResult(steps=self.step, output=self.out)
+        result.steps = self.step
         if evaluate_at_end:
-            result.metrics = self._evaluate()
+            result.metrics = self._evaluate(untrained=result.untrained)
         return result
 
     def _train_step(self, batch: dict) -> dict[str, float] | None:
@@ -227,7 +241,8 @@ class _Run:
         return dict(zip(("loss", "seg", "lmvsd", "vmlsd"), parts.float().tolist()))
 
     # --------------------------------------------------------------- evaluation and figures
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, write: bool = True, untrained: dict[str, float] | None = None) -> dict[str, float]:
+        """Main-branch metrics on the eval split; rank 0 writes eval_<split>.json and the overlays."""
         cfg, env = self.cfg, self.env
         eval_set = build_dataset(cfg, cfg.eval_split, train=False)
         loader = DataLoader(
@@ -236,12 +251,15 @@ class _Run:
             sampler=ShardSampler(len(eval_set), env.rank, env.world_size),
             num_workers=cfg.workers,
             collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed),  # leave the global RNG to training
         )
         metrics = evaluate(
             self.segmenter, loader, self.tokenize, self.device, cfg.eval_threshold, cfg.amp, cfg.progress and env.is_main
         )
-        if env.is_main:
+        if env.is_main and write:
             report = {"split": cfg.eval_split, "step": self.step, "threshold": cfg.eval_threshold, **metrics}
+            if untrained:
+                report["untrained"] = untrained
             (self.out / f"eval_{cfg.eval_split}.json").write_text(json.dumps(report, indent=2) + "\n")
             if cfg.overlays:
                 self._write_overlays(eval_set)
@@ -274,12 +292,15 @@ class _Run:
 class _CsvLog:
     """train_log.csv (and TensorBoard scalars when tensorboard is installed)."""
 
-    def __init__(self, path: Path, append: bool):
-        exists = append and path.is_file()
-        self.file = open(path, "a" if exists else "w", newline="")
+    def __init__(self, path: Path, resume_step: int):
+        kept = []
+        if resume_step > 0 and path.is_file():  # drop rows logged after the checkpoint a resumed run restarts from
+            with open(path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+        self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
-        if not exists:
-            self.writer.writeheader()
+        self.writer.writeheader()
+        self.writer.writerows(kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -1,0 +1,66 @@
+"""What every benchmark shares: the machine description and writing results as Markdown + JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere in the repo
+    sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict[str, Any]:
+    """CPU/GPU, threads and library versions, for the results files."""
+    import open_clip
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    device = info["gpu"] or "no GPU"
+    return (
+        f"{info['cpu']}, {info['torch_threads']} torch threads, {device}; Python {info['python']}, "
+        f"torch {info['torch']}, open_clip {info['open_clip']}; {info['date']}"
+    )
+
+
+def write_results(name: str, markdown: str, data: dict[str, Any], command: str) -> tuple[Path, Path]:
+    """benchmarks/results/<name>.md (with the command and machine) and <name>.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    md = RESULTS / f"{name}.md"
+    md.write_text(f"{markdown.rstrip()}\n\nCommand: `{command}`\n\nMachine: {machine_line(info)}\n")
+    js = RESULTS / f"{name}.json"
+    js.write_text(json.dumps({"command": command, "machine": info, **data}, indent=2, default=str) + "\n")
+    return md, js
+
+
+def markdown_table(header: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = {"l": "---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

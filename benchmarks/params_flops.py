@@ -1,0 +1,120 @@
+"""Tables II and VII for our reference model: parameters, inference FLOPs and training FLOPs per step.
+
+    python benchmarks/params_flops.py                       # ViT-B-16 @ 480, the paper's ablation setting
+    python benchmarks/params_flops.py --tiny                # the tiny CPU model (seconds)
+
+Random init, batch 1, one sentence filling every text position. FLOPs from
+torch.utils.flop_counter.FlopCounterMode (2 per multiply-add; GMACs = half). Training FLOPs are
+one forward and backward of MaskSD in training mode with every enabled branch (the masks are
+drawn; their positions do not change the count). Writes benchmarks/results/params_flops[_tiny].{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import common  # noqa: F401  (puts the repository on sys.path)
+from common import markdown_table, write_results
+from examples.cris import CRIS, CRISConfig
+from examples.cris.summary import count_flops
+from masksd import BranchConfig, MaskSD, MaskSDConfig
+
+OFF = BranchConfig(enabled=False)
+VARIANTS: dict[str, tuple[MaskSDConfig, str]] = {
+    "baseline": (MaskSDConfig.baseline(), "baseline"),
+    "+LMVSD, shared": (MaskSDConfig(vmlsd=OFF), "LMVSD, shared"),
+    "+LMVSD, separate": (MaskSDConfig(vmlsd=OFF, share_weights=False), "LMVSD, separate"),
+    "+VMLSD, shared": (MaskSDConfig(lmvsd=OFF), "VMLSD, shared"),
+    "+VMLSD, separate": (MaskSDConfig(lmvsd=OFF, share_weights=False), "VMLSD, separate"),
+    "both, shared (CM-MaskSD)": (MaskSDConfig(), "both, shared"),
+    "both, separate": (MaskSDConfig(share_weights=False), "both, separate"),
+}
+"""Our row name -> (config, the row's key in the paper's Table VII)."""
+
+PAPER_PARAMS_M = {
+    "baseline": 207, "LMVSD, shared": 210, "VMLSD, shared": 207, "both, shared": 210,
+    "LMVSD, separate": 266, "VMLSD, separate": 264, "both, separate": 323,
+}
+PAPER_GFLOPS = 165.96  # every row of Tables II and VII
+
+
+def measure(segmenter: CRIS, config: MaskSDConfig) -> dict[str, float]:
+    model = MaskSD(segmenter, config)
+    size, words = segmenter.config.image_size, segmenter.config.max_words - 2
+    images = torch.randn(1, 3, size, size)
+    token_ids = segmenter.tokenize([" ".join(["word"] * words)])
+    ground_truth = (torch.rand(1, 1, size, size) > 0.5).float()
+
+    with torch.no_grad():
+        inference, _, _ = count_flops(lambda: model.eval()(images, token_ids))
+
+    def step() -> None:
+        model.train()(images, token_ids, ground_truth).loss.backward()
+
+    training, _, _ = count_flops(step)
+    model.zero_grad(set_to_none=True)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "inference_flops": inference,
+        "training_flops": training,
+    }
+
+
+def run(cris: CRISConfig) -> tuple[str, dict]:
+    torch.manual_seed(0)
+    segmenter = CRIS(cris)
+    rows, data = [], {}
+    baseline = None
+    for name, (config, paper_key) in VARIANTS.items():
+        m = measure(segmenter, config)
+        baseline = baseline or m
+        data[name] = m
+        paper = PAPER_PARAMS_M[paper_key] if (cris.model_name, cris.image_size) == ("ViT-B-16", 480) else None
+        rows.append([
+            name,
+            f"{m['params'] / 1e6:.2f}",
+            f"{m['params'] - baseline['params']:+,}",
+            f"{m['inference_flops'] / 1e9:.2f}",
+            f"{m['training_flops'] / 1e9:.2f}",
+            f"{m['training_flops'] / baseline['training_flops']:.2f}",
+            "—" if paper is None else f"{paper}",
+            "—" if paper is None else f"{PAPER_GFLOPS}",
+        ])
+    header = ["variant", "params (M)", "added", "inference GFLOPs", "training GFLOPs / step", "× baseline",
+              "paper params (M)", "paper FLOPs (G)"]
+    title = f"## {cris.model_name} @ {cris.image_size} px, batch 1, max_words {cris.max_words}"
+    return f"{title}\n\n{markdown_table(header, rows)}", {"model": cris.model_name, "image_size": cris.image_size, "rows": data}
+
+
+NOTES = """
+- Inference FLOPs are the same for every variant: eval runs the bare segmenter (MaskSD adds nothing).
+- Training FLOPs per step: the main branch plus each enabled branch's re-encoded modality and decode,
+  forward and backward. Sharing the decode head does not change the count, only the parameters.
+- FLOPs count 2 per multiply-add; the paper's 165.96 "FLOPs" matches our multiply-adds (half the
+  inference column) within 6 %; see benchmarks/results/params_flops_summary.md for the per-part gap.
+- Parameters: CLIP ViT-B/16 (150.2 M) plus our 50.5 M decode head vs the paper's ~57 M; a separate
+  head per branch adds exactly one copy of it. The paper's +3 M for shared LMVSD cannot be one
+  768-d mask token; ours adds exactly Cv + Ct numbers.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--size", type=int, default=480)
+    parser.add_argument("--tiny", action="store_true", help="the tiny CPU model instead")
+    args = parser.parse_args(argv)
+    cris = CRISConfig.tiny() if args.tiny else CRISConfig(model_name=args.model, pretrained=None, image_size=args.size)
+    table, data = run(cris)
+    markdown = f"# Parameters and FLOPs per MaskSD variant (Tables II and VII)\n\n{table}\n{NOTES}"
+    print(markdown)
+    name = "params_flops_tiny" if args.tiny else f"params_flops_{args.model}_{args.size}"
+    paths = write_results(name, markdown, data, "python benchmarks/params_flops.py " + " ".join(argv or sys.argv[1:]))
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The training pipeline end to end on the tiny model: the main job, exact resume (also after a kill),
+two-process DDP, evaluate.py and predict.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from examples.pipeline.checkpoint import load_checkpoint
+from examples.pipeline.config import TrainConfig
+from examples.pipeline.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(output: Path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        synthetic_train_size=64, synthetic_eval_size=16, batch_size=8, epochs=2, warmup_epochs=0.5,
+        workers=0, log_every=1, progress=False, overlays=2, output=str(output),
+    )
+    return replace(base, **overrides)
+
+
+def read_log(path: Path) -> dict[int, dict[str, float]]:
+    with open(path, newline="") as f:
+        return {int(row["step"]): {k: float(v) for k, v in row.items()} for row in csv.DictReader(f)}
+
+
+def losses(log: dict[int, dict[str, float]]) -> dict[int, tuple[float, ...]]:
+    return {step: (row["loss"], row["seg"], row["lmvsd"], row["vmlsd"]) for step, row in log.items()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("main_job")
+    result = train(tiny(out, epochs=3))
+    return out, result
+
+
+def test_main_job_lowers_the_loss_and_writes_checkpoint_log_metrics_and_overlays(finished_run):
+    out, result = finished_run
+    assert result.steps == 24
+    log = read_log(out / "train_log.csv")
+    assert sorted(log) == list(range(1, 25))
+    first, last = np.mean([log[s]["seg"] for s in (1, 2, 3)]), np.mean([log[s]["seg"] for s in (22, 23, 24)])
+    assert last < 0.5 * first, (first, last)
+    assert all(np.isfinite(row["lmvsd"]) and np.isfinite(row["vmlsd"]) for row in log.values())
+
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["step"] == 24
+    assert set(checkpoint) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config", "cris_config"}
+    assert "branches.lmvsd.masker.mask_token" in checkpoint["model"]
+
+    report = json.loads((out / "eval_val.json").read_text())
+    assert report["samples"] == 16 and report == {**report, **result.metrics}
+    assert set(result.metrics) >= {"mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9"}
+    for i in range(2):
+        with Image.open(out / f"overlay_{i:02d}.png") as im:
+            assert im.width > 4 * 64 and im.height > 64  # four panels side by side, caption below
+    assert not (out / "overlay_02.png").exists()
+
+
+def test_resume_continues_exactly(tmp_path):
+    uninterrupted = train(tiny(tmp_path / "a"), evaluate_at_end=False)
+    stopped = train(tiny(tmp_path / "b", max_steps=5), evaluate_at_end=False)
+    assert stopped.steps == 5 and load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 5
+    resumed = train(tiny(tmp_path / "b", resume="auto"), evaluate_at_end=False)
+    assert resumed.steps == uninterrupted.steps == 16
+    assert losses(read_log(tmp_path / "b" / "train_log.csv")) == losses(read_log(tmp_path / "a" / "train_log.csv"))
+    for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    args = ["--synthetic-train-size", "64", "--synthetic-eval-size", "16", "--batch-size", "8", "--epochs", "3",
+            "--warmup-epochs", "0.5", "--workers", "0", "--log-every", "1", "--no-progress", "--overlays", "0",
+            "--save-every", "2"]
+    script = [sys.executable, str(ROOT / "examples" / "train_cris_masksd.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*script, *args, "--output", str(tmp_path / "a")], check=True, env=env, capture_output=True)
+
+    killed = subprocess.Popen([*script, *args, "--output", str(tmp_path / "b")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "b" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    step = load_checkpoint(checkpoint)["step"]  # the atomic write left a whole checkpoint
+    assert 2 <= step < 24, "the run must be killed mid-training"
+    assert not [p for p in checkpoint.parent.iterdir() if p.name.startswith(".last.pt")], "temp files must not linger"
+
+    subprocess.run([*script, *args, "--output", str(tmp_path / "b"), "--resume", "auto"], check=True, env=env, capture_output=True)
+    assert losses(read_log(tmp_path / "b" / "train_log.csv")) == losses(read_log(tmp_path / "a" / "train_log.csv"))
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(checkpoint)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.test_training import tiny
+from examples.pipeline.trainer import train
+torch.set_num_threads(1)
+result = train(tiny(Path({out!r}), epochs=1, overlays=0))
+params = {{k: v.detach() for k, v in result.model.named_parameters()}}
+torch.save({{"params": params, "metrics": result.metrics}}, Path({out!r}) / f"rank{{os.environ['RANK']}}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_keeps_identical_weights(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "run")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["metrics"]["samples"] == 16  # each item once
+    log = read_log(tmp_path / "run" / "train_log.csv")
+    assert sorted(log) == list(range(1, 9))  # 64 samples / global batch 8, logged once (rank 0)
+
+
+def test_evaluate_script_reproduces_the_runs_metrics_and_writes_json(finished_run, tmp_path):
+    from examples.evaluate import main as evaluate_main
+
+    out, result = finished_run
+    report = evaluate_main(["--checkpoint", str(out / "last.pt"), "--split", "val", "--workers", "0",
+                            "--no-progress", "--output", str(tmp_path / "val.json")])
+    assert {k: report[k] for k in result.metrics} == pytest.approx(result.metrics)
+    assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
+    other = evaluate_main(["--checkpoint", str(out / "last.pt"), "--split", "compositional", "--workers", "0", "--no-progress"])
+    assert other["split"] == "compositional" and (out / "eval_synthetic_compositional.json").is_file()
+
+
+def test_evaluate_script_names_a_missing_checkpoint(tmp_path):
+    from examples.evaluate import main as evaluate_main
+
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        evaluate_main(["--checkpoint", str(tmp_path / "nope.pt")])
+
+
+def test_predict_script_writes_a_mask_at_the_image_size(finished_run, tmp_path):
+    from examples.predict import main as predict_main
+
+    out, _ = finished_run
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 80, 3), dtype=np.uint8)).save(image)
+    mask_path, overlay_path = predict_main(["--checkpoint", str(out / "last.pt"), "--image", str(image),
+                                            "--text", "the red circle", "--output-dir", str(tmp_path / "pred")])
+    with Image.open(mask_path) as mask, Image.open(overlay_path) as overlay:
+        assert mask.size == overlay.size == (80, 45)
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+
+
+def test_predict_script_rejects_bad_input_by_name(finished_run, tmp_path, capsys):
+    from examples.predict import main as predict_main
+
+    out, _ = finished_run
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
+    for argv, message in [
+        (["--image", str(tmp_path / "missing.png"), "--text", "a dog"], "missing.png"),
+        (["--image", str(corrupt), "--text", "a dog"], "corrupt.jpg"),
+        (["--image", str(corrupt), "--text", "  "], "--text"),
+    ]:
+        with pytest.raises(SystemExit):
+            predict_main(["--checkpoint", str(out / "last.pt"), *argv])
+        assert message in capsys.readouterr().err
