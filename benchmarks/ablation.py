@@ -117,11 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", help="row names to run (default: all of Tables II, V, VI, VII)")
     parser.add_argument("--extra", action="store_true", help="also run the sweep rows (target kind, α, K, λ)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the mode's seeds")
+    parser.add_argument("--scenes", type=int, help="override the scenes per run (steps = scenes / 32 per epoch)")
+    parser.add_argument("--tag", help="results go to ablation_<mode>_<tag>.* (default: subset runs get _subset)")
     args = parser.parse_args(argv)
     mode_name = "quick" if args.quick else "full"
     mode = dict(MODES[mode_name])
     if args.seeds:
         mode["seeds"] = tuple(args.seeds)
+    if args.scenes:
+        mode["synthetic_train_size"] = args.scenes
     rows = dict(ROWS)
     if args.extra:
         rows.update(EXTRA_ROWS)
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(header, lines)
     )
     print("\n" + markdown)
-    suffix = "" if not (args.only or args.extra or args.seeds) else "_subset"
+    suffix = f"_{args.tag}" if args.tag else "" if not (args.only or args.extra or args.seeds or args.scenes) else "_subset"
     png = RESULTS / f"ablation_{mode_name}{suffix}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, png)

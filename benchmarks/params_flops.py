@@ -19,26 +19,10 @@ import torch
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import markdown_table, write_results
 from examples.cris import CRIS, CRISConfig
-from examples.cris.summary import count_flops
-from masksd import BranchConfig, MaskSD, MaskSDConfig
+from examples.cris.summary import PAPER, PAPER_MASKSD_PARAMS_M, TABLE_VII, count_flops
+from masksd import MaskSD, MaskSDConfig
 
-OFF = BranchConfig(enabled=False)
-VARIANTS: dict[str, tuple[MaskSDConfig, str]] = {
-    "baseline": (MaskSDConfig.baseline(), "baseline"),
-    "+LMVSD, shared": (MaskSDConfig(vmlsd=OFF), "LMVSD, shared"),
-    "+LMVSD, separate": (MaskSDConfig(vmlsd=OFF, share_weights=False), "LMVSD, separate"),
-    "+VMLSD, shared": (MaskSDConfig(lmvsd=OFF), "VMLSD, shared"),
-    "+VMLSD, separate": (MaskSDConfig(lmvsd=OFF, share_weights=False), "VMLSD, separate"),
-    "both, shared (CM-MaskSD)": (MaskSDConfig(), "both, shared"),
-    "both, separate": (MaskSDConfig(share_weights=False), "both, separate"),
-}
-"""Our row name -> (config, the row's key in the paper's Table VII)."""
-
-PAPER_PARAMS_M = {
-    "baseline": 207, "LMVSD, shared": 210, "VMLSD, shared": 207, "both, shared": 210,
-    "LMVSD, separate": 266, "VMLSD, separate": 264, "both, separate": 323,
-}
-PAPER_GFLOPS = 165.96  # every row of Tables II and VII
+PAPER_GFLOPS = PAPER[("ViT-B-16", 480)]["gflops"]  # every row of Tables II and VII
 
 
 def measure(segmenter: CRIS, config: MaskSDConfig) -> dict[str, float]:
@@ -68,11 +52,12 @@ def run(cris: CRISConfig) -> tuple[str, dict]:
     segmenter = CRIS(cris)
     rows, data = [], {}
     baseline = None
-    for name, (config, paper_key) in VARIANTS.items():
+    paper_params = PAPER_MASKSD_PARAMS_M.get((cris.model_name, cris.image_size), {})
+    for name, config in TABLE_VII.items():
         m = measure(segmenter, config)
         baseline = baseline or m
         data[name] = m
-        paper = PAPER_PARAMS_M[paper_key] if (cris.model_name, cris.image_size) == ("ViT-B-16", 480) else None
+        paper = paper_params.get(name)
         rows.append([
             name,
             f"{m['params'] / 1e6:.2f}",

@@ -26,17 +26,11 @@ import torch
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import markdown_table, write_results
 from examples.cris import CRIS, CRISConfig
-from examples.cris.summary import count_flops
+from examples.cris.summary import TABLE_VII, count_flops
 from examples.pipeline.evaluation import autocast
-from masksd import BranchConfig, MaskSD, MaskSDConfig
+from masksd import MaskSD
 
-OFF = BranchConfig(enabled=False)
-VARIANTS = {
-    "baseline": MaskSDConfig.baseline(),
-    "+LMVSD": MaskSDConfig(vmlsd=OFF),
-    "+VMLSD": MaskSDConfig(lmvsd=OFF),
-    "CM-MaskSD (both)": MaskSDConfig(),
-}
+VARIANTS = {name: TABLE_VII[name] for name in ("baseline", "LMVSD, shared", "VMLSD, shared", "both, shared")}
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 """Dense bf16 tensor-core peaks (no sparsity) by device-name fragment, for MFU."""
 

@@ -187,3 +187,12 @@ def test_predict_script_rejects_bad_input_by_name(finished_run, tmp_path, capsys
         with pytest.raises(SystemExit):
             predict_main(["--checkpoint", str(out / "last.pt"), *argv])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_paths_train_with_finite_losses(tmp_path, amp):
+    result = train(tiny(tmp_path, amp=amp, epochs=1, max_steps=3, eval_untrained=False, overlays=1))
+    log = read_log(tmp_path / "train_log.csv")
+    assert sorted(log) == [1, 2, 3] and all(np.isfinite(v) for row in log.values() for v in row.values())
+    assert result.model.branches["lmvsd"].masker.mask_token.dtype == torch.float32  # weights stay fp32
+    assert np.isfinite(result.metrics["mIoU"])

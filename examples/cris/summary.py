@@ -27,7 +27,7 @@ from examples.cris.config import CRISConfig
 from examples.cris.model import CRIS
 from masksd import BranchConfig, MaskSD, MaskSDConfig
 
-__all__ = ["PAPER", "Summary", "count_flops", "summarize", "main"]
+__all__ = ["PAPER", "PAPER_MASKSD_PARAMS_M", "TABLE_VII", "Summary", "count_flops", "summarize", "main"]
 
 PAPER = {("ViT-B-16", 480): {"params_m": 207.0, "gflops": 165.96}}
 """Table II of the paper: the baseline at 480 px (its FLOPs(G) column; the same for every variant)."""
@@ -44,6 +44,18 @@ PAPER_MASKSD_PARAMS_M = {
     }
 }
 """Table VII of the paper: parameters (M) with and without shared decoding weights."""
+
+_OFF = BranchConfig(enabled=False)
+TABLE_VII: dict[str, MaskSDConfig] = {
+    "baseline": MaskSDConfig.baseline(),
+    "LMVSD, shared": MaskSDConfig(vmlsd=_OFF),
+    "VMLSD, shared": MaskSDConfig(lmvsd=_OFF),
+    "both, shared": MaskSDConfig(),
+    "LMVSD, separate": MaskSDConfig(vmlsd=_OFF, share_weights=False),
+    "VMLSD, separate": MaskSDConfig(lmvsd=_OFF, share_weights=False),
+    "both, separate": MaskSDConfig(share_weights=False),
+}
+"""The MaskSD variants of the paper's Tables II and VII, keyed like PAPER_MASKSD_PARAMS_M."""
 
 PARTS = ("image encoder", "text encoder", "pyramid + neck", "decoder", "projector")
 
@@ -103,16 +115,7 @@ def _param_parts(model: CRIS, trainable_only: bool) -> dict[str, int]:
 
 
 def _masksd_params(model: CRIS) -> dict[str, int]:
-    off = BranchConfig(enabled=False)
-    variants = {
-        "baseline": MaskSDConfig.baseline(),
-        "LMVSD, shared": MaskSDConfig(vmlsd=off),
-        "VMLSD, shared": MaskSDConfig(lmvsd=off),
-        "both, shared": MaskSDConfig(),
-        "LMVSD, separate": MaskSDConfig(vmlsd=off, share_weights=False),
-        "VMLSD, separate": MaskSDConfig(lmvsd=off, share_weights=False),
-        "both, separate": MaskSDConfig(share_weights=False),
-    }
+    variants = TABLE_VII
     head = sum(p.numel() for p in model.decode_head.parameters())
     bare = sum(p.numel() for p in model.parameters())
     counts = {}
