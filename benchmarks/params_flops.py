@@ -3,7 +3,8 @@
     python benchmarks/params_flops.py                       # ViT-B-16 @ 480, the paper's ablation setting
     python benchmarks/params_flops.py --tiny                # the tiny CPU model (seconds)
 
-Random init, batch 1, one sentence filling every text position. FLOPs from
+Random init, per image (inference at batch 1; training at batch 2, halved), one sentence
+filling every text position. FLOPs from
 torch.utils.flop_counter.FlopCounterMode (2 per multiply-add; GMACs = half). Training FLOPs are
 one forward and backward of MaskSD in training mode with every enabled branch (the masks are
 drawn; their positions do not change the count). Writes benchmarks/results/params_flops[_tiny].{md,json}.
@@ -28,12 +29,13 @@ PAPER_GFLOPS = PAPER[("ViT-B-16", 480)]["gflops"]  # every row of Tables II and 
 def measure(segmenter: CRIS, config: MaskSDConfig) -> dict[str, float]:
     model = MaskSD(segmenter, config)
     size, words = segmenter.config.image_size, segmenter.config.max_words - 2
-    images = torch.randn(1, 3, size, size)
-    token_ids = segmenter.tokenize([" ".join(["word"] * words)])
-    ground_truth = (torch.rand(1, 1, size, size) > 0.5).float()
+    # Batch 2 (CRIS's BatchNorm cannot train on one sample); FLOPs are linear in the batch, so halve them.
+    images = torch.randn(2, 3, size, size)
+    token_ids = segmenter.tokenize([" ".join(["word"] * words)] * 2)
+    ground_truth = (torch.rand(2, 1, size, size) > 0.5).float()
 
     with torch.no_grad():
-        inference, _, _ = count_flops(lambda: model.eval()(images, token_ids))
+        inference, _, _ = count_flops(lambda: model.eval()(images[:1], token_ids[:1]))
 
     def step() -> None:
         model.train()(images, token_ids, ground_truth).loss.backward()
@@ -43,7 +45,7 @@ def measure(segmenter: CRIS, config: MaskSDConfig) -> dict[str, float]:
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "inference_flops": inference,
-        "training_flops": training,
+        "training_flops": training // 2,
     }
 
 
@@ -68,17 +70,18 @@ def run(cris: CRISConfig) -> tuple[str, dict]:
             "—" if paper is None else f"{paper}",
             "—" if paper is None else f"{PAPER_GFLOPS}",
         ])
-    header = ["variant", "params (M)", "added", "inference GFLOPs", "training GFLOPs / step", "× baseline",
+    header = ["variant", "params (M)", "added", "inference GFLOPs", "training GFLOPs / image", "× baseline",
               "paper params (M)", "paper FLOPs (G)"]
-    title = f"## {cris.model_name} @ {cris.image_size} px, batch 1, max_words {cris.max_words}"
+    title = f"## {cris.model_name} @ {cris.image_size} px, per image, max_words {cris.max_words}"
     return f"{title}\n\n{markdown_table(header, rows)}", {"model": cris.model_name, "image_size": cris.image_size, "rows": data}
 
 
 NOTES = """
 - Inference FLOPs are the same for every variant: eval runs the bare segmenter (MaskSD adds nothing).
-- Training FLOPs per step: the main branch plus each enabled branch's re-encoded modality and decode,
+- Training FLOPs per image of a step: the main branch plus each enabled branch's re-encoded modality and decode,
   forward and backward. Sharing the decode head does not change the count, only the parameters.
-- FLOPs count 2 per multiply-add; the paper's 165.96 "FLOPs" matches our multiply-adds (half the
+"""
+NOTES_VIT_B_480 = """- FLOPs count 2 per multiply-add; the paper's 165.96 "FLOPs" matches our multiply-adds (half the
   inference column) within 6 %; see benchmarks/results/params_flops_summary.md for the per-part gap.
 - Parameters: CLIP ViT-B/16 (150.2 M) plus our 50.5 M decode head vs the paper's ~57 M; a separate
   head per branch adds exactly one copy of it. The paper's +3 M for shared LMVSD cannot be one
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cris = CRISConfig.tiny() if args.tiny else CRISConfig(model_name=args.model, pretrained=None, image_size=args.size)
     table, data = run(cris)
-    markdown = f"# Parameters and FLOPs per MaskSD variant (Tables II and VII)\n\n{table}\n{NOTES}"
+    notes = NOTES + (NOTES_VIT_B_480 if (cris.model_name, cris.image_size) == ("ViT-B-16", 480) else "")
+    markdown = f"# Parameters and FLOPs per MaskSD variant (Tables II and VII)\n\n{table}\n{notes}"
     print(markdown)
     name = "params_flops_tiny" if args.tiny else f"params_flops_{args.model}_{args.size}"
     paths = write_results(name, markdown, data, "python benchmarks/params_flops.py " + " ".join(argv or sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Wall time and peak memory of one training step: baseline vs MaskSD and each branch alone.
+"""Wall time and memory of one training step: baseline vs MaskSD and each branch alone.
 
     python benchmarks/train_step.py                                # CPU: the tiny model, batch 32
     python benchmarks/train_step.py --model ViT-B-16 --size 480 --batch 32 --amp bf16   # on a GPU
@@ -6,9 +6,9 @@
 All variants wrap one segmenter (same weights) and are measured in one process, alternating
 (one step of each variant per round, order rotated every round), after warm-up; the median over
 rounds is reported, and its ratio to the baseline beside the FLOP ratio (FlopCounterMode, the
-same step). Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak
-resident set (VmHWM, reset before each step through /proc/self/clear_refs). With --amp on a GPU
-also images/s and model FLOP utilisation (achieved FLOP/s over the device's bf16 dense peak).
+same step). Memory: the bytes autograd saves for backward (every device), and on a GPU also
+torch.cuda.max_memory_allocated over the step. With --amp bf16 on a GPU also the model FLOP
+utilisation (achieved FLOP/s over the device's dense bf16 peak).
 Writes benchmarks/results/train_step_<device>_<model>_<size>.{md,json}.
 """
 
@@ -35,24 +35,21 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 """Dense bf16 tensor-core peaks (no sparsity) by device-name fragment, for MFU."""
 
 
-def peak_rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+class SavedActivations:
+    """Bytes autograd keeps for the backward pass (each storage counted once): the training-memory
+    cost of the extra branches, measurable on the CPU too (which has no allocator statistics)."""
 
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
 
-def peak_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
 
 
 class Bench:
@@ -70,13 +67,12 @@ class Bench:
         self.generator = torch.Generator(device).manual_seed(0)
 
     def step(self, name: str) -> tuple[float, int | None]:
+        """One timed training step; returns (seconds, peak allocated bytes on a GPU or None)."""
         model = self.models[name]
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        else:
-            peak_rss_reset()
         start = time.perf_counter()
         with autocast(self.device, self.amp):
             out = model(self.images, self.tokens, self.masks, generator=self.generator)
@@ -86,8 +82,16 @@ class Bench:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        memory = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
-        return seconds, memory
+        return seconds, torch.cuda.max_memory_allocated() if cuda else None
+
+    def saved_activations(self, name: str) -> int:
+        """Bytes saved for backward by one forward of ``name`` (not timed)."""
+        saved = SavedActivations()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            with autocast(self.device, self.amp):
+                out = self.models[name](self.images, self.tokens, self.masks, generator=self.generator)
+        del out
+        return saved.bytes
 
     def flops(self, name: str) -> int:
         model = self.models[name]
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(Exception):
         torch.cuda.empty_cache()
     flops = {name: bench.flops(name) for name in names}
+    activations = {name: bench.saved_activations(name) for name in names}
 
     base_t, base_f = statistics.median(times["baseline"]), flops["baseline"]
     base_m = max(memory["baseline"]) if memory["baseline"] else None
@@ -160,17 +165,21 @@ def main(argv: list[str] | None = None) -> None:
         row = [
             name, f"{1000 * t:.1f}", f"{args.batch / t:.1f}", f"{time_ratio:.2f}", f"{flop_ratio:.2f}",
             f"{100 * (time_ratio / flop_ratio - 1):+.1f} %", f"{flops[name] / 1e9:.1f}", f"{achieved / 1e12:.2f}",
-            "—" if m is None else f"{m / 2**20:.0f}", "—" if m is None or base_m is None else f"{m / base_m:.2f}",
+            f"{activations[name] / 2**20:.0f}", f"{activations[name] / activations['baseline']:.2f}",
         ]
+        if device.type == "cuda":
+            row += [f"{m / 2**20:.0f}", f"{m / base_m:.2f}"]
         if peak:
             row.append(f"{100 * achieved / peak:.1f} %")
         rows.append(row)
         data[name] = {"median_s": t, "all_s": times[name], "images_per_s": args.batch / t, "time_ratio": time_ratio,
-                      "flops": flops[name], "flop_ratio": flop_ratio, "peak_memory_bytes": m,
+                      "flops": flops[name], "flop_ratio": flop_ratio, "peak_allocated_bytes": m,
+                      "saved_activation_bytes": activations[name],
                       "achieved_tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
-    memory_kind = "peak allocated (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
     header = ["variant", "ms / step", "images / s", "time × baseline", "FLOPs × baseline", "time vs FLOP ratio",
-              "GFLOPs / step", "achieved TFLOP/s", memory_kind, "memory × baseline"]
+              "GFLOPs / step", "achieved TFLOP/s", "saved activations (MiB)", "activations × baseline"]
+    if device.type == "cuda":
+        header += ["peak allocated (MiB)", "peak × baseline"]
     if peak:
         header.append("MFU (bf16 peak)")
     title = (f"# Training step: {cris.model_name} @ {cris.image_size} px, batch {args.batch}, {device.type}"
