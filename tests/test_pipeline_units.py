@@ -90,6 +90,20 @@ def test_optimizer_scales_backbone_lr_and_skips_frozen_parameters():
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]
     assert sum(len(g["params"]) for g in opt.param_groups) == 4
     assert opt.param_groups[0]["weight_decay"] == 5e-4
+    with pytest.raises(ValueError, match="match no trainable"):
+        build_optimizer(model, 1e-3, 0.0, 0.1, ("visual.",))
+
+
+def test_backbone_lr_scale_reaches_clips_towers():
+    from examples.cris import CRIS, CRISConfig
+    from examples.pipeline.factory import BACKBONE_PREFIXES
+    from masksd import MaskSD
+
+    model = MaskSD(CRIS(CRISConfig.tiny()))
+    opt = build_optimizer(model, 1e-3, 0.0, 0.1, BACKBONE_PREFIXES)
+    backbone = {id(p) for p in model.segmenter.backbone.parameters() if p.requires_grad}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == backbone and opt.param_groups[1]["lr"] == 1e-4
+    assert not backbone & {id(p) for p in opt.param_groups[0]["params"]}
 
 
 def test_atomic_checkpoint_round_trip_with_rng_states(tmp_path: Path):

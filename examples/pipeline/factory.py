@@ -16,7 +16,11 @@ from masksd import MaskSD
 from masksd.data import ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
-__all__ = ["build_dataset", "build_segmenter", "build_model", "cris_config", "checkpoint_cris_config", "load_segmenter"]
+__all__ = ["BACKBONE_PREFIXES", "build_dataset", "build_segmenter", "build_model", "cris_config", "checkpoint_cris_config", "load_segmenter"]
+
+
+BACKBONE_PREFIXES = ("segmenter.backbone.",)
+"""Parameter-name prefixes of CLIP's two towers inside MaskSD(CRIS): what --backbone-lr-scale scales."""
 
 
 def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:

@@ -31,6 +31,8 @@ def build_optimizer(
     for name, param in model.named_parameters():
         if param.requires_grad:
             (backbone if name.startswith(backbone_prefixes) and backbone_prefixes else rest).append(param)
+    if backbone_prefixes and not backbone:
+        raise ValueError(f"backbone_prefixes {backbone_prefixes} match no trainable parameter of the model")
     groups = [{"params": rest, "lr": lr}]
     if backbone:
         groups.append({"params": backbone, "lr": lr * backbone_lr_scale})

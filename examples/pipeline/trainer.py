@@ -21,7 +21,7 @@ from examples.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng
 from examples.pipeline.config import TrainConfig
 from examples.pipeline.distributed import Dist, cleanup_distributed, init_distributed
 from examples.pipeline.evaluation import autocast, evaluate
-from examples.pipeline.factory import build_dataset, build_model, checkpoint_cris_config
+from examples.pipeline.factory import BACKBONE_PREFIXES, build_dataset, build_model, checkpoint_cris_config
 from examples.pipeline.optim import build_optimizer, warmup_cosine
 from examples.pipeline.overlay import render_overlay
 from examples.pipeline.sampling import EpochSampler, ShardSampler
@@ -81,7 +81,7 @@ class _Run:
         self.stop_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
 
-        backbone = ("segmenter.visual.", "segmenter.text.") if cfg.backbone_lr_scale != 1.0 else ()
+        backbone = BACKBONE_PREFIXES if cfg.backbone_lr_scale != 1.0 else ()
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_scale, backbone)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup, self.total_steps)
@@ -234,10 +234,9 @@ class _Run:
             return None
         nan = out.loss.new_tensor(float("nan"))
         parts = torch.stack([l.detach() if l is not None else nan for l in (out.loss, out.seg_loss, out.lmvsd_loss, out.vmlsd_loss)])
-        if self.env.enabled:  # the logged losses are means over ranks
-            dist.all_reduce(parts, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
-            if self.device.type != "cuda":
-                parts /= self.env.world_size
+        if self.env.enabled:  # the logged losses are means over ranks (gloo has no AVG)
+            dist.all_reduce(parts, op=dist.ReduceOp.SUM)
+            parts /= self.env.world_size
         return dict(zip(("loss", "seg", "lmvsd", "vmlsd"), parts.float().tolist()))
 
     # --------------------------------------------------------------- evaluation and figures
