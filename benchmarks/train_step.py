@@ -28,6 +28,7 @@ from common import markdown_table, write_results
 from examples.cris import CRIS, CRISConfig
 from examples.cris.summary import TABLE_VII, count_flops
 from examples.pipeline.evaluation import autocast
+from examples.pipeline.distributed import resolve_device
 from masksd import MaskSD
 
 VARIANTS = {name: TABLE_VII[name] for name in ("baseline", "LMVSD, shared", "VMLSD, shared", "both, shared")}
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant")
     parser.add_argument("--rounds", type=int, default=10, help="measured steps per variant")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

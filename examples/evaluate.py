@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from examples.pipeline.config import TrainConfig
     from examples.pipeline.evaluation import evaluate
+    from examples.pipeline.distributed import resolve_device
     from examples.pipeline.factory import build_dataset, load_segmenter
     from masksd.data import collate
     from masksd.metrics import format_table
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
     overrides = {k: v for k, v in {"dataset": args.dataset, "split_by": args.split_by, "data_root": args.data_root,
                                    "image_root": args.image_root, "workers": args.workers}.items() if v is not None}

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     from PIL import Image, UnidentifiedImageError
 
     from examples.pipeline.factory import load_segmenter
+    from examples.pipeline.distributed import resolve_device
     from masksd.data import InputTransform, restore
 
     image_path = Path(args.image)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     except (OSError, UnidentifiedImageError) as error:
         parser.error(f"--image {image_path} could not be decoded: {error}")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
     transform = InputTransform(segmenter.config.image_size, args.resize or run.get("resize", "letterbox"))
     image, _, frame = transform(rgb)

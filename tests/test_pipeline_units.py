@@ -131,3 +131,15 @@ def test_checkpoint_errors_name_the_file(tmp_path: Path):
     torch.save({"model": argparse.Namespace(x=1)}, evil)  # arbitrary objects are refused by weights_only loading
     with pytest.raises(ValueError, match="weights_only"):
         load_checkpoint(evil)
+
+
+def test_resolve_device_names_the_argument():
+    from examples.pipeline.distributed import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init_distributed", "cleanup_distributed"]
+__all__ = ["Dist", "init_distributed", "cleanup_distributed", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,21 @@ class Dist:
         return self.world_size > 1
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" (CUDA when available), "cuda" or "cpu" -> the device type to run on; errors name the argument."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group.
 
     ``device``: "auto" (CUDA if available), "cuda" or "cpu".
     """
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available")
+    use_cuda = resolve_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
