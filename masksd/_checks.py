@@ -16,6 +16,12 @@ def check_fraction(name: str, value: float, *, low_open: bool) -> None:
         raise ValueError(f"{name} must be in {interval}, got {value}")
 
 
+def check_open_fraction(name: str, value: float) -> None:
+    """Raise unless ``value`` is a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+
+
 def check_nonnegative(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

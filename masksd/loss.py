@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masksd._checks import check_choice, check_nonnegative, check_tensor
+from masksd._checks import check_choice, check_nonnegative, check_open_fraction, check_tensor
 
 __all__ = ["SelfDistillLoss", "segmentation_loss", "as_mask_batch"]
 
@@ -71,8 +71,7 @@ class SelfDistillLoss(nn.Module):
         check_nonnegative("weight", weight)
         check_choice("target", target, ("soft", "hard"))
         check_choice("supervision", supervision, ("distill", "ground_truth"))
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        check_open_fraction("threshold", threshold)
         self.weight = float(weight)
         self.target = target
         self.threshold = float(threshold)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from masksd._checks import check_choice, check_fraction, check_nonnegative
+from masksd._checks import check_choice, check_fraction, check_nonnegative, check_open_fraction
 from masksd.adapter import Embeddings, Features, check_embeddings, check_features
 from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, segmentation_loss
@@ -61,8 +61,7 @@ class MaskSDConfig:
         self.vmlsd.validate("vmlsd")
         check_choice("supervision", self.supervision, ("distill", "ground_truth"))
         check_choice("target", self.target, ("soft", "hard"))
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        check_open_fraction("threshold", self.threshold)
 
     @classmethod
     def baseline(cls) -> "MaskSDConfig":
