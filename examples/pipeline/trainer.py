@@ -91,10 +91,8 @@ class _Run:
         self.masking_rng = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + 7919 * env.rank + 1)
         self.step = 0
 
-        if cfg.resume:
-            self._resume(cfg.resume)
-        else:
-            _seed_everything(cfg.seed + 104_729 * env.rank + 1)
+        if not (cfg.resume and self._resume(cfg.resume)):
+            _seed_everything(cfg.seed + 104_729 * env.rank + 1)  # a fresh run: dropout differs per rank
 
         if cfg.compile:  # the four pieces MaskSD calls; the wrapper's own glue stays eager
             for name in ("encode_image", "encode_text"):
@@ -136,11 +134,11 @@ class _Run:
         if self.env.enabled:
             dist.barrier()
 
-    def _resume(self, resume: str) -> None:
+    def _resume(self, resume: str) -> bool:
+        """Load a checkpoint ("auto": <output>/last.pt if any); False when there was nothing to resume."""
         path = latest_checkpoint(self.out) if resume == "auto" else Path(resume)
-        if path is None:  # "auto" with nothing to resume: a fresh run
-            _seed_everything(self.cfg.seed + 104_729 * self.env.rank + 1)
-            return
+        if path is None:
+            return False
         state = load_checkpoint(path, map_location=self.device)
         changed = sorted(k for k, v in state.get("config", {}).items() if k not in _RUNTIME_FIELDS and getattr(self.cfg, k, v) != v)
         if changed and self.env.is_main:
@@ -157,6 +155,7 @@ class _Run:
                 f"number of ranks, got {self.env.world_size}"
             )
         set_rng_state(states[self.env.rank], self.masking_rng)
+        return True
 
     # --------------------------------------------------------------- loop
     def _loader(self, epoch: int) -> DataLoader:
