@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere in the repo
     sys.path.insert(0, str(ROOT))
+
+from masksd import BranchConfig, MaskSDConfig  # noqa: E402
+
+_OFF = BranchConfig(enabled=False)
+TABLE_VII: dict[str, MaskSDConfig] = {
+    "baseline": MaskSDConfig.baseline(),
+    "LMVSD, shared": MaskSDConfig(vmlsd=_OFF),
+    "VMLSD, shared": MaskSDConfig(lmvsd=_OFF),
+    "both, shared": MaskSDConfig(),
+    "LMVSD, separate": MaskSDConfig(vmlsd=_OFF, share_weights=False),
+    "VMLSD, separate": MaskSDConfig(lmvsd=_OFF, share_weights=False),
+    "both, separate": MaskSDConfig(share_weights=False),
+}
+"""The MaskSD variants of the paper's Tables II and VII (paper defaults otherwise)."""
+
+
+@contextlib.contextmanager
+def countable_attention() -> Iterator[None]:
+    """Route attention through plain matmuls that FlopCounterMode sees: the fused fast paths
+    (nn.MultiheadAttention's, SDPA's CPU kernel) are not counted."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def count_flops(run: Callable[[], object]) -> tuple[int, dict[str, int], object]:
+    """FLOPs of ``run()`` (FlopCounterMode: 2 per multiply-add) in total and per module name, and what it returned."""
+    counter = FlopCounterMode(display=False, depth=None)
+    with countable_attention(), counter:
+        result = run()
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops(), per_module, result
 
 
 def machine() -> dict[str, Any]:

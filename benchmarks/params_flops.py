@@ -18,9 +18,9 @@ import sys
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import markdown_table, write_results
+from common import TABLE_VII, count_flops, markdown_table, write_results
+from cris_summary import PAPER, PAPER_MASKSD_PARAMS_M
 from examples.cris import CRIS, CRISConfig
-from examples.cris.summary import PAPER, PAPER_MASKSD_PARAMS_M, TABLE_VII, count_flops
 from masksd import MaskSD, MaskSDConfig
 
 PAPER_GFLOPS = PAPER[("ViT-B-16", 480)]["gflops"]  # every row of Tables II and VII
@@ -91,8 +91,8 @@ NOTES_VIT_B_480 = """- FLOPs count 2 per multiply-add; the paper's 165.96 "FLOPs
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--size", type=int, default=480)
+    parser.add_argument("--model", default=CRISConfig.variant("vitb-480").model_name)
+    parser.add_argument("--size", type=int, default=CRISConfig.variant("vitb-480").image_size)
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU model instead")
     args = parser.parse_args(argv)
     cris = CRISConfig.tiny() if args.tiny else CRISConfig(model_name=args.model, pretrained=None, image_size=args.size)

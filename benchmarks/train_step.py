@@ -19,16 +19,15 @@ import contextlib
 import statistics
 import sys
 import time
-from pathlib import Path
+from typing import get_args
 
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import markdown_table, write_results
+from common import TABLE_VII, count_flops, markdown_table, write_results
 from examples.cris import CRIS, CRISConfig
-from examples.cris.summary import TABLE_VII, count_flops
-from examples.pipeline.evaluation import autocast
-from examples.pipeline.distributed import resolve_device
+from examples.pipeline.distributed import Device, resolve_device
+from examples.pipeline.evaluation import Amp, autocast
 from masksd import MaskSD
 
 VARIANTS = {name: TABLE_VII[name] for name in ("baseline", "LMVSD, shared", "VMLSD, shared", "both, shared")}
@@ -116,11 +115,11 @@ def bf16_peak(device: torch.device) -> float | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="masksd-tiny", help="masksd-tiny (default), ViT-B-16 or ViT-L-14")
-    parser.add_argument("--size", type=int, help="image size (default: 64 tiny, 480 otherwise)")
+    parser.add_argument("--model", default=CRISConfig.tiny().model_name, help="masksd-tiny (default), ViT-B-16 or ViT-L-14")
+    parser.add_argument("--size", type=int, help="image size (default: the model's first CRIS variant: 64 tiny, 480 ViT-B-16, 532 ViT-L-14)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--amp", choices=get_args(Amp), default="none")
+    parser.add_argument("--device", choices=get_args(Device), default="auto")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant")
     parser.add_argument("--rounds", type=int, default=10, help="measured steps per variant")
     args = parser.parse_args(argv)
@@ -130,10 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(0)
-    if args.model == "masksd-tiny":
-        cris = CRISConfig.tiny(image_size=args.size or 64)
-    else:
-        cris = CRISConfig(model_name=args.model, pretrained=None, image_size=args.size or 480)
+    cris = CRISConfig.for_model(args.model, pretrained=None, **({"image_size": args.size} if args.size else {}))
     bench = Bench(CRIS(cris), args.batch, device, args.amp)
     names = list(VARIANTS)
 

@@ -14,23 +14,29 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
+
+from examples.pipeline.config import DATASETS, TrainConfig  # noqa: E402
+from examples.pipeline.distributed import Device  # noqa: E402
+from examples.pipeline.evaluation import Amp  # noqa: E402
+from masksd.data import SplitBy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
     parser.add_argument("--split", help="split to evaluate (default: the run's eval split)")
-    parser.add_argument("--dataset", choices=("synthetic", "refcoco", "refcoco+", "refcocog"), help="default: the run's")
-    parser.add_argument("--split-by", choices=("unc", "umd", "google"), help="default: the run's")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the run's")
+    parser.add_argument("--split-by", choices=get_args(SplitBy), help="default: the run's")
     parser.add_argument("--data-root", help="default: the run's")
     parser.add_argument("--image-root", help="default: the run's")
-    parser.add_argument("--threshold", type=float, default=0.35, help="sigmoid threshold (default: 0.35)")
+    parser.add_argument("--threshold", type=float, default=TrainConfig().eval_threshold, help="sigmoid threshold (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--device", choices=get_args(Device), default="auto")
+    parser.add_argument("--amp", choices=get_args(Amp), default="none")
     parser.add_argument("--output", help="JSON file for the results (default: eval_<dataset>_<split>.json beside the checkpoint)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
@@ -40,7 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from examples.pipeline.config import TrainConfig
     from examples.pipeline.evaluation import evaluate
     from examples.pipeline.distributed import resolve_device
     from examples.pipeline.factory import build_dataset, load_segmenter
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    "image_root": args.image_root, "workers": args.workers}.items() if v is not None}
     if "dataset" in overrides and "split_by" not in overrides:
         overrides["split_by"] = None  # the new dataset's default, not the run's
-    cfg = replace(TrainConfig(**run), **overrides)
+    cfg = replace(TrainConfig.from_dict(run, source=str(args.checkpoint)), **overrides)
     split = args.split or cfg.eval_split
     dataset = build_dataset(cfg, split, train=False)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)

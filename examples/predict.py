@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
+
+from examples.pipeline.config import TrainConfig  # noqa: E402
+from examples.pipeline.distributed import Device  # noqa: E402
+from masksd.data import RESIZE_MODES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
@@ -21,9 +26,9 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser.add_argument("--image", required=True, help="an image file (JPEG, PNG, ...)")
     parser.add_argument("--text", required=True, help="the referring expression")
     parser.add_argument("--output-dir", default=".", help="where the PNGs go (default: .)")
-    parser.add_argument("--threshold", type=float, default=0.35, help="sigmoid threshold (default: 0.35)")
-    parser.add_argument("--resize", choices=("letterbox", "resize"), help="default: the run's")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--threshold", type=float, default=TrainConfig().eval_threshold, help="sigmoid threshold (default: %(default)s)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, help="default: the run's")
+    parser.add_argument("--device", choices=get_args(Device), default="auto")
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
         parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
     device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
-    transform = InputTransform(segmenter.config.image_size, args.resize or run.get("resize", "letterbox"))
+    transform = InputTransform(segmenter.config.image_size, args.resize or TrainConfig.from_dict(run, source=args.checkpoint).resize)
     image, _, frame = transform(rgb)
     with torch.no_grad():
         logits = segmenter(image[None].to(device), segmenter.tokenize([args.text]).to(device))  # (1, 1, h, w)

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from examples.pipeline.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
-from examples.pipeline.config import DATASETS, PRESETS, TrainConfig  # noqa: E402
+from examples.pipeline.config import PRESETS, TrainConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -24,24 +24,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="paper settings to start from; later flags override")
-    add_dataclass_arguments(
-        parser,
-        TrainConfig,
-        choices={
-            "dataset": DATASETS,
-            "split_by": ("unc", "umd", "google"),
-            "resize": ("letterbox", "resize"),
-            "supervision": ("distill", "ground_truth"),
-            "target": ("soft", "hard"),
-            "device": ("auto", "cuda", "cpu"),
-            "amp": ("none", "bf16", "fp16"),
-        },
-    )
+    add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
     try:
         return dataclass_from_args(TrainConfig, args)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         parser.error(str(error))
 
 

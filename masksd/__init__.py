@@ -8,7 +8,8 @@ from masksd.adapter import Embeddings, Features, MaskableSegmenter, SegmenterAda
 from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, segmentation_loss
 from masksd.masking import GuidedMasker
-from masksd.wrapper import BranchConfig, MaskSD, MaskSDConfig, MaskSDOutput
+from masksd.config import BranchConfig, MaskSDConfig
+from masksd.wrapper import MaskSD, MaskSDOutput
 
 __all__ = [
     "BranchConfig",

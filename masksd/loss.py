@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from masksd._checks import check_choice, check_nonnegative, check_open_fraction, check_tensor
+from masksd.config import Supervision, Target
 
 __all__ = ["SelfDistillLoss", "segmentation_loss", "as_mask_batch"]
 
@@ -63,14 +66,14 @@ class SelfDistillLoss(nn.Module):
     def __init__(
         self,
         weight: float,
-        target: str = "soft",
+        target: Target = "soft",
         threshold: float = 0.5,
-        supervision: str = "distill",
+        supervision: Supervision = "distill",
     ):
         super().__init__()
         check_nonnegative("weight", weight)
-        check_choice("target", target, ("soft", "hard"))
-        check_choice("supervision", supervision, ("distill", "ground_truth"))
+        check_choice("target", target, get_args(Target))
+        check_choice("supervision", supervision, get_args(Supervision))
         check_open_fraction("threshold", threshold)
         self.weight = float(weight)
         self.target = target

@@ -3,70 +3,19 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from masksd._checks import check_choice, check_fraction, check_nonnegative, check_open_fraction
 from masksd.adapter import Embeddings, Features, check_embeddings, check_features
+from masksd.config import BranchConfig, MaskSDConfig
 from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, segmentation_loss
 from masksd.masking import GuidedMasker
 
-__all__ = ["BranchConfig", "MaskSDConfig", "MaskSDOutput", "MaskSD", "DistillBranch"]
-
-
-@dataclass
-class BranchConfig:
-    """One masked self-distillation branch (LMVSD or VMLSD)."""
-
-    enabled: bool = True
-    """Run this branch during training."""
-    top_k: float = 0.5
-    """K: fraction of candidate tokens kept by correlation filtering, in (0, 1]."""
-    ratio: float = 0.25
-    """α: fraction of the kept tokens replaced by the mask token, in [0, 1]."""
-    weight: float = 0.75
-    """λ: weight of this branch's loss in the total."""
-
-    def validate(self, name: str) -> None:
-        check_fraction(f"{name}.top_k", self.top_k, low_open=True)
-        check_fraction(f"{name}.ratio", self.ratio, low_open=False)
-        check_nonnegative(f"{name}.weight", self.weight)
-
-
-@dataclass
-class MaskSDConfig:
-    """Every switch of the paper's ablations (Tables II–VII); defaults are the paper's."""
-
-    lmvsd: BranchConfig = field(default_factory=lambda: BranchConfig(top_k=0.5, ratio=0.25, weight=0.75))
-    """Language-guided masked visual self-distillation: masks image patches chosen by the sentence."""
-    vmlsd: BranchConfig = field(default_factory=lambda: BranchConfig(top_k=0.5, ratio=0.1, weight=0.1))
-    """Visual-guided masked language self-distillation: masks words chosen by the image."""
-    share_weights: bool = True
-    """Branches decode with the segmenter's own head; False gives each branch its own copy (Table VII)."""
-    masking: bool = True
-    """False runs the branches on unmasked embeddings (Table V): no mask tokens are created."""
-    supervision: str = "distill"
-    """"distill": branches learn the main prediction; "ground_truth": they learn the GT (Table VI)."""
-    target: str = "soft"
-    """Distillation target: "soft" = sigmoid(main logits), "hard" = sigmoid(main logits) > threshold."""
-    threshold: float = 0.5
-    """Binarisation threshold of the hard target."""
-
-    def __post_init__(self) -> None:
-        self.lmvsd.validate("lmvsd")
-        self.vmlsd.validate("vmlsd")
-        check_choice("supervision", self.supervision, ("distill", "ground_truth"))
-        check_choice("target", self.target, ("soft", "hard"))
-        check_open_fraction("threshold", self.threshold)
-
-    @classmethod
-    def baseline(cls) -> "MaskSDConfig":
-        """Both branches off: MaskSD trains the bare segmenter with its segmentation loss."""
-        return cls(lmvsd=BranchConfig(enabled=False), vmlsd=BranchConfig(enabled=False))
+__all__ = ["MaskSDOutput", "MaskSD", "DistillBranch"]
 
 
 @dataclass
@@ -99,6 +48,7 @@ class DistillBranch(nn.Module):
 
     def __init__(self, config: BranchConfig, dim: int, wrapper: MaskSDConfig, head: nn.Module | None):
         super().__init__()
+        config.require_resolved()
         self.filter = CorrelationFilter(config.top_k)
         self.masker = GuidedMasker(dim, config.ratio) if wrapper.masking else None
         self.criterion = SelfDistillLoss(

@@ -39,3 +39,27 @@ def test_train_step_measures_every_variant(tmp_path, monkeypatch):
     text = (tmp_path / "train_step_cpu_masksd-tiny_64.md").read_text()
     for name in train_step.VARIANTS:
         assert f"| {name} |" in text
+
+
+# --- the summary command ---------------------------------------------------------------------------
+
+
+def test_summary_of_the_tiny_model(capsys):
+    from cris_summary import main
+
+    main(["--tiny"])
+    report = capsys.readouterr().out
+    assert "| **total** | **3.64** |" in report and "| both, shared | 3.64 | +128 |" in report
+    assert "Machine:" in report
+
+
+@pytest.mark.slow
+def test_summary_of_vit_b16_at_480_is_near_the_paper():
+    from cris_summary import PAPER, summarize
+
+    summary = summarize(CRISConfig(pretrained=None))  # about 10 s on 2 cores
+    paper = PAPER[("ViT-B-16", 480)]
+    params, macs = sum(summary.params.values()) / 1e6, sum(summary.flops.values()) / 2e9
+    assert abs(params - paper["params_m"]) / paper["params_m"] < 0.10, params
+    assert abs(macs - paper["gflops"]) / paper["gflops"] < 0.10, macs  # the paper's "FLOPs" are multiply-adds
+    assert summary.masksd_params["both, shared"] - summary.masksd_params["baseline"] == 768 + 512

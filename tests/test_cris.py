@@ -353,30 +353,6 @@ def test_every_trainable_parameter_gets_a_gradient_bare():
 
 
 
-# --- the summary command ---------------------------------------------------------------------------
-
-
-def test_summary_of_the_tiny_model(capsys):
-    from examples.cris.summary import main
-
-    main(["--tiny"])
-    report = capsys.readouterr().out
-    assert "| **total** | **3.64** |" in report and "| both, shared | 3.64 | +128 |" in report
-    assert "Machine:" in report
-
-
-@pytest.mark.slow
-def test_summary_of_vit_b16_at_480_is_near_the_paper():
-    from examples.cris.summary import PAPER, summarize
-
-    summary = summarize(CRISConfig(pretrained=None))  # about 10 s on 2 cores
-    paper = PAPER[("ViT-B-16", 480)]
-    params, macs = sum(summary.params.values()) / 1e6, sum(summary.flops.values()) / 2e9
-    assert abs(params - paper["params_m"]) / paper["params_m"] < 0.10, params
-    assert abs(macs - paper["gflops"]) / paper["gflops"] < 0.10, macs  # the paper's "FLOPs" are multiply-adds
-    assert summary.masksd_params["both, shared"] - summary.masksd_params["baseline"] == 768 + 512
-
-
 def test_readme_example_runs():
     from pathlib import Path
 

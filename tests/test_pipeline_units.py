@@ -143,3 +143,74 @@ def test_resolve_device_names_the_argument():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_masksd_flags_take_their_defaults_and_help_from_masksd_config(monkeypatch):
+    import masksd.config
+    from examples.pipeline.cli import flatten
+
+    flat = flatten(parse_args([]))
+    assert flat["masksd.vmlsd.ratio"] == 0.1 and flat["masksd.lmvsd.ratio"] == 0.25 and flat["masksd.threshold"] == 0.5
+    assert parse_args(["--threshold", "0.3", "--target", "hard"]).masksd_config().threshold == 0.3
+    # one place: a paper default changed in masksd.config changes the flag's default
+    monkeypatch.setitem(masksd.config.PAPER_BRANCHES, "vmlsd", {"top_k": 0.5, "ratio": 0.2, "weight": 0.1})
+    assert parse_args([]).masksd.vmlsd.ratio == 0.2
+    assert parse_args(["--vmlsd-top-k", "0.7"]).masksd.vmlsd.ratio == 0.2
+
+
+def test_flag_choices_and_help_come_from_the_configs():
+    from typing import get_args
+
+    from examples.pipeline.cli import add_dataclass_arguments
+    from examples.pipeline.config import DATASETS
+    from examples.pipeline.distributed import Device
+    from examples.pipeline.evaluation import Amp
+    from masksd.config import Supervision, Target
+    from masksd.data import RESIZE_MODES, SplitBy
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainConfig)
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    expected = {"--supervision": get_args(Supervision), "--target": get_args(Target), "--amp": get_args(Amp),
+                "--device": get_args(Device), "--dataset": DATASETS, "--resize": RESIZE_MODES,
+                "--split-by": (*get_args(SplitBy), None)}
+    for flag, choices in expected.items():
+        assert tuple(by_flag[flag].choices) == tuple(choices), flag
+    # every flag documents itself from field metadata (no source files needed)
+    assert all(a.help and not a.help.startswith(" (default") for a in by_flag.values())
+    for flag in ("--no-lmvsd", "--lmvsd-top-k", "--vmlsd-weight", "--no-share-weights", "--threshold", "--baseline"):
+        assert flag in by_flag, flag
+
+
+def test_checkpointed_config_round_trips_and_unknown_keys_warn():
+    from dataclasses import asdict
+
+    cfg = parse_args(["--no-vmlsd", "--lmvsd-ratio", "0.5", "--preset", "refcoco-vitb"])
+    assert TrainConfig.from_dict(asdict(cfg)) == cfg
+    with pytest.warns(UserWarning, match="lmvsd_top_k"):
+        TrainConfig.from_dict({**asdict(cfg), "lmvsd_top_k": 0.5})
+
+
+def test_presets_and_the_factory_read_one_table_of_cris_variants():
+    from examples.cris import CRISConfig
+    from examples.cris.config import VARIANTS
+    from examples.pipeline.factory import cris_config
+
+    assert cris_config(TrainConfig()) == CRISConfig.tiny(max_words=17)
+    for name, variant in (("refcoco-vitb", "vitb-576"), ("refcoco-vitl", "vitl-532"), ("ablation-vitb", "vitb-480")):
+        cfg = preset(name)
+        assert (cfg.model, cfg.image_size) == (VARIANTS[variant]["model_name"], VARIANTS[variant]["image_size"])
+        assert cris_config(cfg) == CRISConfig.variant(variant, pretrained="openai", max_words=cfg.max_words)
+    assert preset("demo", **{"masksd.vmlsd.ratio": 0.3}).masksd.vmlsd.ratio == 0.3
+    with pytest.raises(ValueError, match="variant"):
+        CRISConfig.variant("vit-huge")
+
+
+def test_version_is_written_once():
+    from importlib.metadata import version
+
+    import masksd
+
+    assert version("masksd") == masksd.__version__
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and "\nversion =" not in pyproject.split("[tool.setuptools.dynamic]")[0]

@@ -276,7 +276,7 @@ def test_bad_dataset_split_and_options(root):
         ReferConfig(str(root), "refcoco+", "val", split_by="umd")
     with pytest.raises(ValueError, match="mode must be 'train', 'eval' or None, got 'test'"):
         ReferConfig(str(root), "refcoco", "val", mode="test")
-    with pytest.raises(ValueError, match="text_key must be 'raw' or 'sent'"):
+    with pytest.raises(ValueError, match=r"text_key must be one of \('raw', 'sent'\)"):
         ReferConfig(str(root), "refcoco", "val", text_key="tokens")
     with pytest.raises(ValueError, match="resize_mode must be one of"):
         ReferConfig(str(root), "refcoco", "val", resize_mode="crop")
@@ -302,3 +302,13 @@ def test_sentence_without_the_text_key(root, tmp_path):
     with pytest.raises(ValueError, match=r"ref_id 3 in .*refs\(unc\)\.p has a sentence without the text_key field 'raw'"):
         ReferDataset(ReferConfig(str(r), "refcoco", "val"))
     assert len(ReferDataset(ReferConfig(str(r), "refcoco", "val", text_key="sent"))) == 1
+
+
+def test_the_literal_choices_and_the_split_tables_agree():
+    from typing import get_args
+
+    from masksd.data import DEFAULT_SPLIT_BY, SPLITS, ReferDatasetName, SplitBy
+
+    assert set(DEFAULT_SPLIT_BY) == set(get_args(ReferDatasetName)) == {d for d, _ in SPLITS}
+    assert {s for _, s in SPLITS} == set(get_args(SplitBy))
+    assert all((d, s) in SPLITS for d, s in DEFAULT_SPLIT_BY.items())

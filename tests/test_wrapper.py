@@ -262,3 +262,30 @@ def test_masked_tokens_reports_what_the_training_step_masks(batch):
     out = model(images, ids, masks, generator=torch.Generator().manual_seed(4))
     assert torch.equal(image_masked, out.image_masked) and torch.equal(text_masked, out.text_masked)
     assert MaskSD(ToyViT(), MaskSDConfig.baseline()).masked_tokens(images, ids) == (None, None)
+
+
+def test_branch_presets_keep_each_branchs_paper_values():
+    from masksd.config import PAPER_BRANCHES
+
+    lm, vm = BranchConfig.lmvsd(), BranchConfig.vmlsd()
+    assert (lm.top_k, lm.ratio, lm.weight) == (0.5, 0.25, 0.75)
+    assert (vm.top_k, vm.ratio, vm.weight) == (0.5, 0.1, 0.1)
+    assert MaskSDConfig().lmvsd == lm and MaskSDConfig().vmlsd == vm
+    assert {k: getattr(vm, k) for k in PAPER_BRANCHES["vmlsd"]} == PAPER_BRANCHES["vmlsd"]
+    # a partial override keeps the other values of the branch it is given to, not LMVSD's
+    partial = MaskSDConfig(vmlsd=BranchConfig(top_k=0.7))
+    assert (partial.vmlsd.top_k, partial.vmlsd.ratio, partial.vmlsd.weight) == (0.7, 0.1, 0.1)
+    assert MaskSDConfig(lmvsd=BranchConfig(ratio=0.5)).lmvsd == BranchConfig.lmvsd(ratio=0.5)
+    assert BranchConfig.vmlsd(weight=0.3).weight == 0.3 and BranchConfig.vmlsd(weight=0.3).ratio == 0.1
+    with pytest.raises(ValueError, match="vmlsd.ratio"):
+        BranchConfig.vmlsd(ratio=2.0)
+
+
+def test_a_branch_config_tied_to_no_branch_says_which_preset_to_use():
+    from masksd.wrapper import DistillBranch
+
+    assert not BranchConfig().resolved and BranchConfig.lmvsd().resolved
+    with pytest.raises(ValueError, match=r"BranchConfig.lmvsd\(...\) or BranchConfig.vmlsd\(...\)"):
+        DistillBranch(BranchConfig(top_k=0.5), 8, MaskSDConfig(), None)
+    with pytest.raises(TypeError, match="vmlsd must be a BranchConfig"):
+        MaskSDConfig(vmlsd={"top_k": 0.5})

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CRISConfig", "TINY_CLIP"]
+__all__ = ["CRISConfig", "TINY_CLIP", "VARIANTS"]
 
 TINY_CLIP = "masksd-tiny"
 """The open_clip model config shipped in ``examples/cris/model_configs/``: a 3-block ViT (width 64,
@@ -14,6 +14,18 @@ patch 8, 64 px) and a 2-block text transformer (width 64) with CLIP's real 49408
 
 # CLIP's text transformers are built with 77 positions; max_words may use at most that many.
 CLIP_CONTEXT_LENGTH = 77
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        model_name=TINY_CLIP, pretrained=None, image_size=64, pyramid_channels=(32, 64, 64), neck_channels=(16, 32, 64),
+        decoder_layers=2, decoder_dim=32, decoder_heads=4, decoder_ffn=64,
+    ),
+    "vitb-480": dict(model_name="ViT-B-16", image_size=480),  # the paper's ablations (Tables II-VII)
+    "vitb-576": dict(model_name="ViT-B-16", image_size=576),  # Table I, ViT-Base
+    "vitl-532": dict(model_name="ViT-L-14", image_size=532),  # Table I, ViT-Large
+}
+"""The CRIS variants, as overrides of :class:`CRISConfig`'s fields: the one table that the training
+presets, the factory and the benchmarks read. ``tiny`` is the CPU model of the tests and the demo."""
 
 
 @dataclass
@@ -111,23 +123,25 @@ class CRISConfig:
         return layers
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "CRISConfig":
-        """The tiny CPU-test model: ``TINY_CLIP`` at 64 px, random init, a 2-layer decoder of width 32.
+    def variant(cls, name: str, **overrides: Any) -> "CRISConfig":
+        """The configuration :data:`VARIANTS` names, with keyword overrides of its fields."""
+        if name not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {name!r}")
+        return cls(**{**VARIANTS[name], **overrides})
 
-        Keyword arguments override fields, e.g. ``CRISConfig.tiny(image_size=96)``.
-        """
-        base = cls(
-            model_name=TINY_CLIP,
-            pretrained=None,
-            image_size=64,
-            pyramid_channels=(32, 64, 64),
-            neck_channels=(16, 32, 64),
-            decoder_layers=2,
-            decoder_dim=32,
-            decoder_heads=4,
-            decoder_ffn=64,
-        )
-        return replace(base, **overrides)
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "CRISConfig":
+        """The tiny CPU-test model (``VARIANTS["tiny"]``): ``TINY_CLIP`` at 64 px, random init, a 2-layer
+        decoder of width 32. Keyword arguments override fields, e.g. ``CRISConfig.tiny(image_size=96)``."""
+        return cls.variant("tiny", **overrides)
+
+    @classmethod
+    def for_model(cls, model_name: str, **overrides: Any) -> "CRISConfig":
+        """The architecture of the first :data:`VARIANTS` entry built on ``model_name`` (the tiny decoder for
+        ``TINY_CLIP``; the paper's widths otherwise), with keyword overrides. Any other open_clip model
+        gets the paper's widths."""
+        base = next((v for v in VARIANTS.values() if v["model_name"] == model_name), {"model_name": model_name})
+        return cls(**{**base, **overrides})
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:

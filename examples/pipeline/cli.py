@@ -1,76 +1,139 @@
-"""Turn a flat dataclass config into command-line flags, with each field's docstring as its help."""
+"""Turn a dataclass config, nested configs included, into command-line flags.
+
+Each field becomes ``--field-name`` with the help text from its metadata (``masksd.config.documented``)
+and, for a ``Literal`` annotation, its values as ``choices``. A nested dataclass field ``lmvsd``
+contributes ``--lmvsd-<field>`` flags (its ``enabled`` switch becomes ``--lmvsd``/``--no-lmvsd``);
+with ``flatten=True`` in its metadata its flags carry no prefix. Argument destinations are dotted
+paths (``masksd.lmvsd.top_k``), the same keys :func:`flatten` gives and presets may use.
+"""
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import textwrap
 import types
 import typing
-from typing import Any, TypeVar
+import warnings
+from typing import Any, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (the string literal after the annotation)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+__all__ = ["add_dataclass_arguments", "dataclass_from_args", "dataclass_from_dict", "flatten", "flag_names", "unflatten"]
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(the scalar type, whether None is allowed) of an annotation like ``int | None``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    dest: str
+    """Dotted path of the field from the top-level config."""
+    flag: str
+    """The flag without its leading dashes (and without ``no-`` for switches that default to True)."""
+    help: str
+    annotation: Any
+
+
+def _scalar(annotation: Any) -> tuple[Any, bool]:
+    """(the annotation without ``| None``, whether None is allowed)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0], True
+        return args[0], len(args) < len(typing.get_args(annotation))
     return annotation, False
 
 
-def _parse_optional(kind: type):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
+def _flags(cls: type, dest: str = "", prefix: str = "", parent_help: str = "") -> Iterator[_Flag]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, _ = _scalar(hints[f.name])
+        path, help_text = f"{dest}{f.name}", f.metadata.get("help", "")
+        if dataclasses.is_dataclass(kind):
+            inner = prefix if f.metadata.get("flatten") else f"{prefix}{f.name}-"
+            yield from _flags(kind, f"{path}.", inner, help_text)
+        elif f.name == "enabled" and prefix and kind is bool:  # a nested config's on/off switch, named after it
+            yield _Flag(path, prefix.rstrip("-"), parent_help or help_text, hints[f.name])
+        else:
+            yield _Flag(path, f"{prefix}{f.name}".replace("_", "-"), help_text, hints[f.name])
 
-    parse.__name__ = kind.__name__
+
+def flag_names(cls: type) -> dict[str, str]:
+    """Dotted field path -> its flag (``--x``, or ``--no-x`` for a switch that defaults to True)."""
+    defaults = flatten(cls())
+    return {s.dest: f"--no-{s.flag}" if _scalar(s.annotation)[0] is bool and defaults[s.dest] else f"--{s.flag}" for s in _flags(cls)}
+
+
+def _parser_for(kind: Any, optional: bool):
+    def parse(text: str):
+        return None if optional and text.lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in its errors
     return parse
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, choices: dict[str, tuple] | None = None) -> None:
-    """One flag per field: ``--field-name VALUE``; a bool defaulting to True gets ``--no-field-name``,
-    one defaulting to False gets ``--field-name``. Defaults come from the parser's set_defaults."""
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    choices = choices or {}
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        kind, optional = _base_type(hints[f.name])
-        flag = f.name.replace("_", "-")
-        default = getattr(instance, f.name)
-        help_text = docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)"
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per (nested) field of ``cls``; defaults are ``cls()``'s, set with ``parser.set_defaults``
+    (so presets can override them there, by dotted path)."""
+    defaults = flatten(cls())
+    for spec in _flags(cls):
+        kind, optional = _scalar(spec.annotation)
+        default = defaults[spec.dest]
+        help_text = spec.help.replace("%", "%%") + " (default: %(default)s)"
+        metavar = spec.flag.split("-", 1)[-1].upper().replace("-", "_")
         if kind is bool:
-            if default:
-                parser.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=help_text)
-            else:
-                parser.add_argument(f"--{flag}", dest=f.name, action="store_true", help=help_text)
+            switch = f"--no-{spec.flag}" if default else f"--{spec.flag}"
+            parser.add_argument(switch, dest=spec.dest, action="store_false" if default else "store_true", help=help_text)
+        elif typing.get_origin(kind) is Literal:
+            values = typing.get_args(kind)
+            choices = (*values, None) if optional else values
+            parser.add_argument(f"--{spec.flag}", dest=spec.dest, type=_parser_for(str, optional), choices=choices,
+                                metavar="{" + ",".join(values) + "}", help=help_text)
         else:
-            parse = _parse_optional(kind) if optional else kind
-            parser.add_argument(f"--{flag}", dest=f.name, type=parse, choices=choices.get(f.name), help=help_text)
-    parser.set_defaults(**{f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)})
+            parser.add_argument(f"--{spec.flag}", dest=spec.dest, type=_parser_for(kind, optional), metavar=metavar, help=help_text)
+    parser.set_defaults(**defaults)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A (nested) dataclass instance, or the nested dict ``asdict`` makes of one -> {dotted path: value}."""
+    items = config.items() if isinstance(config, dict) else ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+    out: dict[str, Any] = {}
+    for name, value in items:
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{dotted path: value} -> the nested dict :func:`dataclass_from_dict` takes."""
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, name = path.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    return nested
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    """The config the parsed flags describe (dotted destinations rebuilt into nested dataclasses)."""
+    known = flatten(cls())
+    return dataclass_from_dict(cls, unflatten({k: v for k, v in vars(args).items() if k in known}))  # not --preset
+
+
+def dataclass_from_dict(cls: type[T], values: dict[str, Any], *, source: str = "config") -> T:
+    """Build ``cls`` from a (nested) dict such as ``dataclasses.asdict`` gives; keys that are not
+    fields (from another version of the config) are dropped with a warning naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown and source:
+        warnings.warn(f"{source}: ignoring settings this version does not know: {unknown}", stacklevel=2)
+    kwargs = {}
+    for name in names & set(values):
+        kind, _ = _scalar(hints[name])
+        value = values[name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = dataclass_from_dict(kind, value, source=f"{source}.{name}")
+        elif isinstance(value, list):  # JSON and torch.save turn tuples into lists
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

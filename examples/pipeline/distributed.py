@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init_distributed", "cleanup_distributed", "resolve_device"]
+__all__ = ["Device", "Dist", "init_distributed", "cleanup_distributed", "resolve_device"]
+
+Device = Literal["auto", "cuda", "cpu"]
+"""Where to run: auto (CUDA when available), cuda or cpu."""
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,16 @@ class Dist:
         return self.world_size > 1
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: Device = "auto") -> torch.device:
     """"auto" (CUDA when available), "cuda" or "cpu" -> the device type to run on; errors name the argument."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device not in get_args(Device):
+        raise ValueError(f"device must be one of {get_args(Device)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available")
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def init_distributed(device: str = "auto") -> Dist:
+def init_distributed(device: Device = "auto") -> Dist:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group.
 
     ``device``: "auto" (CUDA if available), "cuda" or "cpu".

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import Literal, get_args
 
 import torch
 from tqdm import tqdm
@@ -11,11 +12,16 @@ from tqdm import tqdm
 from masksd.data import restore
 from masksd.metrics import RISMetrics
 
-__all__ = ["evaluate", "autocast"]
+__all__ = ["Amp", "evaluate", "autocast"]
+
+Amp = Literal["none", "bf16", "fp16"]
+"""Autocast precision on top of fp32 weights: none, bf16, or fp16 (training adds a gradient scaler)."""
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, amp: Amp) -> contextlib.AbstractContextManager:
     """torch.autocast for ``amp`` in {"bf16", "fp16"}; a no-op for "none"."""
+    if amp not in get_args(Amp):
+        raise ValueError(f"amp must be one of {get_args(Amp)}, got {amp!r}")
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -28,7 +34,7 @@ def evaluate(
     tokenize: Callable[[list[str]], torch.Tensor],
     device: torch.device,
     threshold: float = 0.35,
-    amp: str = "none",
+    amp: Amp = "none",
     progress: bool = True,
 ) -> dict[str, float]:
     """Run ``segmenter(images, tokens)`` over ``loader`` (collated sample dicts), upsample each

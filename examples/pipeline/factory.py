@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from examples.cris import CRIS, CRISConfig
 from examples.pipeline.checkpoint import load_checkpoint
+from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
 from masksd import MaskSD
 from masksd.data import ReferConfig, ReferDataset
@@ -44,9 +45,8 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
 
 
 def cris_config(cfg: TrainConfig) -> CRISConfig:
-    if cfg.model == "masksd-tiny":
-        return CRISConfig.tiny(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
-    return CRISConfig(model_name=cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
+    """The segmenter a run trains: the architecture of ``cfg.model``'s CRIS variant, at the run's size and weights."""
+    return CRISConfig.for_model(cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
 
 
 def build_segmenter(cfg: TrainConfig) -> CRIS:
@@ -70,11 +70,7 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tupl
     checkpoint = load_checkpoint(path, map_location="cpu")
     if "cris_config" not in checkpoint:
         raise ValueError(f"checkpoint {path} holds no cris_config: not written by examples/train_cris_masksd.py")
-    fields = dict(checkpoint["cris_config"])
-    for name in ("feature_layers", "pyramid_channels", "neck_channels"):
-        if fields.get(name) is not None:
-            fields[name] = tuple(fields[name])
-    segmenter = CRIS(CRISConfig(**fields))
+    segmenter = CRIS(dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config"))
     prefix = "segmenter."
     state = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
     segmenter.load_state_dict(state)

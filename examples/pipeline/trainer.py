@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from examples.pipeline.cli import flatten
 from examples.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
 from examples.pipeline.config import TrainConfig
 from examples.pipeline.distributed import Dist, cleanup_distributed, init_distributed
@@ -140,7 +141,8 @@ class _Run:
         if path is None:
             return False
         state = load_checkpoint(path, map_location=self.device)
-        changed = sorted(k for k, v in state.get("config", {}).items() if k not in _RUNTIME_FIELDS and getattr(self.cfg, k, v) != v)
+        saved, now = flatten(state.get("config", {})), flatten(self.cfg)
+        changed = sorted(k for k in saved.keys() | now.keys() if k not in _RUNTIME_FIELDS and saved.get(k) != now.get(k))
         if changed and self.env.is_main:
             print(f"warning: resuming {path} with changed settings {changed}: the run will not repeat the original")
         self.model.load_state_dict(state["model"])

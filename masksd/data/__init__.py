@@ -15,9 +15,11 @@ Every dataset here returns the same sample dict, so a trainer can use either:
 """
 
 from masksd.data.collate import SAMPLE_KEYS, collate
-from masksd.data.refer import DEFAULT_SPLIT_BY, SPLITS, ReferConfig, ReferDataset, decode_segmentation
+from masksd.data.refer import (
+    DEFAULT_SPLIT_BY, SPLITS, ReferConfig, ReferDataset, ReferDatasetName, SplitBy, TextKey, decode_segmentation,
+)
 from masksd.data.synthetic import Scene, SceneObject, SyntheticConfig, SyntheticReferDataset
-from masksd.data.transforms import CLIP_MEAN, CLIP_STD, RESIZE_MODES, Frame, InputTransform, restore
+from masksd.data.transforms import CLIP_MEAN, CLIP_STD, RESIZE_MODES, Frame, InputTransform, ResizeMode, restore
 
 __all__ = [
     "CLIP_MEAN",
@@ -30,10 +32,14 @@ __all__ = [
     "InputTransform",
     "ReferConfig",
     "ReferDataset",
+    "ReferDatasetName",
+    "ResizeMode",
     "Scene",
     "SceneObject",
+    "SplitBy",
     "SyntheticConfig",
     "SyntheticReferDataset",
+    "TextKey",
     "collate",
     "decode_segmentation",
     "restore",

@@ -24,13 +24,22 @@ import json
 import os
 import pickle
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from masksd.data.transforms import RESIZE_MODES, InputTransform
+from masksd.data.transforms import RESIZE_MODES, InputTransform, ResizeMode
 
-__all__ = ["DEFAULT_SPLIT_BY", "SPLITS", "ReferConfig", "ReferDataset", "decode_segmentation"]
+__all__ = [
+    "DEFAULT_SPLIT_BY", "SPLITS", "ReferConfig", "ReferDataset", "ReferDatasetName", "SplitBy", "TextKey", "decode_segmentation",
+]
+
+ReferDatasetName = Literal["refcoco", "refcoco+", "refcocog"]
+SplitBy = Literal["unc", "umd", "google"]
+"""The refs partitions: UNC (RefCOCO, RefCOCO+), UMD and Google (G-Ref)."""
+TextKey = Literal["raw", "sent"]
+"""Sentence field: ``raw`` (as typed by the annotator) or ``sent`` (lower-cased and tokenised; CRIS uses it)."""
 
 SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
     ("refcoco", "unc"): ("train", "val", "testA", "testB"),
@@ -40,7 +49,7 @@ SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 """The (dataset, split_by) partitions this loader reads, and their splits."""
 
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 """The partition each dataset is usually reported on (the paper uses UMD for G-Ref)."""
 
 _MISSING_DEPS = "ReferDataset needs pillow and pycocotools (pip install pillow pycocotools, or masksd[examples])"
@@ -60,17 +69,17 @@ class ReferConfig:
 
     root: str
     """Folder holding ``<dataset>/refs(<split_by>).p`` and ``<dataset>/instances.json`` (the refer repo's ``data/``)."""
-    dataset: str = "refcoco"
+    dataset: ReferDatasetName = "refcoco"
     """One of ``refcoco``, ``refcoco+``, ``refcocog``."""
     split: str = "val"
     """A split of the (dataset, split_by) partition, see :data:`SPLITS` (e.g. ``testA`` for RefCOCO, ``test`` for G-Ref UMD)."""
-    split_by: str | None = None
+    split_by: SplitBy | None = None
     """``unc`` (RefCOCO, RefCOCO+), ``umd`` or ``google`` (G-Ref); None takes :data:`DEFAULT_SPLIT_BY`."""
     image_root: str | None = None
     """Folder with the COCO train2014 JPEGs; None means ``<root>/images/mscoco/images/train2014``."""
     image_size: int = 480
     """S: side of the square model input (the paper: 480 for ablations, 576 ViT-B, 532 ViT-L)."""
-    resize_mode: str = "letterbox"
+    resize_mode: ResizeMode = "letterbox"
     """``letterbox`` (keep aspect, pad with the CLIP mean; CRIS) or ``resize`` (stretch), see :mod:`masksd.data.transforms`."""
     mode: str | None = None
     """``train``: one item per ref, with one of its sentences drawn at random on every access;
@@ -78,7 +87,7 @@ class ReferConfig:
     seed: int = 0
     """Train mode: the sentence of item i in epoch e is drawn from (seed, e, i), so it does not
     depend on DataLoader workers and a resumed run draws what an uninterrupted one would."""
-    text_key: str = "raw"
+    text_key: TextKey = "raw"
     """Sentence field used as ``text``: ``raw`` (as typed by the annotator) or ``sent`` (lower-cased, tokenised; CRIS uses this)."""
 
     def __post_init__(self) -> None:
@@ -96,8 +105,8 @@ class ReferConfig:
             self.mode = "train" if self.split == "train" else "eval"
         if self.mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train', 'eval' or None, got {self.mode!r}")
-        if self.text_key not in ("raw", "sent"):
-            raise ValueError(f"text_key must be 'raw' or 'sent', got {self.text_key!r}")
+        if self.text_key not in get_args(TextKey):
+            raise ValueError(f"text_key must be one of {get_args(TextKey)}, got {self.text_key!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if not isinstance(self.image_size, int) or self.image_size < 1:

@@ -18,16 +18,19 @@ The paper thresholds the restored sigmoid probabilities at 0.35.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "Frame", "InputTransform", "normalize_uint8", "restore"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "Frame", "InputTransform", "ResizeMode", "normalize_uint8", "restore"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-RESIZE_MODES = ("letterbox", "resize")
+ResizeMode = Literal["letterbox", "resize"]
+"""How an image is fitted to the S×S input (see the module docstring)."""
+RESIZE_MODES = get_args(ResizeMode)
 
 # the normalised value of every uint8 level per channel: (x / 255 - mean) / std
 _LEVELS = ((np.arange(256)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None]) / np.array(CLIP_STD)[:, None]).astype(np.float32)  # (3, 256)
@@ -73,7 +76,7 @@ class Frame:
             raise ValueError(f"Frame columns [left={self.left}, left+width={self.left + self.width}) must lie in [0, size={self.size}]")
 
     @classmethod
-    def fit(cls, orig_height: int, orig_width: int, size: int, mode: str = "letterbox") -> "Frame":
+    def fit(cls, orig_height: int, orig_width: int, size: int, mode: ResizeMode = "letterbox") -> "Frame":
         """The frame that ``mode`` gives an (orig_height, orig_width) image in an S×S input."""
         if mode not in RESIZE_MODES:
             raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
@@ -104,7 +107,7 @@ class InputTransform:
     the same frame (None if no mask came); the :class:`Frame`.
     """
 
-    def __init__(self, size: int, mode: str = "letterbox") -> None:
+    def __init__(self, size: int, mode: ResizeMode = "letterbox") -> None:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if mode not in RESIZE_MODES:

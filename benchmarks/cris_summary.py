@@ -1,8 +1,8 @@
 """Parameters and inference FLOPs of the CRIS-style segmenter, beside the paper's Table II / VII figures.
 
-    python -m examples.cris.summary --model ViT-B-16 --size 480
-    python -m examples.cris.summary --model ViT-L-14 --size 532
-    python -m examples.cris.summary --tiny
+    python benchmarks/cris_summary.py --model ViT-B-16 --size 480
+    python benchmarks/cris_summary.py --model ViT-L-14 --size 532
+    python benchmarks/cris_summary.py --tiny
 
 Random init on the CPU, batch 1, one sentence of ``max_words`` tokens. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode``, which counts a multiply-add as 2 FLOPs and only
@@ -12,22 +12,19 @@ matmuls, convolutions and attention (no norms, activations or resampling).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
+import common  # noqa: F401  (puts the repository on sys.path)
+from common import TABLE_VII, count_flops, machine, machine_line
 from examples.cris.config import CRISConfig
 from examples.cris.model import CRIS
-from masksd import BranchConfig, MaskSD, MaskSDConfig
+from masksd import MaskSD
 
-__all__ = ["PAPER", "PAPER_MASKSD_PARAMS_M", "TABLE_VII", "Summary", "count_flops", "summarize", "main"]
+__all__ = ["PAPER", "PAPER_MASKSD_PARAMS_M", "Summary", "summarize", "main"]
 
 PAPER = {("ViT-B-16", 480): {"params_m": 207.0, "gflops": 165.96}}
 """Table II of the paper: the baseline at 480 px (its FLOPs(G) column; the same for every variant)."""
@@ -44,18 +41,6 @@ PAPER_MASKSD_PARAMS_M = {
     }
 }
 """Table VII of the paper: parameters (M) with and without shared decoding weights."""
-
-_OFF = BranchConfig(enabled=False)
-TABLE_VII: dict[str, MaskSDConfig] = {
-    "baseline": MaskSDConfig.baseline(),
-    "LMVSD, shared": MaskSDConfig(vmlsd=_OFF),
-    "VMLSD, shared": MaskSDConfig(lmvsd=_OFF),
-    "both, shared": MaskSDConfig(),
-    "LMVSD, separate": MaskSDConfig(vmlsd=_OFF, share_weights=False),
-    "VMLSD, separate": MaskSDConfig(lmvsd=_OFF, share_weights=False),
-    "both, separate": MaskSDConfig(share_weights=False),
-}
-"""The MaskSD variants of the paper's Tables II and VII, keyed like PAPER_MASKSD_PARAMS_M."""
 
 PARTS = ("image encoder", "text encoder", "pyramid + neck", "decoder", "projector")
 
@@ -74,28 +59,6 @@ class Summary:
     masksd_params: dict[str, int]
     """Total parameters of the MaskSD-wrapped model per Table VII variant."""
     seconds: float
-
-
-@contextlib.contextmanager
-def _countable_attention() -> Iterator[None]:
-    """Route attention through plain matmuls that FlopCounterMode sees: the fused fast paths
-    (nn.MultiheadAttention's, SDPA's CPU kernel) are not counted."""
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
-
-def count_flops(run: Callable[[], object]) -> tuple[int, dict[str, int], object]:
-    """FLOPs of ``run()`` in total and per module name, and what it returned."""
-    counter = FlopCounterMode(display=False, depth=None)
-    with _countable_attention(), counter:
-        result = run()
-    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    return counter.get_total_flops(), per_module, result
 
 
 def _param_parts(model: CRIS, trainable_only: bool) -> dict[str, int]:
@@ -209,24 +172,10 @@ def _gap(ours: float, paper: float) -> str:
     return f"{ours:.2f} vs {paper:.2f} ({100 * (ours - paper) / paper:+.1f} %)"
 
 
-def machine() -> str:
-    """One line naming the CPU, core count and library versions."""
-    import open_clip
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return (
-        f"{cpu}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, open_clip {open_clip.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=CRISConfig.model_name, help="open_clip model config (ViT-B-16, ViT-L-14)")
-    parser.add_argument("--size", type=int, default=CRISConfig.image_size, help="input image size in pixels")
+    parser.add_argument("--model", default=CRISConfig.variant("vitb-480").model_name, help="open_clip model config (ViT-B-16, ViT-L-14)")
+    parser.add_argument("--size", type=int, default=CRISConfig.variant("vitb-480").image_size, help="input image size in pixels")
     parser.add_argument("--max-words", type=int, default=CRISConfig.max_words, help="text positions (22 for G-Ref)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model (ignores --model and --size)")
     args = parser.parse_args(argv)
@@ -235,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         config = CRISConfig(model_name=args.model, pretrained=None, image_size=args.size, max_words=args.max_words)
     print(format_summary(summarize(config)))
-    print(f"\nMachine: {machine()}")
+    print(f"\nMachine: {machine_line(machine())}")
 
 
 if __name__ == "__main__":
