@@ -6,6 +6,7 @@ train with the returned loss, evaluate with ``.eval()`` at the bare model's cost
 
 from masksd.adapter import Embeddings, Features, MaskableSegmenter, SegmenterAdapter
 from masksd.correlation import CorrelationFilter
+from masksd.guidance import GuidanceMeter, correlation_scores, patch_targets
 from masksd.loss import SelfDistillLoss, segmentation_loss
 from masksd.masking import GuidedMasker
 from masksd.wrapper import BranchConfig, MaskSD, MaskSDConfig, MaskSDOutput
@@ -15,6 +16,7 @@ __all__ = [
     "CorrelationFilter",
     "Embeddings",
     "Features",
+    "GuidanceMeter",
     "GuidedMasker",
     "MaskSD",
     "MaskSDConfig",
@@ -22,6 +24,8 @@ __all__ = [
     "MaskableSegmenter",
     "SegmenterAdapter",
     "SelfDistillLoss",
+    "correlation_scores",
+    "patch_targets",
     "segmentation_loss",
 ]
 __version__ = "0.1.0"
