@@ -1,6 +1,8 @@
 """Guidance diagnostics: exact values on hand-made cases, oracles, and the tiny CRIS end to end."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +332,13 @@ def test_measure_guidance_without_synthetic_texts_reports_only_patches(cris):
     batch["text"] = ["the man on the left"] * 4
     out = measure_guidance(cris, [batch], cris.tokenize, torch.device("cpu"))
     assert not any(k.startswith("vmlsd") for k in out) and out["lmvsd_samples"] > 0
+
+
+def test_readme_guidance_snippet_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- guidance -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README lost its guidance block"
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    assert namespace["guidance"]["vmlsd_samples"] == 16 and 0 <= namespace["guidance"]["lmvsd_auc"] <= 1
