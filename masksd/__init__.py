@@ -6,6 +6,7 @@ train with the returned loss, evaluate with ``.eval()`` at the bare model's cost
 
 from masksd.adapter import Embeddings, Features, MaskableSegmenter, SegmenterAdapter
 from masksd.correlation import CorrelationFilter
+from masksd.guidance import GuidanceMeter, correlation_scores, patch_targets
 from masksd.loss import SelfDistillLoss, segmentation_loss
 from masksd.masking import GuidedMasker
 from masksd.config import BranchConfig, MaskSDConfig
@@ -16,6 +17,7 @@ __all__ = [
     "CorrelationFilter",
     "Embeddings",
     "Features",
+    "GuidanceMeter",
     "GuidedMasker",
     "MaskSD",
     "MaskSDConfig",
@@ -23,6 +25,8 @@ __all__ = [
     "MaskableSegmenter",
     "SegmenterAdapter",
     "SelfDistillLoss",
+    "correlation_scores",
+    "patch_targets",
     "segmentation_loss",
 ]
 __version__ = "0.1.0"

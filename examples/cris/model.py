@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from examples.cris.backbone import CLIPBackbone, create_clip, get_tokenizer, resolve_quick_gelu
-from examples.cris.config import CRISConfig
+from examples.cris.config import CLIP_CONTEXT_LENGTH, CRISConfig
 from examples.cris.decoder import Projector, VisionLanguageDecoder
 from examples.cris.neck import FusionNeck, ViTPyramid
 from masksd import Embeddings, Features, SegmenterAdapter
@@ -116,6 +116,59 @@ class CRIS(SegmenterAdapter):
         ids = token_ids.tolist()
         end = ids.index(self.eot_id) + 1 if self.eot_id in ids else len(ids)
         return [self._tokenizer.decode([i]).strip() for i in ids[:end]]
+
+    def word_index(self, texts: Sequence[str], token_ids: torch.Tensor) -> torch.Tensor:
+        """Which whitespace-separated word of ``texts[b]`` each token position comes from.
+
+        texts: B strings; token_ids: (B, L) long, ``self.tokenize(texts)``. Returns (B, L) long:
+        the 0-based word index at each word piece, -1 at SOT, EOT and padding. Derived from the
+        tokenizer itself (each word tokenized alone); raises ValueError if a row's pieces are not
+        those words' pieces in order (a sentence cut at ``max_words`` keeps its leading pieces).
+        """
+        self._check_token_ids(token_ids)
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) != token_ids.shape[0]:
+            got = f"{len(texts)} texts" if isinstance(texts, Sequence) and not isinstance(texts, str) else type(texts).__name__
+            raise ValueError(f"texts must be a list of {token_ids.shape[0]} strings, one per token_ids row, got {got}")
+        index = torch.full(token_ids.shape, -1, dtype=torch.long)  # (B, L)
+        eot = _eot_index(token_ids, self.eot_id).tolist()
+        for row, (text, ids, end) in enumerate(zip(texts, token_ids.tolist(), eot)):
+            words = text.split() if isinstance(text, str) else None
+            if not words:
+                raise ValueError(f"texts[{row}] must be a non-empty str, got {text!r}")
+            pieces, owners = [], []
+            # Tokenized one by one at full length, so that no word is cut; SOT and EOT stripped.
+            for w, word_ids in enumerate(self._tokenizer(words, context_length=CLIP_CONTEXT_LENGTH).tolist()):
+                word_pieces = word_ids[1 : word_ids.index(self.eot_id)]
+                pieces += word_pieces
+                owners += [w] * len(word_pieces)
+            kept = end - 1  # word pieces sit at positions 1 .. end - 1
+            cut = kept < len(pieces) and end == self.config.max_words - 1  # truncated by tokenize
+            if ids[1:end] != pieces[:kept] or (kept != len(pieces) and not cut):
+                raise ValueError(
+                    f"token_ids row {row} is not the tokenization of texts[{row}]={text!r}: its word pieces "
+                    f"{ids[1:end]} differ from the words' own {pieces}"
+                )
+            index[row, 1:end] = torch.tensor(owners[:kept], dtype=torch.long)
+        return index.to(token_ids.device)
+
+    def word_mask(self, texts: Sequence[str], token_ids: torch.Tensor, flags: Sequence[Sequence[bool]]) -> torch.Tensor:
+        """(B, L) bool, True at the token positions of the words flagged True.
+
+        texts: B strings; token_ids: (B, L) from ``self.tokenize(texts)``; flags: per text, one bool
+        per whitespace-separated word (e.g. ``masksd.data.synthetic.target_words``). A word made
+        of several BPE pieces marks them all; words cut off at ``max_words`` mark nothing.
+        """
+        index = self.word_index(texts, token_ids).cpu()  # (B, L)
+        if len(flags) != len(texts):
+            raise ValueError(f"flags must hold one list per text ({len(texts)}), got {len(flags)}")
+        out = torch.zeros(index.shape, dtype=torch.bool)
+        for row, (text, row_flags) in enumerate(zip(texts, flags)):
+            n_words = len(text.split())
+            if len(row_flags) != n_words:
+                raise ValueError(f"flags[{row}] must hold one bool per word of texts[{row}] ({n_words}), got {len(row_flags)}")
+            lookup = torch.tensor([bool(f) for f in row_flags] + [False])  # index -1 reads the trailing False
+            out[row] = lookup[index[row]]
+        return out.to(token_ids.device)
 
     def embed_image(self, images: torch.Tensor) -> Embeddings:
         """(B, 3, S, S) float images -> Embeddings with (B, N, Cv) patch embeddings; context = grid (h, w)."""

@@ -51,6 +51,7 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticReferDataset",
     "shortest_expression",
+    "target_words",
 ]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -215,6 +216,43 @@ def shortest_expression(objects: tuple[SceneObject, ...], target: int, rng: np.r
             _, relation, ref_phrase = options[rng.integers(len(options))]
             return f"the {t.phrase(with_size)} {relation} the {ref_phrase}"
     return None
+
+
+def _parse_phrase(words: list[str], start: int) -> int:
+    """End of the noun phrase ``the [size] <colour> <shape>`` starting at ``words[start]``, or -1."""
+    i = start
+    if i >= len(words) or words[i] != "the":
+        return -1
+    i += 1
+    if i < len(words) and words[i] in SIZES:
+        i += 1
+    if i + 1 < len(words) and words[i] in COLOURS and words[i + 1] in SHAPES:
+        return i + 2
+    return -1
+
+
+def target_words(text: str) -> list[bool]:
+    """Which whitespace-separated words of a synthetic expression name the target itself.
+
+    True for the target's size, colour and shape (the noun phrase after the first "the");
+    False for "the", the relation's words and the reference object's phrase. E.g.
+    "the red circle left of the large blue square" -> [F, T, T, F, F, F, F, F, F].
+    Raises ValueError if ``text`` does not follow the grammar of this module's docstring
+    (so it also tells synthetic expressions from others).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    words = text.split()
+    target_end = end = _parse_phrase(words, 0)
+    if 0 < end < len(words):  # a relation and the reference object's phrase must follow
+        relation = next((r.split() for r in RELATIONS if words[end : end + len(r.split())] == r.split()), None)
+        end = _parse_phrase(words, end + len(relation)) if relation else -1
+    if end != len(words):
+        raise ValueError(
+            f"text {text!r} is not a synthetic expression: expected "
+            "'the [size] <colour> <shape> [<relation> the [size] <colour> <shape>]'"
+        )
+    return [0 < i < target_end for i in range(len(words))]
 
 
 class SyntheticReferDataset(Dataset):

@@ -1,0 +1,73 @@
+"""Measure how well a CRIS model's correlation filters pick the referred patches and words."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from examples.pipeline.evaluation import autocast
+from masksd import MaskSD
+from masksd.data.synthetic import target_words
+from masksd.guidance import GuidanceMeter, correlation_scores, patch_targets
+
+__all__ = ["measure_guidance"]
+
+
+@torch.no_grad()
+def measure_guidance(
+    model: torch.nn.Module,
+    loader: Iterable[dict],
+    tokenize: Callable[[list[str]], torch.Tensor],
+    device: torch.device,
+    top_k_image: float = 0.5,
+    top_k_text: float = 0.5,
+    amp: str = "none",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Guidance of ``model`` (``MaskSD(CRIS(...))`` or a bare ``CRIS``) over ``loader``.
+
+    ``loader`` yields collated samples (``masksd.data.collate``: ``image`` (B, 3, S, S),
+    ``mask`` (B, 1, S, S), ``text``); ``tokenize`` is ``CRIS.tokenize``. Runs in eval mode
+    (restored afterwards) under ``amp`` ("none", "bf16", "fp16") and returns
+    :meth:`masksd.guidance.GuidanceMeter.compute` summed over DDP ranks:
+
+    - LMVSD: patches whose pixels lie mostly in ``batch["mask"]`` (at the backbone's patch grid)
+      are on target; ``lmvsd_auc``, ``lmvsd_kept`` (vs ``lmvsd_kept_chance`` ≈ ``top_k_image``),
+      ``lmvsd_top1`` (vs ``lmvsd_top1_chance``), sample counts;
+    - VMLSD, for samples whose text is a synthetic expression (``target_words`` parses it): the
+      target's own words are relevant; ``vmlsd_precision`` vs ``vmlsd_chance``, ``vmlsd_samples``.
+      Absent when no text in the loader parses.
+    """
+    segmenter = model.segmenter if isinstance(model, MaskSD) else model
+    grid = tuple(segmenter.backbone.grid_size)  # (gh, gw) of the ViT's patch tokens
+    meter = GuidanceMeter(top_k_image, top_k_text)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc="guidance", disable=not progress, leave=False):
+            images = batch["image"].to(device, non_blocking=True)
+            texts = list(batch["text"])
+            tokens = tokenize(texts).to(device, non_blocking=True)
+            with autocast(device, amp):
+                patch_scores, word_scores, candidates = correlation_scores(segmenter, images, tokens)
+            meter.update_patches(patch_scores, patch_targets(batch["mask"], grid).to(patch_scores.device))
+
+            flags = [_target_words_or_none(t) for t in texts]
+            if any(f is not None for f in flags):
+                # A text outside the grammar has no relevant words: drop its candidates so it does not count.
+                parsed = torch.tensor([f is not None for f in flags], device=candidates.device)
+                filled = [f if f is not None else [False] * len(t.split()) for f, t in zip(flags, texts)]
+                relevant = segmenter.word_mask(texts, tokens, filled).to(candidates.device)  # (B, L)
+                meter.update_words(word_scores, candidates & parsed[:, None], relevant)
+    finally:
+        model.train(was_training)
+    return meter.compute()  # VMLSD keys only where some rank saw a synthetic expression
+
+
+def _target_words_or_none(text: str) -> list[bool] | None:
+    try:
+        return target_words(text)
+    except ValueError:
+        return None
