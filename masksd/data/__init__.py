@@ -17,19 +17,21 @@ Every dataset here returns the same sample dict, so a trainer can use either:
 from masksd.data.collate import SAMPLE_KEYS, collate
 from masksd.data.refer import DEFAULT_SPLIT_BY, SPLITS, ReferConfig, ReferDataset, decode_segmentation
 from masksd.data.synthetic import Scene, SceneObject, SyntheticConfig, SyntheticReferDataset
-from masksd.data.transforms import CLIP_MEAN, CLIP_STD, RESIZE_MODES, Frame, InputTransform, restore
+from masksd.data.transforms import CLIP_MEAN, CLIP_STD, RESIZE_MODES, RESTORE_METHODS, Frame, InputTransform, RestoreMethod, restore
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_SPLIT_BY",
     "RESIZE_MODES",
+    "RESTORE_METHODS",
     "SAMPLE_KEYS",
     "SPLITS",
     "Frame",
     "InputTransform",
     "ReferConfig",
     "ReferDataset",
+    "RestoreMethod",
     "Scene",
     "SceneObject",
     "SyntheticConfig",
