@@ -1,6 +1,7 @@
 """Evaluate a trained checkpoint's main branch on a split: mIoU, overall IoU, Prec@0.5..0.9.
 
-Predictions are upsampled to each original image size and binarised at --threshold (the paper's 0.35).
+Predictions are restored to each original image size (--restore bilinear, or cris: CRIS's
+bicubic + inverse-affine warp) and binarised at --threshold (the paper's 0.35).
 The data settings default to the checkpoint's own; e.g.
 
     python examples/evaluate.py --checkpoint runs/refcoco-vitb/last.pt --split testA
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from examples.pipeline.config import DATASETS, TrainConfig  # noqa: E402
 from examples.pipeline.distributed import Device  # noqa: E402
 from examples.pipeline.evaluation import Amp  # noqa: E402
-from masksd.data import SplitBy  # noqa: E402
+from masksd.data import RESTORE_METHODS, SplitBy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", help="default: the run's")
     parser.add_argument("--image-root", help="default: the run's")
     parser.add_argument("--threshold", type=float, default=TrainConfig().eval_threshold, help="sigmoid threshold (default: %(default)s)")
+    parser.add_argument("--restore", choices=RESTORE_METHODS, default="bilinear",
+                        help="how predictions go back to the image size: bilinear (default) or cris (CRIS's bicubic + warpAffine)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=get_args(Device), default="auto")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     from examples.pipeline.evaluation import evaluate
     from examples.pipeline.distributed import resolve_device
     from examples.pipeline.factory import build_dataset, load_segmenter
-    from masksd.data import collate
+    from masksd.data import ReferDataset, collate
     from masksd.metrics import format_table
 
     device = resolve_device(args.device)
@@ -62,12 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
     split = args.split or cfg.eval_split
     dataset = build_dataset(cfg, split, train=False)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
-    metrics = evaluate(segmenter, loader, segmenter.tokenize, device, args.threshold, args.amp, args.progress)
+    metrics = evaluate(segmenter, loader, segmenter.tokenize, device, args.threshold, args.amp, args.progress, args.restore)
 
     name = f"{cfg.dataset}" + (f"({cfg.split_by})" if cfg.split_by else "") + f" {split}"
     print(format_table({name: metrics}))
+    # the protocol behind the numbers; "samples" (from metrics) is how many were evaluated
+    text_key = dataset.config.text_key if isinstance(dataset, ReferDataset) else run.get("text_key", "raw")
+    counts = dataset.counts()._asdict() if isinstance(dataset, ReferDataset) else {}  # refs, sentences read
     report = {"checkpoint": str(args.checkpoint), "dataset": cfg.dataset, "split_by": cfg.split_by, "split": split,
-              "threshold": args.threshold, **metrics}
+              "threshold": args.threshold, "restore": args.restore, "text_key": text_key, **counts, **metrics}
     output = Path(args.output) if args.output else Path(args.checkpoint).with_name(f"eval_{cfg.dataset}_{split}.json")
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")

@@ -8,22 +8,32 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from masksd.metrics import PRECISION_THRESHOLDS, RISMetrics, format_table, intersection_union, iou
+from masksd.metrics import NO_TARGET_KEYS, PRECISION_THRESHOLDS, RISMetrics, format_table, intersection_union, iou
 
 
 def reference(preds, targets):
-    """The metrics computed directly with numpy, one sample at a time, as percentages."""
-    ious, inters, unions = [], [], []
+    """The metrics computed directly with numpy, one sample at a time, as percentages
+    (with GRES's gIoU, cIoU, N-acc and T-acc when some target is empty)."""
+    ious, inters, unions, empty_target, empty_pred = [], [], [], [], []
     for p, t in zip(preds, targets):
         p, t = np.asarray(p, bool), np.asarray(t, bool)
         inter, union = np.logical_and(p, t).sum(), np.logical_or(p, t).sum()
         ious.append(1.0 if union == 0 else inter / union)
         inters.append(inter)
         unions.append(union)
-    ious = np.array(ious)
+        empty_target.append(not t.any())
+        empty_pred.append(not p.any())
+    ious, empty_target, empty_pred = np.array(ious), np.array(empty_target), np.array(empty_pred)
     out = {"mIoU": 100 * ious.mean(), "oIoU": 100 * sum(inters) / sum(unions)}
     for x in PRECISION_THRESHOLDS:
         out[f"Prec@{x:g}"] = 100 * np.mean(ious > x)
+    if empty_target.any():
+        # GRES: a no-target sample scores IoU 1 if predicted empty, else 0; the rest as usual
+        giou = np.where(empty_target, empty_pred.astype(float), ious)
+        out["gIoU"] = 100 * giou.mean()
+        out["cIoU"] = 100 * sum(inters) / sum(unions)
+        out["N-acc"] = 100 * np.mean(empty_pred[empty_target])
+        out["T-acc"] = 100 * np.mean(~empty_pred[~empty_target])
     out["samples"] = len(ious)
     return out, ious
 
@@ -123,6 +133,64 @@ def test_intersection_union_counts():
     assert inter.tolist() == [1.0] and union.tolist() == [4.0]
 
 
+def hand_case():
+    """Five 2x2 samples, three of them with no target (empty ground truth):
+
+    s0: target {(0,0), (0,1)}, pred {(0,0)}             -> I=1, U=2, IoU 0.5; target found (TN)
+    s1: target {(1,1)},        pred empty               -> I=0, U=1, IoU 0;   target missed (FP)
+    s2: no target,             pred empty               -> I=0, U=0, IoU 1;   TP
+    s3: no target,             pred {(0,0), (1,0), (1,1)} -> I=0, U=3, IoU 0; FN
+    s4: no target,             pred empty               -> I=0, U=0, IoU 1;   TP
+
+    mIoU = gIoU = (0.5 + 0 + 1 + 0 + 1) / 5 = 50 %; oIoU = cIoU = (1 + 0 + 0 + 0 + 0) / (2 + 1 + 0 + 3 + 0)
+    = 1/6 = 16.67 %; N-acc = TP / (TP + FN) = 2/3 = 66.67 %; T-acc = TN / (TN + FP) = 1/2 = 50 %;
+    Prec@X = 2/5 = 40 % for every X in 0.5..0.9 (the two IoU-1 samples; 0.5 is not > 0.5).
+    """
+    target = np.zeros((5, 2, 2), bool)
+    pred = np.zeros((5, 2, 2), bool)
+    target[0, 0, :] = True
+    pred[0, 0, 0] = True
+    target[1, 1, 1] = True
+    pred[3, 0, 0] = pred[3, 1, 0] = pred[3, 1, 1] = True
+    return pred, target
+
+
+def test_no_target_metrics_by_hand():
+    pred, target = hand_case()
+    m = RISMetrics()
+    assert m.update(pred, target).tolist() == [0.5, 0.0, 1.0, 0.0, 1.0]
+    out = m.compute()
+    assert list(out) == ["mIoU", "oIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9", *NO_TARGET_KEYS, "samples"]
+    assert out["mIoU"] == out["gIoU"] == pytest.approx(50.0)
+    assert out["oIoU"] == out["cIoU"] == pytest.approx(100 / 6)
+    assert out["N-acc"] == pytest.approx(200 / 3) and out["T-acc"] == pytest.approx(50.0)
+    assert all(out[f"Prec@{x:g}"] == pytest.approx(40.0) for x in PRECISION_THRESHOLDS)
+    assert out["samples"] == 5
+    # the same samples as a list of masks, one at a time
+    one_by_one = RISMetrics()
+    for p, t in zip(pred, target):
+        one_by_one.update([p], [t])
+    assert_close(one_by_one.compute(), out)
+
+
+def test_without_no_target_samples_the_keys_are_the_classic_ones():
+    pred, target = hand_case()
+    m = RISMetrics()
+    m.update(pred[:2], target[:2])  # both have a target
+    out = m.compute()
+    assert list(out) == ["mIoU", "oIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9", "samples"]
+    assert out["mIoU"] == pytest.approx(25.0) and out["oIoU"] == pytest.approx(100 / 3)
+
+
+def test_only_no_target_samples_leave_t_acc_undefined():
+    pred, target = hand_case()
+    m = RISMetrics()
+    m.update(pred[2:], target[2:])
+    out = m.compute()
+    assert out["N-acc"] == pytest.approx(200 / 3) and out["gIoU"] == pytest.approx(200 / 3)
+    assert out["cIoU"] == 0.0 and np.isnan(out["T-acc"])
+
+
 def test_format_table():
     a = {"mIoU": 70.456, "oIoU": 68.0, "Prec@0.5": 80.0, "samples": 10}
     table = format_table({"val": a, "testA": a})
@@ -133,6 +201,22 @@ def test_format_table():
     assert format_table(a).splitlines()[2] == "|  | 70.46 | 68.00 | 80.00 | 10 |"
     with pytest.raises(ValueError, match=r"results\['b'\] has columns"):
         format_table({"a": a, "b": {"mIoU": 1.0}})
+
+
+def test_format_table_with_no_target_rows():
+    pred, target = hand_case()
+    g, plain = RISMetrics(thresholds=(0.5,)), RISMetrics(thresholds=(0.5,))
+    g.update(pred, target)
+    plain.update(pred[:2], target[:2])
+    lines = format_table({"grefcoco val": g.compute(), "refcoco val": plain.compute()}, digits=1).splitlines()
+    assert lines[0] == "| split | mIoU | oIoU | Prec@0.5 | gIoU | cIoU | N-acc | T-acc | samples |"
+    assert lines[2] == "| grefcoco val | 50.0 | 16.7 | 40.0 | 50.0 | 16.7 | 66.7 | 50.0 | 5 |"
+    assert lines[3] == "| refcoco val | 25.0 | 33.3 | 0.0 | - | - | - | - | 2 |"
+    # a row may lack the no-target columns, not others
+    broken = dict(g.compute())
+    del broken["oIoU"]
+    with pytest.raises(ValueError, match=r"results\['b'\] has columns"):
+        format_table({"a": g.compute(), "b": broken})
 
 
 def _free_port() -> int:
@@ -169,3 +253,7 @@ def test_two_rank_all_reduce_equals_one_rank_seeing_everything():
         assert_close(r["global"], single.compute())
         assert torch.equal(r["local_after"], r["local_before"])  # compute() leaves the local sums alone
     assert results[0]["local_before"][0] == 10 and results[1]["local_before"][0] == 15
+    # only rank 0 saw no-target samples (random_masks empties targets 1 and 2), yet both ranks report GRES's metrics
+    assert results[0]["local_before"][4] == 2 and results[1]["local_before"][4] == 0
+    for r in results:
+        assert set(NO_TARGET_KEYS) <= r["global"].keys()

@@ -1,9 +1,11 @@
 """ReferDataset against a tiny dataset written in the exact refer format."""
 
+import functools
 import json
 import os
 import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -11,11 +13,14 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from masksd.data import Frame, ReferConfig, ReferDataset, collate
-from masksd.data.refer import _load_refs, decode_segmentation
+from masksd.data import SPLITS, Frame, ReferConfig, ReferDataset, collate
+from masksd.data.refer import SPLIT_COUNTS, SplitCounts, SplitCountWarning, _load_refs, decode_segmentation
 
 # pycocotools' decode trips numpy 2's copy-keyword deprecation inside the library; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+# the fixture's splits are deliberately tiny: their counts are not the published ones
+SubsetConfig = functools.partial(ReferConfig, check_counts=False)
 
 IMAGES = {1: (40, 60), 2: (64, 36), 3: (30, 30)}  # image_id: (height, width): landscape, portrait, square
 
@@ -125,7 +130,7 @@ def ann_of(ds, index):
     ("refcocog", "train", UMD_REFS), ("refcocog", "val", UMD_REFS), ("refcocog", "test", UMD_REFS),
 ])
 def test_eval_mode_iterates_every_sentence_with_the_drawn_masks(root, dataset, split, refs):
-    ds = ReferDataset(ReferConfig(str(root), dataset, split, image_size=32, mode="eval"))
+    ds = ReferDataset(SubsetConfig(str(root), dataset, split, image_size=32, mode="eval"))
     expected = [(r["ref_id"], s["sent_id"], s["raw"]) for r in refs if r["split"] == split for s in r["sentences"]]
     assert len(ds) == len(expected)
     assert len(ds.refs) == sum(r["split"] == split for r in refs)
@@ -155,7 +160,7 @@ def test_every_segmentation_form_decodes_to_the_drawn_mask():
 
 def test_train_mode_draws_one_sentence_per_ref_reproducibly(root):
     def texts(seed, epochs=8):
-        ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16, seed=seed))
+        ds = ReferDataset(SubsetConfig(str(root), "refcoco", "train", image_size=16, seed=seed))
         assert ds.config.mode == "train" and len(ds) == 3  # one item per train ref
         out = []
         for epoch in range(epochs):
@@ -167,7 +172,7 @@ def test_train_mode_draws_one_sentence_per_ref_reproducibly(root):
     assert a == b
     assert a != c
     # the draw depends on (seed, epoch, index) only: not on access order or repeated access
-    ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16, seed=0))
+    ds = ReferDataset(SubsetConfig(str(root), "refcoco", "train", image_size=16, seed=0))
     ds.set_epoch(3)
     assert [ds[i]["text"] for i in reversed(range(3))] == a[9:12][::-1] == [ds[i]["text"] for i in reversed(range(3))]
     sentences = [{s["raw"] for s in r["sentences"]} for r in UNC_REFS if r["split"] == "train"]
@@ -178,24 +183,24 @@ def test_train_mode_draws_one_sentence_per_ref_reproducibly(root):
 
 
 def test_text_key_sent_and_describe(root):
-    ds = ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16, mode="eval", text_key="sent"))
+    ds = ReferDataset(SubsetConfig(str(root), "refcoco", "train", image_size=16, mode="eval", text_key="sent"))
     assert ds[0]["text"] == "man on the left"
     info = ds.describe(0)
     assert info == {"ref_id": 1, "ann_id": 101, "image_id": 1, "sent_id": 10, "image_path": os.path.join(ds.config.image_root, file_name(1))}
-    assert ReferDataset(ReferConfig(str(root), "refcoco", "train", image_size=16)).describe(0)["sent_id"] is None
+    assert ReferDataset(SubsetConfig(str(root), "refcoco", "train", image_size=16)).describe(0)["sent_id"] is None
 
 
 def test_image_root_override_and_resize_mode(root, tmp_path):
     other = tmp_path / "coco"
     shutil.copytree(root / "images" / "mscoco" / "images" / "train2014", other)
-    ds = ReferDataset(ReferConfig(str(root), "refcocog", "val", image_root=str(other), image_size=24, resize_mode="resize"))
+    ds = ReferDataset(SubsetConfig(str(root), "refcocog", "val", image_root=str(other), image_size=24, resize_mode="resize"))
     sample = ds[0]
     assert ds.image_path(1) == str(other / file_name(1))
     assert sample["frame"] == Frame(40, 60, 0, 0, 24, 24, 24)
 
 
 def test_collate_through_a_dataloader(root):
-    ds = ReferDataset(ReferConfig(str(root), "refcoco", "val", image_size=32))
+    ds = ReferDataset(SubsetConfig(str(root), "refcoco", "val", image_size=32))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)))
     assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
     assert batch["text"] == ["Oval thing", "the ellipse"]
@@ -224,33 +229,33 @@ def test_missing_refs_and_instances(root, tmp_path):
     r = copy_root(root, tmp_path)
     os.remove(r / "refcoco" / "refs(unc).p")
     with pytest.raises(FileNotFoundError, match=r"refs file not found: .*refcoco/refs\(unc\)\.p"):
-        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
     os.remove(r / "refcocog" / "instances.json")
     with pytest.raises(FileNotFoundError, match=r"instances file not found: .*refcocog/instances\.json"):
-        ReferDataset(ReferConfig(str(r), "refcocog", "val"))
+        ReferDataset(SubsetConfig(str(r), "refcocog", "val"))
 
 
 def test_unreadable_pickle_and_bad_json(root, tmp_path):
     r = copy_root(root, tmp_path)
     (r / "refcoco" / "refs(unc).p").write_bytes(b"this is not a pickle")
     with pytest.raises(ValueError, match=r"could not read refs pickle .*refcoco/refs\(unc\)\.p"):
-        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
     (r / "refcocog" / "instances.json").write_text('{"images": [')
     with pytest.raises(ValueError, match=r"could not parse .*refcocog/instances\.json as JSON"):
-        ReferDataset(ReferConfig(str(r), "refcocog", "val"))
+        ReferDataset(SubsetConfig(str(r), "refcocog", "val"))
 
 
 def test_missing_and_corrupt_images(root, tmp_path):
     r = copy_root(root, tmp_path)
     image_root = r / "images" / "mscoco" / "images" / "train2014"
     os.remove(image_root / file_name(2))
-    ds = ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+    ds = ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
     with pytest.raises(FileNotFoundError, match=rf"image for image_id 2 not found: .*train2014/{file_name(2)}"):
         ds[0]
     jpeg = (image_root / file_name(1)).read_bytes()
     (image_root / file_name(1)).write_bytes(jpeg[: len(jpeg) // 2])  # truncated JPEG
     (image_root / file_name(3)).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
-    ds = ReferDataset(ReferConfig(str(r), "refcoco", "train", mode="eval"))
+    ds = ReferDataset(SubsetConfig(str(r), "refcoco", "train", mode="eval"))
     with pytest.raises(ValueError, match=rf"could not decode image .*{file_name(1)}"):
         ds[0]
     with pytest.raises(ValueError, match=rf"could not decode image .*{file_name(3)}"):
@@ -260,7 +265,7 @@ def test_missing_and_corrupt_images(root, tmp_path):
 def test_image_size_disagreeing_with_instances(root, tmp_path):
     r = copy_root(root, tmp_path)
     Image.new("RGB", (10, 10)).save(r / "images" / "mscoco" / "images" / "train2014" / file_name(3))
-    ds = ReferDataset(ReferConfig(str(r), "refcoco", "testB"))
+    ds = ReferDataset(SubsetConfig(str(r), "refcoco", "testB"))
     with pytest.raises(ValueError, match=rf"{file_name(3)} is 10x10 but .*instances\.json says 30x30"):
         ds[0]
 
@@ -288,9 +293,9 @@ def test_split_absent_from_the_file_and_dangling_ann(root, tmp_path):
     with open(r / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump([x for x in UNC_REFS if x["split"] != "testA"] + [make_ref(7, 101, "val", ["x"]) | {"ann_id": 999}], f)
     with pytest.raises(ValueError, match=r"no refs with split 'testA' in .*refs\(unc\)\.p; the file has splits"):
-        ReferDataset(ReferConfig(str(r), "refcoco", "testA"))
+        ReferDataset(SubsetConfig(str(r), "refcoco", "testA"))
     with pytest.raises(ValueError, match=r"ref_id 7 points to ann_id 999, which is not in .*instances\.json"):
-        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
 
 
 def test_sentence_without_the_text_key(root, tmp_path):
@@ -300,8 +305,49 @@ def test_sentence_without_the_text_key(root, tmp_path):
     with open(r / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f)
     with pytest.raises(ValueError, match=r"ref_id 3 in .*refs\(unc\)\.p has a sentence without the text_key field 'raw'"):
-        ReferDataset(ReferConfig(str(r), "refcoco", "val"))
-    assert len(ReferDataset(ReferConfig(str(r), "refcoco", "val", text_key="sent"))) == 1
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
+    assert len(ReferDataset(SubsetConfig(str(r), "refcoco", "val", text_key="sent"))) == 1
+
+
+# ---- split counts against the published ones ------------------------------------------------
+
+def test_published_counts_cover_every_split_and_add_up():
+    assert {(d, b) for d, b, _ in SPLIT_COUNTS} == set(SPLITS)
+    assert all(key[2] in SPLITS[key[:2]] for key in SPLIT_COUNTS)
+    assert SPLIT_COUNTS[("refcoco", "unc", "val")] == SplitCounts(3_811, 10_834)
+
+    def total(dataset, split_by):
+        return tuple(map(sum, zip(*(SPLIT_COUNTS[(dataset, split_by, s)] for s in SPLITS[(dataset, split_by)]))))
+
+    assert total("refcoco", "unc")[0] == 50_000  # RefCOCO: 50,000 referred objects
+    assert total("refcoco+", "unc") == (49_856, 141_564)  # RefCOCO+: 49,856 objects, 141,564 expressions
+    assert total("refcocog", "umd") == total("refcocog", "google") == (49_822, 95_010)  # one refs set, two partitions
+
+
+@pytest.mark.parametrize("dataset,split,refs,sentences", [("refcoco", "val", 1, 2), ("refcoco", "train", 3, 9), ("refcocog", "test", 2, 4)])
+def test_counts_and_a_warning_naming_file_split_and_both_counts(root, dataset, split, refs, sentences):
+    split_by = "unc" if dataset == "refcoco" else "umd"
+    published = SPLIT_COUNTS[(dataset, split_by, split)]
+    with pytest.warns(SplitCountWarning) as record:
+        ds = ReferDataset(ReferConfig(str(root), dataset, split, image_size=16))
+    assert len(record) == 1 and issubclass(record[0].category, UserWarning)
+    message = str(record[0].message)
+    assert str(root / dataset / f"refs({split_by}).p") in message
+    assert f"{dataset}/{split_by} {split} holds {refs} refs and {sentences} sentences" in message
+    assert f"published split has {published.refs} refs and {published.sentences} sentences" in message
+    assert ds.counts() == SplitCounts(refs, sentences)
+    assert len(ds) == (refs if split == "train" else sentences)  # train: one item per ref; eval: per sentence
+
+
+def test_matching_counts_do_not_warn_and_check_counts_false_silences(root, monkeypatch):
+    monkeypatch.setitem(SPLIT_COUNTS, ("refcoco", "unc", "val"), SplitCounts(1, 2))  # the fixture's own counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ReferDataset(ReferConfig(str(root), "refcoco", "val")).counts() == (1, 2)
+        assert ReferDataset(ReferConfig(str(root), "refcoco", "testA", check_counts=False)).counts() == (1, 1)
+    monkeypatch.setitem(SPLIT_COUNTS, ("refcoco", "unc", "val"), SplitCounts(1, 3))  # one sentence short: warns
+    with pytest.warns(SplitCountWarning, match="holds 1 refs and 2 sentences, but the published split has 1 refs and 3"):
+        ReferDataset(ReferConfig(str(root), "refcoco", "val"))
 
 
 def test_the_literal_choices_and_the_split_tables_agree():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from masksd.data.transforms import CLIP_MEAN, CLIP_STD, Frame, InputTransform, restore
+from masksd.data.transforms import CLIP_MEAN, CLIP_STD, RESTORE_METHODS, Frame, InputTransform, restore
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -118,6 +118,8 @@ def test_bad_inputs_name_the_argument():
         restore(torch.zeros(2, 8, 8), Frame.identity(8))
     with pytest.raises(TypeError, match="frame must be a Frame"):
         restore(torch.zeros(1, 8, 8), (8, 8))
+    with pytest.raises(ValueError, match=r"method must be one of \('bilinear', 'cris'\), got 'bicubic'"):
+        restore(torch.zeros(1, 8, 8), Frame.identity(8), method="bicubic")
     with pytest.raises(ValueError, match="Frame rows"):
         Frame(10, 10, 5, 0, 8, 8, 8)
 
@@ -130,3 +132,57 @@ def test_normalize_uint8_is_the_clip_normalisation():
     out = normalize_uint8(image)
     assert out.shape == (3, 9, 7) and out.dtype == torch.float32
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+# ---- restore(method="cris"): CRIS's bicubic upsampling + cv2.warpAffine(INTER_CUBIC), in torch ----------
+
+def test_restore_methods_are_the_two_documented():
+    assert RESTORE_METHODS == ("bilinear", "cris")
+
+
+def test_frame_affine_is_the_half_pixel_map_our_resize_applies():
+    frame = Frame.fit(100, 200, 64, "letterbox")  # content rows [16, 48), all 64 columns: scale 0.32
+    np.testing.assert_allclose(frame.affine(), [[0.32, 0, 0.16 - 0.5], [0, 0.32, 16 + 0.16 - 0.5]])
+    # the image's outer edges (-0.5 and W0 - 0.5 in pixel-centre coordinates) land on the content box's edges
+    (sx, _, tx), (_, sy, ty) = frame.affine()
+    assert sx * -0.5 + tx == pytest.approx(frame.left - 0.5) and sx * 199.5 + tx == pytest.approx(frame.left + frame.width - 0.5)
+    assert sy * -0.5 + ty == pytest.approx(frame.top - 0.5) and sy * 99.5 + ty == pytest.approx(frame.top + frame.height - 0.5)
+
+
+def test_cris_restore_of_an_identity_frame_at_the_input_size_is_exact():
+    x = torch.rand(2, 1, 24, 24)
+    # integer source coordinates: the cubic weights are (0, 1, 0, 0), so every value comes back as it was
+    assert torch.equal(restore(x, Frame.identity(24), "cris"), x)
+
+
+# frames with padding above and below (landscape), left and right (portrait), none (square, resize),
+# odd sizes whose offsets round, and a one-pixel-high image
+CRIS_CASES = [
+    (Frame.fit(40, 60, 32, "letterbox"), 32), (Frame.fit(64, 36, 32, "letterbox"), 8), (Frame.fit(30, 30, 32, "letterbox"), 32),
+    (Frame.fit(123, 77, 64, "letterbox"), 16), (Frame.fit(375, 500, 96, "letterbox"), 24), (Frame.fit(1, 50, 32, "letterbox"), 32),
+    (Frame.fit(40, 60, 32, "resize"), 8), (Frame.fit(77, 123, 64, "resize"), 64), (Frame.fit(20, 90, 48, "resize"), 12),
+]
+
+
+@pytest.mark.parametrize("frame,low", CRIS_CASES, ids=[f"{f.orig_height}x{f.orig_width}@{f.size}-{'pad' if f.height < f.size or f.width < f.size else 'fill'}-{low}" for f, low in CRIS_CASES])
+def test_cris_restore_matches_opencv(frame, low):
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (the dev extra) is the oracle")
+    rng = np.random.default_rng(frame.orig_height * 1000 + frame.orig_width)
+    probs = torch.from_numpy(rng.random((2, 1, low, low), dtype=np.float32))  # a decoder-resolution map (or S×S)
+    out = restore(probs, frame, "cris")
+    assert out.shape == (2, 1, frame.orig_height, frame.orig_width) and out.dtype == torch.float32
+    assert torch.equal(restore(probs[1], frame, "cris"), out[1])  # (1, h, w) in, (1, H0, W0) out
+    # what CRIS's engine does: bicubic (align_corners=True) to the input size, then warpAffine by the inverse map
+    up = torch.nn.functional.interpolate(probs, size=(frame.size, frame.size), mode="bicubic", align_corners=True)
+    inverse = cv2.invertAffineTransform(frame.affine())
+    for i in range(2):
+        expected = cv2.warpAffine(up[i, 0].numpy(), inverse, (frame.orig_width, frame.orig_height), flags=cv2.INTER_CUBIC, borderValue=0.0)
+        np.testing.assert_allclose(out[i, 0].numpy(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(90, 150), (150, 90), (37, 53)], ids=["landscape", "portrait", "odd"])
+def test_cris_restore_brings_masks_back_like_bilinear(shape):
+    mask = ellipse_and_box(*shape)
+    _, m, frame = InputTransform(96, "letterbox")(random_image(*shape), mask)
+    cris, bilinear = restore(m, frame, "cris")[0].numpy() > 0.5, restore(m, frame)[0].numpy() > 0.5
+    assert iou(cris, mask) > 0.95 and iou(cris, bilinear) > 0.99

@@ -9,7 +9,8 @@ from typing import Literal, get_args
 import torch
 from tqdm import tqdm
 
-from masksd.data import restore
+from masksd.data import RESTORE_METHODS, RestoreMethod
+from masksd.data import restore as restore_prediction
 from masksd.metrics import RISMetrics
 
 __all__ = ["Amp", "evaluate", "autocast"]
@@ -36,10 +37,15 @@ def evaluate(
     threshold: float = 0.35,
     amp: Amp = "none",
     progress: bool = True,
+    restore: RestoreMethod = "bilinear",
 ) -> dict[str, float]:
-    """Run ``segmenter(images, tokens)`` over ``loader`` (collated sample dicts), upsample each
-    prediction to its original image size, binarise ``sigmoid > threshold`` and return
-    mIoU / oIoU / Prec@X (percentages) summed over all DDP ranks."""
+    """Run ``segmenter(images, tokens)`` over ``loader`` (collated sample dicts), take the sigmoid,
+    bring each probability map back to its original image size with ``restore`` (``bilinear``, or
+    ``cris``: CRIS's bicubic + inverse-affine warp, see :func:`masksd.data.restore`), binarise
+    ``> threshold`` and return mIoU / oIoU / Prec@X (percentages; GRES's metrics too when a target
+    is empty) summed over all DDP ranks."""
+    if restore not in RESTORE_METHODS:
+        raise ValueError(f"restore must be one of {RESTORE_METHODS}, got {restore!r}")
     was_training = segmenter.training
     segmenter.eval()
     metrics = RISMetrics()
@@ -49,7 +55,7 @@ def evaluate(
         with autocast(device, amp):
             logits = segmenter(images, tokens)  # (B, 1, h, w)
         probs = torch.sigmoid(logits.float()).cpu()
-        preds = [restore(p, frame)[0] > threshold for p, frame in zip(probs, batch["frame"])]  # each (H0, W0)
+        preds = [restore_prediction(p, frame, restore)[0] > threshold for p, frame in zip(probs, batch["frame"])]  # each (H0, W0)
         metrics.update(preds, [torch.as_tensor(t) for t in batch["target"]])
     segmenter.train(was_training)
     return metrics.compute()

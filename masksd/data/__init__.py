@@ -16,27 +16,35 @@ Every dataset here returns the same sample dict, so a trainer can use either:
 
 from masksd.data.collate import SAMPLE_KEYS, collate
 from masksd.data.refer import (
-    DEFAULT_SPLIT_BY, SPLITS, ReferConfig, ReferDataset, ReferDatasetName, SplitBy, TextKey, decode_segmentation,
+    DEFAULT_SPLIT_BY, SPLIT_COUNTS, SPLITS, ReferConfig, ReferDataset, ReferDatasetName, SplitBy, SplitCounts,
+    SplitCountWarning, TextKey, decode_segmentation,
 )
 from masksd.data.synthetic import Scene, SceneObject, SyntheticConfig, SyntheticReferDataset
-from masksd.data.transforms import CLIP_MEAN, CLIP_STD, RESIZE_MODES, Frame, InputTransform, ResizeMode, restore
+from masksd.data.transforms import (
+    CLIP_MEAN, CLIP_STD, RESIZE_MODES, RESTORE_METHODS, Frame, InputTransform, ResizeMode, RestoreMethod, restore,
+)
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_SPLIT_BY",
     "RESIZE_MODES",
+    "RESTORE_METHODS",
     "SAMPLE_KEYS",
     "SPLITS",
+    "SPLIT_COUNTS",
     "Frame",
     "InputTransform",
     "ReferConfig",
     "ReferDataset",
     "ReferDatasetName",
     "ResizeMode",
+    "RestoreMethod",
     "Scene",
     "SceneObject",
     "SplitBy",
+    "SplitCountWarning",
+    "SplitCounts",
     "SyntheticConfig",
     "SyntheticReferDataset",
     "TextKey",

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -32,7 +33,8 @@ from torch.utils.data import Dataset
 from masksd.data.transforms import RESIZE_MODES, InputTransform, ResizeMode
 
 __all__ = [
-    "DEFAULT_SPLIT_BY", "SPLITS", "ReferConfig", "ReferDataset", "ReferDatasetName", "SplitBy", "TextKey", "decode_segmentation",
+    "DEFAULT_SPLIT_BY", "SPLITS", "SPLIT_COUNTS", "ReferConfig", "ReferDataset", "ReferDatasetName", "SplitBy", "SplitCountWarning",
+    "SplitCounts", "TextKey", "decode_segmentation",
 ]
 
 ReferDatasetName = Literal["refcoco", "refcoco+", "refcocog"]
@@ -41,13 +43,53 @@ SplitBy = Literal["unc", "umd", "google"]
 TextKey = Literal["raw", "sent"]
 """Sentence field: ``raw`` (as typed by the annotator) or ``sent`` (lower-cased and tokenised; CRIS uses it)."""
 
-SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
-    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
-    ("refcocog", "umd"): ("train", "val", "test"),
-    ("refcocog", "google"): ("train", "val"),
+
+class SplitCounts(NamedTuple):
+    """How many refs (referred objects) and sentences (referring expressions) a split holds."""
+
+    refs: int
+    sentences: int
+
+
+# Sources. Refs of every split: the TFDS ref_coco catalogue's table (tensorflow_datasets/
+# vision_language/refcoco/refcoco.py), counted from the refer repo's pickles.
+# Sentences: RefCOCO and RefCOCO+ (unc): Yu et al., "Modeling Context in Referring Expressions",
+# ECCV 2016 (RefCOCO's also in BAAI FlagEval's RefCOCO page; RefCOCO+'s four add up to its
+# published total of 141,564). RefCOCOg umd: Nagaraja et al., "Modeling Context Between Objects
+# for Referring Expression Understanding", ECCV 2016: their 85,408-expression training partition
+# is refer's train + val (80,512 + 4,896) and their 9,602 expressions over 5,023 objects are
+# refer's test (the author's correction in github.com/varun-nagaraja/referring-expressions
+# issue 2). RefCOCOg google: Mao et al., "Generation and Comprehension of Unambiguous Object
+# Descriptions", CVPR 2016, whose test set was never released; 85,474 train and 9,536 val
+# expressions as counted from refs(google).p (github.com/kdwonn/SaG issue 4). Both RefCOCOg
+# partitions split the same refs: 49,822 refs and 95,010 sentences either way
+# (github.com/luogen1996/MCN issue 7 counts 95,010 for umd).
+SPLIT_COUNTS: dict[tuple[str, str, str], SplitCounts] = {
+    ("refcoco", "unc", "train"): SplitCounts(42_404, 120_624),
+    ("refcoco", "unc", "val"): SplitCounts(3_811, 10_834),
+    ("refcoco", "unc", "testA"): SplitCounts(1_975, 5_657),
+    ("refcoco", "unc", "testB"): SplitCounts(1_810, 5_095),
+    ("refcoco+", "unc", "train"): SplitCounts(42_278, 120_191),
+    ("refcoco+", "unc", "val"): SplitCounts(3_805, 10_758),
+    ("refcoco+", "unc", "testA"): SplitCounts(1_975, 5_726),
+    ("refcoco+", "unc", "testB"): SplitCounts(1_798, 4_889),
+    ("refcocog", "umd", "train"): SplitCounts(42_226, 80_512),
+    ("refcocog", "umd", "val"): SplitCounts(2_573, 4_896),
+    ("refcocog", "umd", "test"): SplitCounts(5_023, 9_602),
+    ("refcocog", "google", "train"): SplitCounts(44_822, 85_474),
+    ("refcocog", "google", "val"): SplitCounts(5_000, 9_536),
 }
-"""The (dataset, split_by) partitions this loader reads, and their splits."""
+"""The published refs and sentences of every (dataset, split_by, split) this loader reads."""
+
+SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
+    partition: tuple(key[2] for key in SPLIT_COUNTS if key[:2] == partition) for partition in dict.fromkeys(key[:2] for key in SPLIT_COUNTS)
+}
+"""The (dataset, split_by) partitions this loader reads, and their splits (the keys of :data:`SPLIT_COUNTS`)."""
+
+
+class SplitCountWarning(UserWarning):
+    """A split read from a refs file holds other counts than the published ones (see :data:`SPLIT_COUNTS`)."""
+
 
 DEFAULT_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 """The partition each dataset is usually reported on (the paper uses UMD for G-Ref)."""
@@ -89,6 +131,10 @@ class ReferConfig:
     depend on DataLoader workers and a resumed run draws what an uninterrupted one would."""
     text_key: TextKey = "raw"
     """Sentence field used as ``text``: ``raw`` (as typed by the annotator) or ``sent`` (lower-cased, tokenised; CRIS uses this)."""
+    check_counts: bool = True
+    """Warn (:class:`SplitCountWarning`, a ``UserWarning``) when the split's refs and sentences differ from
+    the published :data:`SPLIT_COUNTS` (a refs file of another partition, a truncated download); False
+    for a deliberate subset such as a cut-down refs file."""
 
     def __post_init__(self) -> None:
         if self.split_by is None and self.dataset in DEFAULT_SPLIT_BY:
@@ -208,6 +254,8 @@ class ReferDataset(Dataset):
         if not self.refs:
             present = sorted({r["split"] for r in all_refs})
             raise ValueError(f"no refs with split {config.split!r} in {refs_path}; the file has splits {present}")
+        if config.check_counts:
+            self._check_counts()
 
         # keep only the images and annotations this split refers to
         ann_ids = {r["ann_id"] for r in self.refs}
@@ -228,6 +276,24 @@ class ReferDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def counts(self) -> SplitCounts:
+        """The split's refs and sentences as read from the refs file (``len(self)`` is refs in
+        train mode, sentences in eval mode)."""
+        return SplitCounts(len(self.refs), sum(len(ref["sentences"]) for ref in self.refs))
+
+    def _check_counts(self) -> None:
+        c = self.config
+        key = (c.dataset, c.split_by, c.split)
+        found, expected = self.counts(), SPLIT_COUNTS[key]
+        if found != expected:
+            warnings.warn(
+                f"{c.refs_path}: {c.dataset}/{c.split_by} {c.split} holds {found.refs} refs and {found.sentences} sentences, "
+                f"but the published split has {expected.refs} refs and {expected.sentences} sentences: a refs file of "
+                "another partition or a truncated download? (ReferConfig(check_counts=False) for a deliberate subset)",
+                SplitCountWarning,
+                stacklevel=3,
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Train mode: draw the sentences of ``epoch`` (call before creating the DataLoader iterator)."""

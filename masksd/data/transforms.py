@@ -11,8 +11,16 @@ Two resize modes:
 
 Either way a :class:`Frame` records where the image content sits inside the S×S
 input, and :func:`restore` uses it to bring a prediction back to the original
-image size: upsample to S×S (bilinear), crop the content box, resize to (H0, W0).
-The paper thresholds the restored sigmoid probabilities at 0.35.
+image size, one of :data:`RESTORE_METHODS`:
+
+``bilinear`` (default)
+    Upsample to S×S (bilinear), crop the content box, resize to (H0, W0) (bilinear).
+``cris``
+    What CRIS's evaluation does (``engine.inference``): upsample to S×S (bicubic,
+    ``align_corners=True``), then warp back with the inverse of the image's affine map
+    like ``cv2.warpAffine(..., flags=INTER_CUBIC, borderValue=0)``, in torch.
+
+The paper (and CRIS) threshold the restored sigmoid probabilities at 0.35.
 """
 
 from __future__ import annotations
@@ -24,13 +32,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "Frame", "InputTransform", "ResizeMode", "normalize_uint8", "restore"]
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "RESTORE_METHODS", "Frame", "InputTransform", "ResizeMode", "RestoreMethod",
+    "normalize_uint8", "restore",
+]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ResizeMode = Literal["letterbox", "resize"]
 """How an image is fitted to the S×S input (see the module docstring)."""
 RESIZE_MODES = get_args(ResizeMode)
+
+RestoreMethod = Literal["bilinear", "cris"]
+"""How :func:`restore` maps a prediction back to the original image size (see the module docstring)."""
+RESTORE_METHODS: tuple[str, ...] = get_args(RestoreMethod)
 
 # the normalised value of every uint8 level per channel: (x / 255 - mean) / std
 _LEVELS = ((np.arange(256)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None]) / np.array(CLIP_STD)[:, None]).astype(np.float32)  # (3, 256)
@@ -93,6 +108,18 @@ class Frame:
         """The frame of an image rendered at the input size directly (S×S, no padding)."""
         return cls(size, size, 0, 0, size, size, size)
 
+    def affine(self) -> np.ndarray:
+        """The map :class:`InputTransform` applied, as a float64 (2, 3) matrix ``A``: the centre of
+        original pixel (x, y) lands at input position ``A @ (x, y, 1)``, in OpenCV's convention
+        (pixel centres at integer coordinates, as ``cv2.warpAffine`` takes it).
+
+        Our resize is half-pixel centred (``align_corners=False``): the image's edges [0, W0)
+        land on the content box's edges [left, left + width), so x goes to
+        ``left + (x + 0.5) * width / W0 - 0.5``. CRIS's own letterbox maps corner to corner in
+        that convention and centres with float offsets ((S - new_w) / 2); ours are integers."""
+        sx, sy = self.width / self.orig_width, self.height / self.orig_height
+        return np.array([[sx, 0.0, self.left + 0.5 * sx - 0.5], [0.0, sy, self.top + 0.5 * sy - 0.5]])
+
 
 class InputTransform:
     """Turns an RGB image (and optionally its mask) into the normalised S×S model input.
@@ -146,22 +173,91 @@ class InputTransform:
         return out, out_mask, frame
 
 
-def restore(logits: torch.Tensor, frame: Frame) -> torch.Tensor:
+# OpenCV's warpAffine rounds the matrix terms to 1/1024 pixel (AB_BITS = 10) and the source coordinates
+# to 1/32 pixel (INTER_BITS = 5), and reads cubic weights from a table at those 32 fractions
+_CV_AB_SCALE = 1 << 10
+_CV_TAB_SIZE = 1 << 5
+_CUBIC_A = -0.75  # the cubic convolution coefficient of both OpenCV's INTER_CUBIC and torch's bicubic
+
+
+def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic convolution weights (A = -0.75) of the taps at -1, 0, 1, 2 for fractions t (n,) -> (n, 4)."""
+    a = _CUBIC_A
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    return torch.stack([w0, w1, w2, 1 - w0 - w1 - w2], dim=-1)
+
+
+def _cv_fixed_coords(scale: float, offset: float, n: int, split: bool) -> torch.Tensor:
+    """Source coordinates of destination pixels 0..n-1 under ``scale * i + offset`` in OpenCV's fixed
+    point (units of 1/32 pixel), rounded as its warpAffine rounds them. ``split``: columns, whose offset
+    and per-pixel step OpenCV rounds separately; rows round ``scale * i + offset`` as one term."""
+    i = torch.arange(n, dtype=torch.float64)
+    if split:
+        units = torch.round(torch.tensor(offset * _CV_AB_SCALE, dtype=torch.float64)) + torch.round(scale * i * _CV_AB_SCALE)
+    else:
+        units = torch.round((scale * i + offset) * _CV_AB_SCALE)  # torch.round, like cvRound, rounds half to even
+    half_step = _CV_AB_SCALE // _CV_TAB_SIZE // 2  # rounds to the nearest 1/32 rather than down
+    return torch.div(units.long() + half_step, _CV_AB_SCALE // _CV_TAB_SIZE, rounding_mode="floor")  # (n,)
+
+
+def _cubic_rows(x: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Resample the rows of ``x`` (..., h, w) at the fixed-point coordinates ``fixed`` (n,) -> (..., n, w):
+    4 cubic taps each, taps outside the input reading 0 (OpenCV's BORDER_CONSTANT with borderValue 0)."""
+    h = x.shape[-2]
+    base = torch.div(fixed, _CV_TAB_SIZE, rounding_mode="floor")  # (n,) integer part
+    t = (fixed - base * _CV_TAB_SIZE).double() / _CV_TAB_SIZE  # (n,) fraction, a multiple of 1/32
+    taps = base[:, None] + torch.arange(-1, 3)  # (n, 4)
+    weights = _cubic_weights(t) * ((taps >= 0) & (taps < h))  # (n, 4)
+    taps, weights = taps.clamp(0, h - 1).to(x.device), weights.to(x.device, x.dtype)
+    picked = x.index_select(-2, taps.flatten()).unflatten(-2, (len(fixed), 4))  # (..., n, 4, w)
+    return torch.einsum("...nkw,nk->...nw", picked, weights)  # (..., n, w)
+
+
+def _restore_cris(x: torch.Tensor, frame: Frame) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, 1, H0, W0) the CRIS way, see :func:`restore`."""
+    if x.shape[-2:] != (frame.size, frame.size):
+        x = F.interpolate(x, size=(frame.size, frame.size), mode="bicubic", align_corners=True)  # (B, 1, S, S)
+    (sx, _, tx), (_, sy, ty) = frame.affine().tolist()
+    cols = _cv_fixed_coords(sx, tx, frame.orig_width, split=True)  # (W0,)
+    rows = _cv_fixed_coords(sy, ty, frame.orig_height, split=False)  # (H0,)
+    x = _cubic_rows(x, rows)  # (B, 1, H0, S)
+    x = _cubic_rows(x.transpose(-1, -2).contiguous(), cols)  # (B, 1, W0, H0): rows gather fast, strided columns do not
+    return x.transpose(-1, -2)  # (B, 1, H0, W0)
+
+
+def restore(logits: torch.Tensor, frame: Frame, method: RestoreMethod = "bilinear") -> torch.Tensor:
     """Bring a prediction in the model-input frame back to the original image size.
 
     ``logits``: float (B, 1, h, w) or (1, h, w), at any resolution of the S×S input
-    (the decoder's output or the input itself); logits or probabilities alike.
-    Upsamples to S×S (bilinear), crops the content box of ``frame`` and resizes it
-    to (H0, W0) (bilinear). Returns (B, 1, H0, W0) or (1, H0, W0), matching the input.
-    Every item of a batch is restored with the same ``frame``.
+    (the decoder's output or the input itself); logits or probabilities alike, restored as
+    they come (our evaluation, like CRIS, passes sigmoid probabilities). ``method``:
+
+    - ``bilinear``: upsample to S×S (bilinear), crop the content box of ``frame`` and resize
+      it to (H0, W0) (bilinear).
+    - ``cris``: CRIS's ``engine.inference``: upsample to S×S (bicubic, ``align_corners=True``),
+      then warp back to (H0, W0) with the inverse of :meth:`Frame.affine` (the map our
+      :class:`InputTransform` applied, not CRIS's own float-offset one) as
+      ``cv2.warpAffine(x, inverse, (W0, H0), flags=INTER_CUBIC, borderValue=0)`` does: cubic
+      taps (A = -0.75), source coordinates rounded to 1/32 pixel like OpenCV, taps outside
+      the input read 0. Pure torch; it matches OpenCV to float32 rounding.
+
+    Returns (B, 1, H0, W0) or (1, H0, W0), matching the input. Every item of a batch is
+    restored with the same ``frame``.
     """
     if not isinstance(frame, Frame):
         raise TypeError(f"frame must be a Frame, got {type(frame).__name__}")
+    if method not in RESTORE_METHODS:
+        raise ValueError(f"method must be one of {RESTORE_METHODS}, got {method!r}")
     if logits.ndim not in (3, 4) or logits.shape[-3] != 1:
         raise ValueError(f"logits must be (B, 1, h, w) or (1, h, w), got {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     x = logits if logits.ndim == 4 else logits[None]  # (B, 1, h, w)
+    if method == "cris":
+        x = _restore_cris(x, frame)  # (B, 1, H0, W0)
+        return x if logits.ndim == 4 else x[0]
     if x.shape[-2:] != (frame.size, frame.size):
         x = F.interpolate(x, size=(frame.size, frame.size), mode="bilinear", align_corners=False)  # (B, 1, S, S)
     x = x[..., frame.top : frame.top + frame.height, frame.left : frame.left + frame.width]  # (B, 1, height, width)
