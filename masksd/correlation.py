@@ -7,7 +7,7 @@ from torch import nn
 
 from masksd._checks import check_fraction, check_mask, check_tensor
 
-__all__ = ["CorrelationFilter", "topk_counts"]
+__all__ = ["CorrelationFilter", "token_scores", "topk_counts"]
 
 # Slack for products like 0.1 * 30 = 3.0000000000000004, which must count as 3, not 4.
 _COUNT_EPS = 1e-6
@@ -54,11 +54,24 @@ class CorrelationFilter(nn.Module):
                 f"query must have shape (B, C)={(batch, channels)} to match tokens {tuple(tokens.shape)}, "
                 f"got {tuple(query.shape)}"
             )
-        valid = check_mask("valid", valid, (batch, length), tokens.device)
+        return self.select_scores(token_scores(query, tokens), valid)
 
-        scores = torch.einsum("bnc,bc->bn", tokens.float(), query.float())  # (B, N)
-        scores = scores.masked_fill(~valid, float("-inf"))
+    @torch.no_grad()
+    def select_scores(self, scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The same selection on precomputed scores: scores (B, N) float; valid (B, N) bool or None.
+
+        Returns a (B, N) bool tensor, True at the ``ceil(top_k * n_valid)`` best valid tokens.
+        """
+        check_tensor("scores", scores, dims=2, floating=True)
+        batch, length = scores.shape
+        valid = check_mask("valid", valid, (batch, length), scores.device)
+        scores = scores.float().masked_fill(~valid, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)  # (B, N) token indices, best first
         counts = topk_counts(self.top_k, valid.sum(dim=1))  # (B,)
-        take = torch.arange(length, device=tokens.device) < counts[:, None]  # (B, N) by rank
+        take = torch.arange(length, device=scores.device) < counts[:, None]  # (B, N) by rank
         return torch.zeros_like(valid).scatter(1, order, take)
+
+
+def token_scores(query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """p_i = tokens_i · query in float32 (paper Eq. 3 and 6): query (B, C), tokens (B, N, C) -> (B, N)."""
+    return torch.einsum("bnc,bc->bn", tokens.float(), query.float())

@@ -26,9 +26,9 @@ from einops import rearrange
 from torch import nn
 
 from masksd._checks import check_fraction, check_tensor
-from masksd.adapter import check_embeddings, check_features
 from masksd.correlation import CorrelationFilter
-from masksd.wrapper import MaskSD
+from masksd.correlation import token_scores
+from masksd.wrapper import MaskSD, check_segmenter, encode_pair
 
 __all__ = ["GuidanceMeter", "correlation_scores", "patch_targets"]
 
@@ -84,31 +84,10 @@ def correlation_scores(model: nn.Module, images: Any, texts: Any) -> tuple[torch
       all True when it marks none).
     """
     segmenter = model.segmenter if isinstance(model, MaskSD) else model
-    for name in ("embed_image", "encode_image", "embed_text", "encode_text", "image_embed_dim", "text_embed_dim"):
-        if not hasattr(segmenter, name):
-            raise TypeError(
-                f"model must be a MaskSD or implement masksd.MaskableSegmenter; "
-                f"{type(segmenter).__name__} has no {name}"
-            )
-    image_embedded = segmenter.embed_image(images)
-    check_embeddings(image_embedded, segmenter.image_embed_dim, "segmenter.embed_image")
-    text_embedded = segmenter.embed_text(texts)
-    check_embeddings(text_embedded, segmenter.text_embed_dim, "segmenter.embed_text")
-    batch = image_embedded.tokens.shape[0]
-    if text_embedded.tokens.shape[0] != batch:
-        raise ValueError(f"images and texts have different batch sizes: {batch} and {text_embedded.tokens.shape[0]}")
-    visual = segmenter.encode_image(image_embedded)
-    check_features(visual, image_embedded.tokens, "segmenter.encode_image")
-    text = segmenter.encode_text(text_embedded)
-    check_features(text, text_embedded.tokens, "segmenter.encode_text")
-    if visual.pooled.shape[-1] != text.pooled.shape[-1]:
-        raise ValueError(
-            f"visual and text features must share the joint dim D for the correlation, "
-            f"got {visual.pooled.shape[-1]} and {text.pooled.shape[-1]}"
-        )
-    # The same float32 einsum as CorrelationFilter.select, so rankings (and ties) are identical.
-    patch_scores = torch.einsum("bnc,bc->bn", visual.tokens.float(), text.pooled.float())  # (B, N)
-    word_scores = torch.einsum("bnc,bc->bn", text.tokens.float(), visual.pooled.float())  # (B, L)
+    check_segmenter(segmenter)
+    _, text_embedded, visual, text = encode_pair(segmenter, images, texts)
+    patch_scores = token_scores(text.pooled, visual.tokens)  # (B, N): what LMVSD ranks
+    word_scores = token_scores(visual.pooled, text.tokens)  # (B, L): what VMLSD ranks
     candidates = text_embedded.candidates
     if candidates is None:
         candidates = torch.ones(word_scores.shape, dtype=torch.bool, device=word_scores.device)
@@ -171,7 +150,7 @@ class GuidanceMeter:
         on_target = _check_labels("on_target", on_target, scores)
         batch, length = scores.shape
         n_on = on_target.sum(dim=1).double()  # (B,)
-        kept = _select(self.image_filter, scores, None)  # (B, N)
+        kept = self.image_filter.select_scores(scores)  # (B, N)
         count = kept.sum(dim=1).double()  # (B,) = ceil(K·N)
         has_target = n_on > 0
         kept_share = (kept & on_target).sum(dim=1).double() / n_on.clamp(min=1)  # (B,)
@@ -204,7 +183,7 @@ class GuidanceMeter:
         if outside:
             raise ValueError(f"relevant must lie within candidates; samples {outside} mark non-candidate tokens relevant")
         n_candidates = candidates.sum(dim=1).double()  # (B,)
-        kept = _select(self.text_filter, scores, candidates)  # (B, L)
+        kept = self.text_filter.select_scores(scores, candidates)  # (B, L)
         precision = (kept & relevant).sum(dim=1).double() / kept.sum(dim=1).double().clamp(min=1)  # (B,)
         chance = relevant.sum(dim=1).double() / n_candidates.clamp(min=1)  # (B,)
         has_words = n_candidates > 0
@@ -260,13 +239,6 @@ class GuidanceMeter:
                 vmlsd_samples=int(s["vmlsd_samples"]),
             )
         return out
-
-
-def _select(correlation: CorrelationFilter, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """The filter's own selection on precomputed (B, N) float32 scores: a 1-channel einsum
-    with a unit query reproduces them exactly. Returns (B, N) bool."""
-    ones = torch.ones(scores.shape[0], 1, dtype=scores.dtype, device=scores.device)  # (B, 1)
-    return correlation.select(ones, scores[..., None], valid)
 
 
 def _roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, segmentation_loss
 from masksd.masking import GuidedMasker
 
-__all__ = ["MaskSDOutput", "MaskSD", "DistillBranch"]
+__all__ = ["MaskSDOutput", "MaskSD", "DistillBranch", "check_segmenter", "encode_pair"]
 
 
 @dataclass
@@ -95,7 +95,7 @@ class MaskSD(nn.Module):
 
     def __init__(self, segmenter: nn.Module, config: MaskSDConfig | None = None):
         super().__init__()
-        _check_segmenter(segmenter)
+        check_segmenter(segmenter)
         config = MaskSDConfig() if config is None else config
         if not isinstance(config, MaskSDConfig):
             raise TypeError(f"config must be a MaskSDConfig, got {type(config).__name__}")
@@ -164,32 +164,39 @@ class MaskSD(nn.Module):
         return image_masked, text_masked
 
     def _encode(self, images: Any, texts: Any) -> tuple[Embeddings, Embeddings, Features, Features]:
-        """Embed and encode both modalities once, checking what the segmenter returns."""
-        seg = self.segmenter
-        image_embedded = seg.embed_image(images)
-        check_embeddings(image_embedded, seg.image_embed_dim, "segmenter.embed_image")
-        text_embedded = seg.embed_text(texts)
-        check_embeddings(text_embedded, seg.text_embed_dim, "segmenter.embed_text")
-        batch = image_embedded.tokens.shape[0]
-        if text_embedded.tokens.shape[0] != batch:
-            raise ValueError(f"images and texts have different batch sizes: {batch} and {text_embedded.tokens.shape[0]}")
-
-        visual = seg.encode_image(image_embedded)
-        check_features(visual, image_embedded.tokens, "segmenter.encode_image")
-        text = seg.encode_text(text_embedded)
-        check_features(text, text_embedded.tokens, "segmenter.encode_text")
-        if visual.pooled.shape[-1] != text.pooled.shape[-1]:
-            raise ValueError(
-                f"visual and text features must share the joint dim D for the correlation, "
-                f"got {visual.pooled.shape[-1]} and {text.pooled.shape[-1]}"
-            )
-        return image_embedded, text_embedded, visual, text
+        return encode_pair(self.segmenter, images, texts)
 
     def _head(self, branch: DistillBranch) -> Callable[[Features, Features], torch.Tensor]:
         return self.segmenter.decode_head if branch.head is None else branch.head
 
 
-def _check_segmenter(segmenter: object) -> None:
+def encode_pair(segmenter: nn.Module, images: Any, texts: Any) -> tuple[Embeddings, Embeddings, Features, Features]:
+    """Embed and encode both modalities once, checking what the segmenter returns (errors name the method).
+
+    Returns (image embeddings, text embeddings, visual features, text features).
+    """
+    image_embedded = segmenter.embed_image(images)
+    check_embeddings(image_embedded, segmenter.image_embed_dim, "segmenter.embed_image")
+    text_embedded = segmenter.embed_text(texts)
+    check_embeddings(text_embedded, segmenter.text_embed_dim, "segmenter.embed_text")
+    batch = image_embedded.tokens.shape[0]
+    if text_embedded.tokens.shape[0] != batch:
+        raise ValueError(f"images and texts have different batch sizes: {batch} and {text_embedded.tokens.shape[0]}")
+
+    visual = segmenter.encode_image(image_embedded)
+    check_features(visual, image_embedded.tokens, "segmenter.encode_image")
+    text = segmenter.encode_text(text_embedded)
+    check_features(text, text_embedded.tokens, "segmenter.encode_text")
+    if visual.pooled.shape[-1] != text.pooled.shape[-1]:
+        raise ValueError(
+            f"visual and text features must share the joint dim D for the correlation, "
+            f"got {visual.pooled.shape[-1]} and {text.pooled.shape[-1]}"
+        )
+    return image_embedded, text_embedded, visual, text
+
+
+def check_segmenter(segmenter: object) -> None:
+    """Raise a TypeError/ValueError unless ``segmenter`` implements :class:`~masksd.MaskableSegmenter`."""
     if not isinstance(segmenter, nn.Module):
         raise TypeError(f"segmenter must be an nn.Module, got {type(segmenter).__name__}")
     required = ("image_embed_dim", "text_embed_dim", "decode_head", "embed_image", "encode_image", "embed_text", "encode_text")
