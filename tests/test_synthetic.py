@@ -189,7 +189,25 @@ def test_bad_config_names_the_field():
     index=st.integers(0, 999),
 )
 def test_scene_invariants_over_seeds_and_sizes(seed, size, objects, split, index):
-    ds = SyntheticReferDataset(SyntheticConfig(image_size=size, num_samples=1000, min_objects=objects[0], max_objects=objects[1], seed=seed, split=split))
+    # more than 4 objects only fit at smaller sizes (those of masksd 0.1)
+    sizes = {} if objects[1] <= 4 else {"small_radius": (0.055, 0.075), "large_radius": (0.11, 0.14)}
+    ds = SyntheticReferDataset(SyntheticConfig(image_size=size, num_samples=1000, min_objects=objects[0], max_objects=objects[1], seed=seed, split=split, **sizes))
     scene, labels = check_pixels(ds, index)
     check_expression(scene, labels)
     assert objects[0] <= len(scene.objects) <= objects[1]
+
+
+def test_object_sizes_are_settings_and_the_default_referent_is_large():
+    ds = SyntheticReferDataset(SyntheticConfig(split="val", num_samples=200))
+    shares = np.array([ds[i]["mask"].mean().item() for i in range(200)])
+    assert 0.06 < shares.mean() < 0.13 and shares.min() > 0.02  # RefCOCO-like, not 2-3 % as in masksd 0.1
+    small = SyntheticReferDataset(SyntheticConfig(split="val", num_samples=200, small_radius=(0.055, 0.075), large_radius=(0.11, 0.14), max_objects=6))
+    assert np.mean([small[i]["mask"].mean().item() for i in range(200)]) < 0.04
+    for scene in (ds.scene(i) for i in range(50)):
+        for obj in scene.objects:
+            low, high = {"small": (0.13, 0.17), "large": (0.22, 0.30)}[obj.size]
+            assert low * 64 <= obj.radius <= high * 64
+    with pytest.raises(ValueError, match="small_radius"):
+        SyntheticConfig(small_radius=(0.2, 0.25))  # overlaps the large range
+    with pytest.raises(ValueError, match="large_radius"):
+        SyntheticConfig(large_radius=(0.3, 0.6))

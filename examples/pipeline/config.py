@@ -18,7 +18,7 @@ from masksd import MaskSDConfig
 from masksd.config import documented
 from masksd.data import DEFAULT_SPLIT_BY, ReferDatasetName, ResizeMode, SplitBy
 
-__all__ = ["TrainConfig", "PRESETS", "DATASETS", "DatasetName", "preset"]
+__all__ = ["LoopConfig", "TrainConfig", "PRESETS", "DATASETS", "DatasetName", "RUNTIME_FIELDS", "preset"]
 
 DatasetName = Literal["synthetic", ReferDatasetName]
 """The built-in synthetic referring scenes, or a refer dataset read from files."""
@@ -28,31 +28,9 @@ _DEMO = VARIANTS["tiny"]
 
 
 @dataclass
-class TrainConfig:
-    """Defaults: the CPU demo (tiny CRIS-style model, synthetic scenes, a few minutes on 2 cores).
-    ``--preset`` switches to the paper's settings; flags given after it override it."""
-
-    # data
-    dataset: DatasetName = documented("synthetic", help="synthetic (built-in referring scenes, no files), refcoco, refcoco+ or refcocog.")
-    split_by: SplitBy | None = documented(None, help="Refer split scheme: unc (RefCOCO/RefCOCO+), umd or google (G-Ref). None: the dataset's usual one (unc, unc, umd).")
-    data_root: str = documented("data", help="Folder holding <dataset>/refs(<split_by>).p and <dataset>/instances.json.")
-    image_root: str | None = documented(None, help="COCO train2014 images; None: <data_root>/images/mscoco/images/train2014 (the refer layout).")
-    train_split: str = documented("train", help="Split to train on.")
-    eval_split: str = documented("val", help="Split evaluated at the end of training (synthetic: val, test or compositional).")
-    resize: ResizeMode = documented("letterbox", help="How images are fitted to the square input: letterbox (keep aspect, pad; CRIS) or resize (stretch).")
-    synthetic_train_size: int = documented(16000, help="Scenes per synthetic training epoch.")
-    synthetic_eval_size: int = documented(500, help="Synthetic scenes evaluated.")
-    workers: int = documented(2, help="DataLoader worker processes per rank.")
-
-    # model
-    model: str = documented(_DEMO["model_name"], help="open_clip model: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14.")
-    pretrained: str | None = documented(None, help="CLIP weights: an open_clip tag (openai), a local checkpoint path, or none for random init.")
-    image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
-    max_words: int = documented(17, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
-
-    # MaskSD
-    baseline: bool = documented(False, help="Train the bare segmenter: both MaskSD branches off (overrides --lmvsd/--vmlsd).")
-    masksd: MaskSDConfig = documented(default_factory=MaskSDConfig, help="MaskSD's switches (paper defaults).", flatten=True)
+class LoopConfig:
+    """What every training script here shares: optimisation and runtime (see ``examples.pipeline.loop``).
+    Defaults: the CPU demo's."""
 
     # optimisation (paper: Adam, wd 5e-4, batch 32, 100 epochs, 10 warm-up, lr 1e-5, cosine)
     epochs: int = documented(2, help="Training epochs.")
@@ -67,16 +45,73 @@ class TrainConfig:
     # runtime
     device: Device = documented("auto", help="auto (CUDA when available), cuda or cpu.")
     amp: Amp = documented("none", help="Autocast precision on top of fp32 weights: none, bf16 or fp16 (with a gradient scaler).")
-    compile: bool = documented(False, help="torch.compile the segmenter's encoders and decode head.")
+    compile: bool = documented(False, help="torch.compile the model's heavy parts.")
     seed: int = documented(0, help="Seed of weights, data order, dropout and masking; runs with equal seeds repeat exactly on CPU.")
-    output: str = documented("runs/demo", help="Run folder: last.pt, train_log.csv, eval JSON, overlay PNGs.")
+    output: str = documented("runs/demo", help="Run folder: last.pt, best.pt, train_log.csv, eval_log.csv, results.")
     resume: str | None = documented(None, help='Continue exactly from a checkpoint: a path, or "auto" for <output>/last.pt when it exists.')
     save_every: int = documented(0, help="Also checkpoint every N optimiser steps; 0: at epoch ends only.")
     log_every: int = documented(10, help="Write a log row every N steps.")
+    eval_every: int = documented(0, help="Validate every N epochs (refer datasets) or N steps (synthetic data), keep the metrics in eval_log.csv and the best checkpoint as best.pt; 0: only at the end.")
+    tensorboard: bool = documented(False, help="Also write the logged losses and validation metrics as TensorBoard scalars under <output>/tensorboard (needs tensorboard).")
+    workers: int = documented(2, help="DataLoader worker processes per rank.")
+    progress: bool = documented(True, help="Show tqdm progress bars.")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("workers", "save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.backbone_lr_scale < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0; weight_decay, backbone_lr_scale and grad_clip must be >= 0")
+        if self.amp not in get_args(Amp):
+            raise ValueError(f"amp must be one of {get_args(Amp)}, got {self.amp!r}")
+        if self.device not in get_args(Device):
+            raise ValueError(f"device must be one of {get_args(Device)}, got {self.device!r}")
+
+
+RUNTIME_FIELDS = frozenset({
+    "resume", "output", "workers", "progress", "log_every", "save_every", "max_steps", "overlays", "device",
+    "data_root", "image_root", "eval_every", "tensorboard",
+})
+"""Settings a resumed run may change without changing what it computes."""
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Defaults: the CPU demo (tiny CRIS-style model, synthetic scenes, a few minutes on 2 cores).
+    ``--preset`` switches to the paper's settings; flags given after it override it."""
+
+    # data
+    dataset: DatasetName = documented("synthetic", help="synthetic (built-in referring scenes, no files), refcoco, refcoco+ or refcocog.")
+    split_by: SplitBy | None = documented(None, help="Refer split scheme: unc (RefCOCO/RefCOCO+), umd or google (G-Ref). None: the dataset's usual one (unc, unc, umd).")
+    data_root: str = documented("data", help="Folder holding <dataset>/refs(<split_by>).p and <dataset>/instances.json.")
+    image_root: str | None = documented(None, help="COCO train2014 images; None: <data_root>/images/mscoco/images/train2014 (the refer layout).")
+    train_split: str = documented("train", help="Split to train on.")
+    eval_split: str = documented("val", help="Split validated during training and evaluated at the end (synthetic: val, test or compositional).")
+    resize: ResizeMode = documented("letterbox", help="How images are fitted to the square input: letterbox (keep aspect, pad; CRIS) or resize (stretch).")
+    synthetic_train_size: int = documented(16000, help="Scenes per synthetic training epoch.")
+    synthetic_eval_size: int = documented(500, help="Synthetic scenes evaluated.")
+
+    # model
+    model: str = documented(_DEMO["model_name"], help="open_clip model: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14.")
+    pretrained: str | None = documented(None, help="CLIP weights: an open_clip tag (openai), a local checkpoint path, or none for random init.")
+    image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
+    max_words: int = documented(17, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
+
+    # MaskSD
+    baseline: bool = documented(False, help="Train the bare segmenter: both MaskSD branches off (overrides --lmvsd/--vmlsd).")
+    masksd: MaskSDConfig = documented(default_factory=MaskSDConfig, help="MaskSD's switches (paper defaults).", flatten=True)
+
+    # evaluation
     eval_threshold: float = documented(0.35, help="Binarisation threshold of the sigmoid output at evaluation (the paper's 0.35).")
     overlays: int = documented(6, help="Overlay PNGs written after the final evaluation.")
     eval_untrained: bool = documented(True, help="Also evaluate the freshly initialised model before training, for comparison.")
-    progress: bool = documented(True, help="Show tqdm progress bars.")
 
     def masksd_config(self) -> MaskSDConfig:
         """The MaskSD configuration to train with: ``masksd``, with both branches off for ``baseline``."""
@@ -91,28 +126,18 @@ class TrainConfig:
         return dataclass_from_dict(cls, values, source=source)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.split_by is None and self.dataset != "synthetic":
             self.split_by = DEFAULT_SPLIT_BY[self.dataset]
         if not isinstance(self.masksd, MaskSDConfig):
             raise TypeError(f"masksd must be a MaskSDConfig, got {type(self.masksd).__name__}")
-        for name in ("epochs", "batch_size", "synthetic_train_size", "synthetic_eval_size", "log_every"):
+        for name in ("synthetic_train_size", "synthetic_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("workers", "save_every", "overlays"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.backbone_lr_scale < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0; weight_decay, backbone_lr_scale and grad_clip must be >= 0")
-        if self.amp not in get_args(Amp):
-            raise ValueError(f"amp must be one of {get_args(Amp)}, got {self.amp!r}")
-        if self.device not in get_args(Device):
-            raise ValueError(f"device must be one of {get_args(Device)}, got {self.device!r}")
+        if self.overlays < 0:
+            raise ValueError(f"overlays must be >= 0, got {self.overlays}")
         if not 0 < self.eval_threshold < 1:
             raise ValueError(f"eval_threshold must be in (0, 1), got {self.eval_threshold}")
 
