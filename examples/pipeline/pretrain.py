@@ -1,0 +1,209 @@
+"""Contrastive image–text pretraining of a (tiny) open_clip CLIP on the synthetic referring scenes.
+
+The paper fine-tunes CLIP weights whose image–text alignment already makes the correlation filter
+pick the patches and words a sentence is about. This builds that starting point in miniature:
+
+- the global term is open_clip's own ``ClipLoss`` between each scene's image (class token) and its
+  referring expression (EOT token), both in CLIP's joint space;
+- the optional region term (``region_weight``) is the same loss between the referent's mask-pooled
+  projected patch tokens and its expression: it aligns the patch tokens the filter correlates,
+  which global contrastive learning alone does not do reliably.
+
+The model is the CRIS segmenter's own backbone (``CRIS.encode_image`` / ``encode_text``), so the
+guidance logged during pretraining is exactly what fine-tuning starts from; the result is written
+as an open_clip state dict (``clip.pt``) that ``CRISConfig(pretrained=PATH)`` / ``--pretrained PATH``
+load like any open_clip checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from examples.cris import CRIS, CRISConfig
+from examples.cris.config import VARIANTS
+from examples.pipeline.checkpoint import load_checkpoint, save_atomic
+from examples.pipeline.config import LoopConfig
+from examples.pipeline.distributed import Dist, cleanup_distributed, init_distributed
+from examples.pipeline.evaluation import autocast
+from examples.pipeline.guidance import measure_guidance
+from examples.pipeline.loop import TrainingLoop, seed_everything
+from examples.pipeline.sampling import ShardSampler
+from masksd.config import documented
+from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
+
+__all__ = ["CLIPPretrainer", "PretrainConfig", "pretrain", "export_clip", "retrieval_at_1"]
+
+_TINY = VARIANTS["tiny"]
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    """Defaults: region-aligned pretraining of the tiny CLIP (a few minutes on 2 CPU cores)."""
+
+    # overrides of the loop's defaults
+    epochs: int = documented(1, help="Training epochs over synthetic_train_size scenes.")
+    warmup_epochs: float = documented(0.05, help="Linear warm-up, in epochs (may be fractional).")
+    batch_size: int = documented(128, help="Global batch size: the contrastive negatives of each pair.")
+    lr: float = documented(1e-3, help="Peak learning rate.")
+    weight_decay: float = documented(0.0, help="Adam L2 weight decay.")
+    output: str = documented("runs/pretrain", help="Run folder: clip.pt (the open_clip weights), last.pt, best.pt, logs, report.json.")
+    eval_every: int = documented(250, help="Measure guidance and retrieval every N steps (eval_log.csv); 0: only at the end.")
+
+    # model and data
+    model: str = documented(_TINY["model_name"], help="open_clip model config to pretrain (masksd-tiny).")
+    pretrained: str | None = documented(None, help="Initial weights: none (random), an open_clip tag or a checkpoint path.")
+    image_size: int = documented(_TINY["image_size"], help="Input size in pixels (the synthetic scenes are rendered at it).")
+    max_words: int = documented(17, help="Text positions incl. SOT/EOT.")
+    synthetic_train_size: int = documented(64000, help="Scenes per pretraining epoch (train split).")
+    synthetic_eval_size: int = documented(512, help="Synthetic val scenes for the guidance and retrieval measurements.")
+
+    # losses
+    region_weight: float = documented(1.0, help="Weight of the region-text ClipLoss (referent's mask-pooled patch tokens vs its expression); 0: global ClipLoss only.")
+    export: Literal["last", "best"] = documented("last", help="Which weights clip.pt holds: the last step's, or best.pt's (highest LMVSD guidance AUC).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.region_weight) and self.region_weight >= 0):
+            raise ValueError(f"region_weight must be a finite number >= 0, got {self.region_weight}")
+        for name in ("synthetic_train_size", "synthetic_eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.export not in ("last", "best"):
+            raise ValueError(f"export must be 'last' or 'best', got {self.export!r}")
+
+    def cris_config(self) -> CRISConfig:
+        """The CRIS segmenter whose backbone is pretrained (its decode head is not used)."""
+        return CRISConfig.for_model(self.model, pretrained=self.pretrained, image_size=self.image_size, max_words=self.max_words)
+
+
+class CLIPPretrainer(nn.Module):
+    """A CRIS segmenter's CLIP backbone with a learnable temperature, trained contrastively.
+
+    Every backbone weight trains (CRIS freezes ``ln_post``/``proj`` for fine-tuning; here they are
+    what aligns the patch tokens); the decode head is frozen and never run.
+    ``forward(images (B, 3, S, S), token_ids (B, L), masks (B, 1, S, S))`` returns the L2-normalised
+    image, text and region features, each (B, D), and the logit scale (a scalar, at most 100).
+    """
+
+    def __init__(self, segmenter: CRIS):
+        super().__init__()
+        self.segmenter = segmenter
+        segmenter.backbone.requires_grad_(True)
+        segmenter.decode_head.requires_grad_(False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        seg = self.segmenter
+        visual = seg.encode_image(seg.embed_image(images))  # tokens (B, N, D), pooled (B, D)
+        text = seg.encode_text(seg.embed_text(token_ids))  # pooled (B, D): the EOT sentence state
+        grid = seg.backbone.grid_size
+        weights = F.adaptive_avg_pool2d(masks.float(), grid).flatten(1)  # (B, N): share of each patch inside the mask
+        region = (weights[..., None] * visual.tokens).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)  # (B, D)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()  # open_clip caps the temperature at 100
+        return F.normalize(visual.pooled, dim=-1), F.normalize(text.pooled, dim=-1), F.normalize(region, dim=-1), scale
+
+
+@torch.no_grad()
+def retrieval_at_1(model: CLIPPretrainer, loader: DataLoader, device: torch.device, amp: str = "none") -> dict[str, float]:
+    """Zero-shot image→text and text→image R@1 over the scenes of ``loader`` (one rank's share is not
+    enough: call it on the full set). A retrieved text (image) counts as a hit when it is the query's
+    own expression or the same words: synthetic expressions repeat ("the red circle"), so the pair's
+    own index would make identical texts count as misses."""
+    was_training = model.training
+    model.eval()
+    images, texts, strings = [], [], []
+    for batch in loader:
+        tokens = model.segmenter.tokenize(batch["text"]).to(device)
+        with autocast(device, amp):
+            image, text, _, _ = model(batch["image"].to(device), tokens, batch["mask"].to(device))
+        images.append(image.float())
+        texts.append(text.float())
+        strings += batch["text"]
+    model.train(was_training)
+    similarity = torch.cat(images) @ torch.cat(texts).T  # (N, N): image i against text j
+    ids = {s: i for i, s in enumerate(dict.fromkeys(strings))}
+    label = torch.tensor([ids[s] for s in strings], device=similarity.device)  # (N,) expression id per pair
+    i2t = (label[similarity.argmax(dim=1)] == label).double().mean().item()
+    t2i = (label[similarity.argmax(dim=0)] == label).double().mean().item()
+    return {"i2t_r1": i2t, "t2i_r1": t2i, "retrieval_pairs": len(strings), "distinct_texts": len(ids)}
+
+
+class _Pretrain(TrainingLoop):
+    log_fields = ("loss", "global", "region", "logit_scale")
+    best_metric = "lmvsd_auc"
+
+    def __init__(self, cfg: PretrainConfig, env: Dist):
+        seed_everything(cfg.seed)
+        model = CLIPPretrainer(CRIS(cfg.cris_config()))
+        train_set = SyntheticReferDataset(
+            SyntheticConfig(image_size=cfg.image_size, num_samples=cfg.synthetic_train_size, split="train", seed=cfg.seed)
+        )
+        super().__init__(cfg, env, model, train_set)
+        self.segmenter: CRIS = self.model.segmenter
+        distributed = dict(rank=env.rank, world_size=env.world_size, gather_with_grad=True) if env.enabled else {}
+        self.clip_loss = open_clip.ClipLoss(cache_labels=True, **distributed)
+        self.eval_set = SyntheticReferDataset(
+            SyntheticConfig(image_size=cfg.image_size, num_samples=cfg.synthetic_eval_size, split="val", seed=cfg.seed)
+        )
+
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor | None]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        masks = batch["mask"].to(self.device, non_blocking=True)
+        tokens = self.segmenter.tokenize(batch["text"]).to(self.device, non_blocking=True)
+        image, text, region, scale = self.train_model(images, tokens, masks)
+        global_loss = self.clip_loss(image, text, scale)
+        region_loss = self.clip_loss(region, text, scale) if self.cfg.region_weight > 0 else None
+        loss = global_loss if region_loss is None else global_loss + self.cfg.region_weight * region_loss
+        return {"loss": loss, "global": global_loss, "region": region_loss, "logit_scale": scale}
+
+    def validate(self) -> dict[str, float]:
+        """LMVSD/VMLSD guidance (each rank a shard, summed) and retrieval R@1 (every rank, the whole set)."""
+        cfg, env = self.cfg, self.env
+        sharded = DataLoader(self.eval_set, batch_size=128, sampler=ShardSampler(len(self.eval_set), env.rank, env.world_size),
+                             collate_fn=collate)
+        guidance = measure_guidance(self.segmenter, sharded, self.segmenter.tokenize, self.device, amp=cfg.amp)
+        whole = DataLoader(self.eval_set, batch_size=128, collate_fn=collate)
+        return {**guidance, **retrieval_at_1(self.model, whole, self.device, cfg.amp)}
+
+    def run(self) -> dict:
+        """Pretrain, export clip.pt and write report.json; returns the report."""
+        before = self.validate() if self.step == 0 else None
+        self.fit()
+        if self.cfg.export == "best" and (self.out / "best.pt").is_file():
+            self.model.load_state_dict(load_checkpoint(self.out / "best.pt", map_location=self.device)["model"])
+        after = self.validate()
+        report = {"steps": self.step, "export": self.cfg.export, "best": self.best, "final": after}
+        if before is not None:
+            report["initial"] = before
+        if self.env.is_main:
+            export_clip(self.model, self.out / "clip.pt")
+            (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+
+def export_clip(model: CLIPPretrainer, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the backbone as an open_clip CLIP state dict (with the trained temperature), floats as
+    ``dtype``, atomically. ``open_clip.create_model(name, pretrained=path)`` loads it."""
+    state = model.segmenter.backbone.clip_state_dict()
+    state["logit_scale"] = model.logit_scale.detach().clone()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return save_atomic(state, path)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run :class:`PretrainConfig`; under torchrun every rank calls this. Returns the report on every rank."""
+    env = init_distributed(cfg.device)
+    try:
+        return _Pretrain(cfg, env).run()
+    finally:
+        cleanup_distributed()
