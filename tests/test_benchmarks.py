@@ -144,6 +144,18 @@ def test_largest_batch_steps_down_past_out_of_memory():
     with pytest.raises(torch.OutOfMemoryError, match="none of the batch sizes"):
         largest_batch((16, 14), try_batch, lambda: None)
 
+    def workspace(batch):
+        if batch > 8:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+    assert largest_batch((16, 8), workspace, lambda: None)[0] == 8
+
+    def broken(batch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):  # only memory errors mean "try a smaller batch"
+        largest_batch((16, 8), broken, lambda: None)
+
 
 def _synchronising_step():
     raise RuntimeError("called a synchronizing CUDA operation")  # stands in for a .item() under mode "error"
@@ -188,13 +200,13 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(monk
     import gpu_check
 
     monkeypatch.setattr(gpu_check, "MIN_SECTION_S", 0.05)
-    check = gpu_check.GpuCheck(torch.device("cpu"), gpu_check.Plan.tiny(torch.device("cpu")), budget=0.5, argv=[])
+    check = gpu_check.GpuCheck(torch.device("cpu"), gpu_check.Plan.tiny(torch.device("cpu")), budget=2, argv=[])
 
     def out_of_memory(end):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     failed = check.run_section("vit_l14", out_of_memory)
     assert failed["status"] == "error" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
-    slow = check.run_section("compile", lambda end: time.sleep(5))
-    assert slow["status"] == "timeout" and slow["seconds"] < 1
+    slow = check.run_section("compile", lambda end: time.sleep(30))  # stopped when the 2 s budget runs out
+    assert slow["status"] == "timeout" and slow["seconds"] < 3
     assert check.run_section("torchrun", lambda end: {})["status"] == "out of budget"
