@@ -76,7 +76,24 @@ def machine() -> dict[str, Any]:
         "open_clip": open_clip.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    if torch.cuda.is_available():  # what a GPU figure depends on beyond torch itself
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            nccl=_nccl_version(),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+        )
     return info
+
+
+def _nccl_version() -> str | None:
+    try:
+        version = torch.cuda.nccl.version()  # (major, minor, patch) in recent torch, an int in older ones
+    except Exception:  # a build without NCCL
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def machine_line(info: dict[str, Any]) -> str:
@@ -87,13 +104,16 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
-def write_results(name: str, markdown: str, data: dict[str, Any], command: str) -> tuple[Path, Path]:
-    """benchmarks/results/<name>.md (with the command and machine) and <name>.json."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(
+    name: str, markdown: str, data: dict[str, Any], command: str, folder: Path | None = None
+) -> tuple[Path, Path]:
+    """<folder>/<name>.md (with the command and machine) and <name>.json; folder: benchmarks/results/."""
+    folder = RESULTS if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     info = machine()
-    md = RESULTS / f"{name}.md"
+    md = folder / f"{name}.md"
     md.write_text(f"{markdown.rstrip()}\n\nCommand: `{command}`\n\nMachine: {machine_line(info)}\n")
-    js = RESULTS / f"{name}.json"
+    js = folder / f"{name}.json"
     js.write_text(json.dumps({"command": command, "machine": info, **data}, indent=2, default=str) + "\n")
     return md, js
 

@@ -6,9 +6,10 @@
 All variants wrap one segmenter (same weights) and are measured in one process, alternating
 (one step of each variant per round, order rotated every round), after warm-up; the median over
 rounds is reported, and its ratio to the baseline beside the FLOP ratio (FlopCounterMode, the
-same step). Memory: the bytes autograd saves for backward (every device), and on a GPU also
-torch.cuda.max_memory_allocated over the step. With --amp bf16 on a GPU also the model FLOP
-utilisation (achieved FLOP/s over the device's dense bf16 peak).
+same step, counted on two samples and scaled to the batch). Memory: the bytes autograd saves for
+backward (every device), and on a GPU also torch.cuda.max_memory_allocated over the step. With
+--amp bf16 on a GPU also the model FLOP utilisation (achieved FLOP/s over the device's dense bf16
+peak). Bench and the figures are shared with benchmarks/gpu_check.py.
 Writes benchmarks/results/train_step_<device>_<model>_<size>.{md,json}.
 """
 
@@ -19,6 +20,7 @@ import contextlib
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import get_args
 
 import torch
@@ -28,11 +30,48 @@ from common import TABLE_VII, count_flops, markdown_table, write_results
 from examples.cris import CRIS, CRISConfig
 from examples.pipeline.distributed import Device, resolve_device
 from examples.pipeline.evaluation import Amp, autocast
-from masksd import MaskSD
+from masksd import MaskSD, MaskSDConfig
 
 VARIANTS = {name: TABLE_VII[name] for name in ("baseline", "LMVSD, shared", "VMLSD, shared", "both, shared")}
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
-"""Dense bf16 tensor-core peaks (no sparsity) by device-name fragment, for MFU."""
+BF16_PEAK_TFLOPS = {
+    "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H200 NVL": 835.0, "GH200": 989.0,
+    "A100": 312.0, "L40S": 362.0, "4090": 165.0,
+}
+"""Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by device-name fragment: the longest fragment in
+the name wins ("NVIDIA H100 PCIe" -> "H100 PCIe", "NVIDIA H100 80GB HBM3" and "NVIDIA H200" -> the SXM parts)."""
+FLOP_SAMPLES = 2
+"""FLOPs are counted on this many samples and scaled to the batch: every counted op (matmul, convolution,
+attention) works per sample, and CRIS's BatchNorm cannot train on one sample."""
+
+
+def bf16_peak(device: torch.device) -> tuple[str, float] | None:
+    """(matched name fragment, dense bf16 peak FLOP/s) of a CUDA device; None on a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> tuple[str, float] | None:
+    """The BF16_PEAK_TFLOPS entry whose fragment is the longest one in ``name``, in FLOP/s."""
+    matches = [key for key in BF16_PEAK_TFLOPS if key in name]
+    if not matches:
+        return None
+    key = max(matches, key=len)
+    return key, BF16_PEAK_TFLOPS[key] * 1e12
+
+
+def mfu_peak(device: torch.device, amp: str) -> float | None:
+    """The peak FLOP/s model FLOP utilisation is measured against: the dense bf16 peak, with bf16 autocast
+    on a known GPU only (fp32 or fp16 steps have other peaks)."""
+    found = bf16_peak(device) if amp == "bf16" else None
+    return found[1] if found else None
+
+
+def use_tf32(device: torch.device) -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores (what a CUDA training run would use)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class SavedActivations:
@@ -52,65 +91,137 @@ class SavedActivations:
         return sum(self.storages.values())
 
 
+@dataclass
+class Timing:
+    """Measured training steps of one variant."""
+
+    seconds: list[float] = field(default_factory=list)
+    """Wall time of each measured step (synchronised on a GPU)."""
+    peak_bytes: list[int] = field(default_factory=list)
+    """torch.cuda.max_memory_allocated over each step; empty on a CPU."""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def peak(self) -> int | None:
+        return max(self.peak_bytes) if self.peak_bytes else None
+
+
 class Bench:
-    def __init__(self, segmenter: CRIS, batch: int, device: torch.device, amp: str):
-        self.device, self.amp = device, amp
-        size = segmenter.config.image_size
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.randn(batch, 3, size, size, generator=g).to(device)
-        sentences = ["the small red circle left of the large blue square behind the green triangle"] * batch
-        self.tokens = segmenter.tokenize(sentences).to(device)
-        self.masks = (torch.rand(batch, 1, size, size, generator=g) > 0.5).float().to(device)
-        self.models = {name: MaskSD(segmenter, cfg).to(device).train() for name, cfg in VARIANTS.items()}
+    """One segmenter wrapped in MaskSD once per variant (the same weights), one batch of random inputs and
+    one Adam over every parameter: timed training steps, their FLOPs and their memory.
+
+    ``variants``: name -> MaskSDConfig (default: VARIANTS, the baseline and each branch alone and together).
+    """
+
+    def __init__(
+        self,
+        segmenter: CRIS,
+        batch: int,
+        device: torch.device,
+        amp: str,
+        variants: dict[str, MaskSDConfig] | None = None,
+    ):
+        self.device, self.amp, self.segmenter = device, amp, segmenter
+        variants = VARIANTS if variants is None else variants
+        self.models = {name: MaskSD(segmenter, cfg).to(device).train() for name, cfg in variants.items()}
         params = {id(p): p for m in self.models.values() for p in m.parameters() if p.requires_grad}
         self.optimizer = torch.optim.Adam(params.values(), lr=1e-6)
         self.generator = torch.Generator(device).manual_seed(0)
+        self.set_batch(batch)
+
+    def set_batch(self, batch: int) -> None:
+        """New random inputs of ``batch`` samples (the old ones are released first)."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.images = self.tokens = self.masks = None
+        self.batch = batch
+        size = self.segmenter.config.image_size
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch, 3, size, size, generator=g).to(self.device)  # (B, 3, S, S)
+        sentences = ["the small red circle left of the large blue square behind the green triangle"] * batch
+        self.tokens = self.segmenter.tokenize(sentences).to(self.device)  # (B, L)
+        self.masks = (torch.rand(batch, 1, size, size, generator=g) > 0.5).float().to(self.device)  # (B, 1, S, S)
+
+    def loss(self, name: str, samples: int | None = None) -> torch.Tensor:
+        """The training loss of ``name`` on the first ``samples`` inputs (all by default), under autocast."""
+        n = self.batch if samples is None else samples
+        with autocast(self.device, self.amp):
+            out = self.models[name](self.images[:n], self.tokens[:n], self.masks[:n], generator=self.generator)
+        return out.loss
+
+    def run(self, name: str) -> None:
+        """One training step of ``name``: forward, backward, Adam. Reads no tensor value (no host sync of its own)."""
+        loss = self.loss(name)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
 
     def step(self, name: str) -> tuple[float, int | None]:
         """One timed training step; returns (seconds, peak allocated bytes on a GPU or None)."""
-        model = self.models[name]
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        with autocast(self.device, self.amp):
-            out = model(self.images, self.tokens, self.masks, generator=self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+        self.run(name)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         return seconds, torch.cuda.max_memory_allocated() if cuda else None
 
+    def measure(
+        self, names: list[str], warmup: int, rounds: int, deadline: float | None = None
+    ) -> dict[str, Timing]:
+        """``warmup`` untimed steps per variant, then up to ``rounds`` alternating rounds (one step of each
+        variant, order rotated every round so none always runs first). ``deadline`` (time.perf_counter
+        value): stop starting rounds after it, keeping at least one."""
+        for _ in range(warmup):
+            for name in names:
+                self.step(name)
+        timings = {name: Timing() for name in names}
+        for r in range(rounds):
+            if r and deadline is not None and time.perf_counter() > deadline:
+                break
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                seconds, peak = self.step(name)
+                timings[name].seconds.append(seconds)
+                if peak is not None:
+                    timings[name].peak_bytes.append(peak)
+        return timings
+
     def saved_activations(self, name: str) -> int:
         """Bytes saved for backward by one forward of ``name`` (not timed)."""
         saved = SavedActivations()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            with autocast(self.device, self.amp):
-                out = self.models[name](self.images, self.tokens, self.masks, generator=self.generator)
-        del out
+            loss = self.loss(name)
+        del loss
         return saved.bytes
 
-    def flops(self, name: str) -> int:
-        model = self.models[name]
-
-        def step() -> None:
-            with autocast(self.device, self.amp):
-                out = model(self.images, self.tokens, self.masks, generator=self.generator)
-            out.loss.backward()
-
-        total, _, _ = count_flops(step)
+    def flops(self, name: str, samples: int = FLOP_SAMPLES) -> int:
+        """FLOPs (FlopCounterMode, 2 per multiply-add) of forward + backward of ``name`` over the whole batch,
+        counted on ``samples`` of it and scaled: the work is per sample, but FlopCounterMode ignores ``groups``
+        in convolution_backward, so the projector's dynamic convolution (one grouped conv over the whole batch)
+        would count B-fold at the full batch; a small count also keeps the unfused attention it routes through
+        small on big models."""
+        n = min(samples, self.batch)
+        total, _, _ = count_flops(lambda: self.loss(name, n).backward())
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total * self.batch // n
 
 
-def bf16_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS.items() if key in name), None)
+def step_figures(timing: Timing, batch: int, flops: int, peak_flops: float | None) -> dict:
+    """The figures of one variant: median step, images/s, FLOPs, achieved TFLOP/s, MFU, peak memory."""
+    t = timing.median
+    achieved = flops / t
+    return {
+        "median_s": t, "all_s": timing.seconds, "images_per_s": batch / t, "flops": flops,
+        "achieved_tflops": achieved / 1e12, "mfu": achieved / peak_flops if peak_flops else None,
+        "peak_allocated_bytes": timing.peak,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,55 +235,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="measured steps per variant")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)
 
     torch.manual_seed(0)
     cris = CRISConfig.for_model(args.model, pretrained=None, **({"image_size": args.size} if args.size else {}))
     bench = Bench(CRIS(cris), args.batch, device, args.amp)
     names = list(VARIANTS)
-
-    for _ in range(args.warmup):
-        for name in names:
-            bench.step(name)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    memory: dict[str, list[int]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate so no variant always runs first
-        for name in order:
-            seconds, mem = bench.step(name)
-            times[name].append(seconds)
-            if mem is not None:
-                memory[name].append(mem)
+    timings = bench.measure(names, args.warmup, args.rounds)
     with contextlib.suppress(Exception):
         torch.cuda.empty_cache()
     flops = {name: bench.flops(name) for name in names}
     activations = {name: bench.saved_activations(name) for name in names}
 
-    base_t, base_f = statistics.median(times["baseline"]), flops["baseline"]
-    base_m = max(memory["baseline"]) if memory["baseline"] else None
-    peak = bf16_peak(device) if args.amp == "bf16" else None
+    peak = mfu_peak(device, args.amp)
+    figures = {name: step_figures(timings[name], args.batch, flops[name], peak) for name in names}
+    base = figures["baseline"]
     rows, data = [], {}
     for name in names:
-        t = statistics.median(times[name])
-        m = max(memory[name]) if memory[name] else None
-        time_ratio, flop_ratio = t / base_t, flops[name] / base_f
-        achieved = flops[name] / t
+        f = figures[name]
+        t, m = f["median_s"], f["peak_allocated_bytes"]
+        time_ratio, flop_ratio = t / base["median_s"], flops[name] / base["flops"]
         row = [
-            name, f"{1000 * t:.1f}", f"{args.batch / t:.1f}", f"{time_ratio:.2f}", f"{flop_ratio:.2f}",
-            f"{100 * (time_ratio / flop_ratio - 1):+.1f} %", f"{flops[name] / 1e9:.1f}", f"{achieved / 1e12:.2f}",
+            name, f"{1000 * t:.1f}", f"{f['images_per_s']:.1f}", f"{time_ratio:.2f}", f"{flop_ratio:.2f}",
+            f"{100 * (time_ratio / flop_ratio - 1):+.1f} %", f"{flops[name] / 1e9:.1f}", f"{f['achieved_tflops']:.2f}",
             f"{activations[name] / 2**20:.0f}", f"{activations[name] / activations['baseline']:.2f}",
         ]
         if device.type == "cuda":
-            row += [f"{m / 2**20:.0f}", f"{m / base_m:.2f}"]
+            row += [f"{m / 2**20:.0f}", f"{m / base['peak_allocated_bytes']:.2f}"]
         if peak:
-            row.append(f"{100 * achieved / peak:.1f} %")
+            row.append(f"{100 * f['mfu']:.1f} %")
         rows.append(row)
-        data[name] = {"median_s": t, "all_s": times[name], "images_per_s": args.batch / t, "time_ratio": time_ratio,
-                      "flops": flops[name], "flop_ratio": flop_ratio, "peak_allocated_bytes": m,
-                      "saved_activation_bytes": activations[name],
-                      "achieved_tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
+        data[name] = {**f, "time_ratio": time_ratio, "flop_ratio": flop_ratio, "saved_activation_bytes": activations[name]}
     header = ["variant", "ms / step", "images / s", "time × baseline", "FLOPs × baseline", "time vs FLOP ratio",
               "GFLOPs / step", "achieved TFLOP/s", "saved activations (MiB)", "activations × baseline"]
     if device.type == "cuda":

@@ -1,4 +1,5 @@
-"""Process-group set-up for ``torchrun``: nccl on GPUs, gloo on CPUs; a no-op for a single process."""
+"""Process-group set-up for ``torchrun``: nccl on GPUs, gloo on CPUs, also for one process; a no-op for a plain
+``python`` run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 
-__all__ = ["Device", "Dist", "init_distributed", "cleanup_distributed", "resolve_device"]
+__all__ = ["Device", "Dist", "init_distributed", "cleanup_distributed", "resolve_device", "launched_by_torchrun"]
 
 Device = Literal["auto", "cuda", "cpu"]
 """Where to run: auto (CUDA when available), cuda or cpu."""
@@ -27,6 +28,8 @@ class Dist:
     """Rank on this machine: the GPU this process uses."""
     device: torch.device = torch.device("cpu")
     """The device this process trains on."""
+    in_group: bool = False
+    """This process is in a torch.distributed process group: every torchrun launch, one process included."""
 
     @property
     def is_main(self) -> bool:
@@ -34,7 +37,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """In a process group: collectives, DDP and SyncBatchNorm apply (even with world_size 1)."""
+        return self.in_group
 
 
 def resolve_device(device: Device = "auto") -> torch.device:
@@ -46,8 +50,15 @@ def resolve_device(device: Device = "auto") -> torch.device:
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (or another env:// launcher) started this process: it sets RANK, even for one process."""
+    return "RANK" in os.environ
+
+
 def init_distributed(device: Device = "auto") -> Dist:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group.
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group: under torchrun
+    always (a one-process run then exercises the same nccl/gloo, DDP and SyncBatchNorm path as a multi-GPU one),
+    and whenever WORLD_SIZE > 1; a plain ``python`` run stays out of any group.
 
     ``device``: "auto" (CUDA if available), "cuda" or "cpu".
     """
@@ -60,9 +71,11 @@ def init_distributed(device: Device = "auto") -> Dist:
         target = torch.device("cuda", local_rank)
     else:
         target = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or launched_by_torchrun()) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+    if dist.is_initialized():  # the group's own view, also when the caller had created it
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=target, in_group=dist.is_initialized())
 
 
 def cleanup_distributed() -> None:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from examples.pipeline.config import TrainConfig
 from examples.pipeline.distributed import Dist, cleanup_distributed, init_distributed
 from examples.pipeline.evaluation import evaluate
-from examples.pipeline.factory import BACKBONE_PREFIXES, build_dataset, build_model, checkpoint_cris_config
+from examples.pipeline.factory import BACKBONE_PREFIXES, build_dataset, build_model, checkpoint_cris_config, compile_segmenter
 from examples.pipeline.loop import TrainingLoop, seed_everything
 from examples.pipeline.overlay import render_overlay
 from examples.pipeline.sampling import ShardSampler
@@ -62,10 +62,7 @@ class _Run(TrainingLoop):
         self.tokenize = self.segmenter.tokenize
 
     def compile_model(self) -> None:
-        """The four pieces MaskSD calls; the wrapper's own glue stays eager."""
-        for name in ("encode_image", "encode_text"):
-            setattr(self.segmenter, name, torch.compile(getattr(self.segmenter, name)))
-        self.segmenter.decode_head.compile()
+        compile_segmenter(self.model.segmenter)
 
     def checkpoint_extra(self) -> dict:
         return {"cris_config": checkpoint_cris_config(self.segmenter)}
