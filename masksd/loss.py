@@ -11,19 +11,27 @@ from torch import nn
 from masksd._checks import check_choice, check_nonnegative, check_open_fraction, check_tensor
 from masksd.config import Supervision, Target
 
-__all__ = ["SelfDistillLoss", "segmentation_loss", "as_mask_batch"]
+__all__ = ["SelfDistillLoss", "segmentation_loss", "as_mask_batch", "check_mask_values"]
 
 
 def as_mask_batch(name: str, mask: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """Check a float ground-truth mask (B, H, W) or (B, 1, H, W) with values in [0, 1]; return it as (B, 1, H, W)."""
+    """Check the shape and dtype of a float ground-truth mask (B, H, W) or (B, 1, H, W); return it as
+    (B, 1, H, W). Its values are not read here (that would wait for the device): see :func:`check_mask_values`."""
     check_tensor(name, mask, dims=(3, 4), floating=True)
     if mask.dim() == 4 and mask.shape[1] != 1:
         raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, H, W), got {tuple(mask.shape)}")
     if batch is not None and mask.shape[0] != batch:
         raise ValueError(f"{name} has batch size {mask.shape[0]}, expected {batch}")
-    if bool(((mask < 0) | (mask > 1)).any()):
-        raise ValueError(f"{name} values must lie in [0, 1] (a binary or soft mask)")
     return mask if mask.dim() == 4 else mask[:, None]
+
+
+def check_mask_values(name: str, mask: torch.Tensor) -> None:
+    """Raise a ValueError naming ``name`` and the samples unless every value of ``mask`` (B, ...) lies in [0, 1].
+    Reads the values: call it per epoch or on request, not in every training step."""
+    check_tensor(name, mask, dims=(3, 4), floating=True)
+    bad = ((mask < 0) | (mask > 1) | mask.isnan()).flatten(1).any(dim=1)  # (B,)
+    if bool(bad.any()):
+        raise ValueError(f"{name} values must lie in [0, 1] (a binary or soft mask); samples {bad.nonzero().flatten().tolist()} do not")
 
 
 def _check_logits(name: str, logits: torch.Tensor) -> None:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from masksd.adapter import Embeddings, Features, check_embeddings, check_features
 from masksd.config import BranchConfig, MaskSDConfig
 from masksd.correlation import CorrelationFilter
-from masksd.loss import SelfDistillLoss, segmentation_loss
+from masksd.loss import SelfDistillLoss, check_mask_values, segmentation_loss
 from masksd.masking import GuidedMasker
 
-__all__ = ["MaskSDOutput", "MaskSD", "DistillBranch", "check_segmenter", "encode_pair"]
+__all__ = ["MaskSDOutput", "MaskSD", "DistillBranch", "check_segmenter", "encode_pair", "frozen_norm_stats"]
 
 
 @dataclass
@@ -50,7 +53,7 @@ class DistillBranch(nn.Module):
         super().__init__()
         config.require_resolved()
         self.filter = CorrelationFilter(config.top_k)
-        self.masker = GuidedMasker(dim, config.ratio) if wrapper.masking else None
+        self.masker = GuidedMasker(dim, config.ratio, config.min_masked) if wrapper.masking else None
         self.criterion = SelfDistillLoss(
             config.weight, target=wrapper.target, threshold=wrapper.threshold, supervision=wrapper.supervision
         )
@@ -65,14 +68,9 @@ class DistillBranch(nn.Module):
     ) -> tuple[Embeddings, torch.Tensor]:
         """Mask the embeddings at the tokens whose features correlate most with ``query`` (B, D).
 
-        Returns the masked embeddings and the (B, N) bool mask of replaced tokens.
+        Returns the masked embeddings and the (B, N) bool mask of replaced tokens. A sample without
+        candidates is left unmasked (:meth:`MaskSD.check_inputs` reports such samples on request).
         """
-        if embedded.candidates is not None and not bool(embedded.candidates.any(dim=1).all()):
-            empty = (~embedded.candidates.any(dim=1)).nonzero().flatten().tolist()
-            raise ValueError(
-                f"samples {empty} have no candidate token to mask (an empty text?): "
-                "the segmenter's embed_text/embed_image marked none"
-            )
         selected = self.filter.select(query, features.tokens, embedded.candidates)  # (B, N)
         if self.masker is None:
             return embedded, torch.zeros_like(selected)
@@ -135,18 +133,61 @@ class MaskSD(nn.Module):
         if "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused
             branch = self.branches["lmvsd"]
             masked, out.image_masked = branch.perturb(image_embedded, text.pooled, visual, generator)
-            student = self._head(branch)(seg.encode_image(masked), text)
+            head = self._head(branch)
+            student = self._run_branch(lambda m: head(seg.encode_image(m), text), masked)
             out.lmvsd_loss = branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.lmvsd_loss
 
         if "vmlsd" in self.branches:  # image-guided masking of words; visual features reused
             branch = self.branches["vmlsd"]
             masked, out.text_masked = branch.perturb(text_embedded, visual.pooled, text, generator)
-            student = self._head(branch)(visual, seg.encode_text(masked))
+            head = self._head(branch)
+            student = self._run_branch(lambda m: head(visual, seg.encode_text(m)), masked)
             out.vmlsd_loss = branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.vmlsd_loss
 
         return out
+
+    def _run_branch(self, decode: Callable[[Embeddings], torch.Tensor], masked: Embeddings) -> torch.Tensor:
+        """A masked branch's encoder pass and decode: ``decode(masked)`` -> (B, 1, h, w) logits, with
+        BatchNorm statistics left alone under ``branch_norm_stats="freeze"``, and recomputed in the
+        backward pass (dropout replayed, statistics not updated twice) under ``checkpoint_branches``."""
+        freeze = self.config.branch_norm_stats == "freeze"
+        with frozen_norm_stats(self) if freeze else contextlib.nullcontext():
+            if not self.config.checkpoint_branches:
+                return decode(masked)
+            # The recomputation must save what the forward saved (same BatchNorm mode) and leave the
+            # running statistics as the forward left them.
+            recompute = (lambda: frozen_norm_stats(self)) if freeze else (lambda: restored_norm_stats(self))
+            return checkpoint(
+                decode, masked, use_reentrant=False, preserve_rng_state=True,
+                context_fn=lambda: (contextlib.nullcontext(), recompute()),
+            )
+
+    @torch.no_grad()
+    def check_inputs(self, images: Any, texts: Any, ground_truth: torch.Tensor | None = None) -> None:
+        """The checks of tensor values that a training step skips, so that it never waits for the device.
+
+        Raises a ValueError naming the argument (and the samples) when ``ground_truth`` is outside
+        [0, 1], when an enabled branch has samples without a candidate token (an empty text?), or
+        when the segmenter's own ``check_inputs(images, texts)`` (if it defines one) finds a problem.
+        Call it on the first batch of each epoch and whenever inputs come from a new source.
+        """
+        seg = self.segmenter
+        if callable(getattr(seg, "check_inputs", None)):
+            seg.check_inputs(images, texts)
+        if ground_truth is not None:
+            check_mask_values("ground_truth", ground_truth)
+        for name, embed in (("lmvsd", seg.embed_image), ("vmlsd", seg.embed_text)):
+            if name not in self.branches:
+                continue
+            candidates = embed(images if name == "lmvsd" else texts).candidates
+            if candidates is not None and not bool(candidates.any(dim=1).all()):
+                empty = (~candidates.any(dim=1)).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"samples {empty} have no candidate token for {name} to mask (an empty text?): "
+                    f"the segmenter's embed_{'image' if name == 'lmvsd' else 'text'} marked none"
+                )
 
     @torch.no_grad()
     def masked_tokens(
@@ -193,6 +234,36 @@ def encode_pair(segmenter: nn.Module, images: Any, texts: Any) -> tuple[Embeddin
             f"got {visual.pooled.shape[-1]} and {text.pooled.shape[-1]}"
         )
     return image_embedded, text_embedded, visual, text
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s BatchNorm layers (SyncBatchNorm included) normalise training
+    batches with their batch statistics, as usual, but leave the running statistics and
+    ``num_batches_tracked`` untouched (``track_running_stats`` is off, then restored)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+@contextlib.contextmanager
+def restored_norm_stats(module: nn.Module) -> Iterator[None]:
+    """Within the block BatchNorm layers update their running statistics as usual; afterwards
+    ``module``'s are put back as they were (for a recomputation that must not count twice)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        for norm, mean, var, count in saved:  # through .data: the recomputed graph may still hold the buffers
+            norm.running_mean.data.copy_(mean)
+            norm.running_var.data.copy_(var)
+            norm.num_batches_tracked.data.copy_(count)
 
 
 def check_segmenter(segmenter: object) -> None:

@@ -187,7 +187,9 @@ def test_malformed_token_ids_raise():
     broken = ids.clone()
     broken[1, 3] = 0  # EOT removed
     with pytest.raises(ValueError, match=r"rows \[1\]"):
-        model.embed_text(broken)
+        model.check_inputs(None, broken)  # values: on request (MaskSD.check_inputs) and in inference
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        model.eval()(torch.zeros(2, 3, 64, 64), broken)
     with pytest.raises(ValueError, match="long"):
         model.embed_text(ids.int())
 
@@ -309,8 +311,10 @@ def test_masked_branches_mask_the_expected_counts():
     out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(0))
     # LMVSD: ceil(0.5 * 64) = 32 patches kept, round(0.25 * 32) = 8 masked.
     assert out.image_masked.sum(dim=1).tolist() == [8, 8]
-    # VMLSD: 6 and 2 words -> 3 and 1 kept -> round(0.1 * 3) = round(0.1 * 1) = 0 masked.
-    assert out.text_masked.sum(dim=1).tolist() == [0, 0]
+    # VMLSD: 6 and 2 words -> 3 and 1 kept -> round(0.1 * 3) = round(0.1 * 1) = 0, but at least 1 masked.
+    assert out.text_masked.sum(dim=1).tolist() == [1, 1]
+    literal = MaskSD(wrapped.segmenter, MaskSDConfig(vmlsd=BranchConfig(min_masked=0))).train()
+    assert literal(images, ids, truth).text_masked.sum(dim=1).tolist() == [0, 0]
 
 
 def test_parameter_counts():
@@ -377,3 +381,51 @@ def test_vit_b16_blocks_after_the_deepest_level_are_frozen_and_the_rest_train():
     assert out.logits.shape == (2, 1, 16, 16)
     out.loss.backward()
     assert [name for name, p in wrapped.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def _running_stats(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def test_frozen_branch_norm_stats_on_cris_batchnorm():
+    """CRIS's neck and projector use BatchNorm: with branch_norm_stats="freeze" a CM-MaskSD step leaves
+    every running statistic where the main pass alone leaves it; with "update" the branches move them."""
+    model = tiny()
+    images, ids, truth = batch(model)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    assert len(_running_stats(model)) > 10
+    model.train()
+    torch.manual_seed(1)
+    model(images, ids)  # the main pass alone
+    main_only = _running_stats(model)
+    after = {}
+    for stats in ("update", "freeze"):
+        model.load_state_dict(start)
+        torch.manual_seed(2)
+        wrapped = MaskSD(model, MaskSDConfig(branch_norm_stats=stats)).train()
+        torch.manual_seed(1)
+        wrapped(images, ids, truth, generator=torch.Generator().manual_seed(0)).loss.backward()
+        after[stats] = _running_stats(model)
+    assert all(torch.equal(after["freeze"][k], v) for k, v in main_only.items())
+    assert not all(torch.equal(after["update"][k], v) for k, v in main_only.items())
+
+
+def test_a_cris_training_step_reads_no_tensor_value(monkeypatch):
+    """No host synchronisation inside a MaskSD(CRIS) training step: nothing in it may read a tensor's
+    values (item, tolist, bool, nonzero...); the value checks run in check_inputs, on request."""
+    model = tiny()
+    images, ids, truth = batch(model)
+    wrapped = MaskSD(model, MaskSDConfig(checkpoint_branches=True)).train()
+    wrapped.check_inputs(images, ids, truth)  # allowed: once per epoch, before the steps
+
+    def refuse(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"the training step read a tensor value with Tensor.{name}")
+        return read
+
+    for name in ("item", "tolist", "__bool__", "nonzero", "numpy", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(out.loss)

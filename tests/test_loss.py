@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from masksd import SelfDistillLoss, segmentation_loss
+from masksd.loss import check_mask_values
 
 
 def test_segmentation_loss_is_bce_with_logits():
@@ -74,8 +75,11 @@ def test_bad_input_names_the_argument():
         segmentation_loss(logits, torch.ones(4, 4))
     with pytest.raises(ValueError, match="ground_truth"):
         segmentation_loss(logits, torch.ones(3, 1, 4, 4))
-    with pytest.raises(ValueError, match="ground_truth"):
-        segmentation_loss(logits, torch.full((2, 1, 4, 4), 2.0))
+    out_of_range = torch.ones(2, 1, 4, 4)
+    out_of_range[1, 0, 0, 0] = 2.0
+    with pytest.raises(ValueError, match=r"ground_truth values must lie in \[0, 1\].*samples \[1\]"):
+        check_mask_values("ground_truth", out_of_range)  # value checks run on request, not in the loss
+    check_mask_values("ground_truth", torch.rand(2, 1, 4, 4))
     with pytest.raises(ValueError, match="logits"):
         segmentation_loss(torch.randn(2, 4, 4), torch.ones(2, 4, 4))
     with pytest.raises(ValueError, match="teacher_logits"):

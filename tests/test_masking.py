@@ -99,3 +99,25 @@ def test_bad_input_names_the_argument():
         masker.mask(torch.randn(2, 3, 4), torch.ones(2, 3))
     with pytest.raises(ValueError, match="candidates"):
         masker.mask(torch.randn(2, 3, 4), torch.ones(3, 3, dtype=torch.bool))
+
+
+@settings(max_examples=100, deadline=None)
+@given(batches(), st.integers(0, 20), st.integers(0, 3))
+def test_min_count_masks_at_least_that_many_where_there_are_enough(batch, twentieths, minimum):
+    embeddings, candidates, seed = batch
+    fraction = Fraction(twentieths, 20)
+    masker = GuidedMasker(embeddings.shape[-1], float(fraction), min_count=minimum)
+    _, applied = masker.mask(embeddings, candidates, generator=torch.Generator().manual_seed(seed))
+    for b in range(embeddings.shape[0]):
+        n = int(candidates[b].sum())
+        assert int(applied[b].sum()) == max(expected_count(fraction, n), min(minimum, n))
+
+
+def test_the_paper_vmlsd_setting_masks_short_sentences_only_with_a_minimum():
+    # K = 0.5 keeps ceil(n/2) of n words; α = 0.1 of 2 kept words rounds to 0
+    kept = torch.tensor([[True, True, False, False]])
+    assert not GuidedMasker(4, 0.1).mask(torch.randn(1, 4, 4), kept)[1].any()
+    assert GuidedMasker(4, 0.1, min_count=1).mask(torch.randn(1, 4, 4), kept)[1].sum() == 1
+    assert not GuidedMasker(4, 0.1, min_count=1).mask(torch.randn(1, 4, 4), torch.zeros(1, 4, dtype=torch.bool))[1].any()
+    with pytest.raises(ValueError, match="min_count"):
+        GuidedMasker(4, 0.1, min_count=-1)

@@ -1,3 +1,4 @@
+import copy
 from collections import Counter
 from dataclasses import replace
 
@@ -234,8 +235,15 @@ def test_bad_input_is_rejected_with_a_named_argument(batch):
         model(images, ids[:3], masks)
     empty = ids.clone()
     empty[0] = torch.tensor([1, 2, 0, 0, 0, 0])  # SOT EOT: no word
-    with pytest.raises(ValueError, match=r"samples \[0\] have no candidate"):
-        model(images, empty, masks)
+    with pytest.raises(ValueError, match=r"samples \[0\] have no candidate token for vmlsd"):
+        model.check_inputs(images, empty, masks)  # value checks run on request (once per epoch in the trainer)
+    out = model(images, empty, masks)  # the step itself never reads values: sample 0 just keeps all its words
+    assert not out.text_masked[0].any() and out.text_masked[1:].any(dim=1).all()
+    bad = masks.clone()
+    bad[2, 0, 0, 0] = -0.5
+    with pytest.raises(ValueError, match=r"ground_truth values .* samples \[2\]"):
+        model.check_inputs(images, ids, bad)
+    model.check_inputs(images, ids, masks)
 
 
 def test_a_segmenter_returning_wrong_shapes_is_named():
@@ -289,3 +297,102 @@ def test_a_branch_config_tied_to_no_branch_says_which_preset_to_use():
         DistillBranch(BranchConfig(top_k=0.5), 8, MaskSDConfig(), None)
     with pytest.raises(TypeError, match="vmlsd must be a BranchConfig"):
         MaskSDConfig(vmlsd={"top_k": 0.5})
+
+
+def test_vmlsd_preset_masks_one_word_of_every_sentence_and_min_masked_zero_is_the_literal_formula(batch):
+    images, ids, masks = batch  # sentences of 1-3 real words
+    model = MaskSD(ToyViT())
+    model.eval()
+    model.training = True
+    out = model(images, ids, masks)
+    assert out.text_masked.sum(dim=1).tolist() == [1] * 4
+    literal = MaskSD(ToyViT(), MaskSDConfig(vmlsd=BranchConfig(min_masked=0)))
+    literal.eval()
+    literal.training = True
+    assert not literal(images, ids, masks).text_masked.any()  # round(0.1 * ceil(0.5 * n)) = 0 for n < 9
+    assert MaskSDConfig().lmvsd.min_masked == 0 and MaskSDConfig().vmlsd.min_masked == 1
+    with pytest.raises(ValueError, match="vmlsd.min_masked"):
+        MaskSDConfig(vmlsd=BranchConfig(min_masked=-1))
+
+
+def _bn_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_frozen_branch_norm_stats_leave_what_the_main_branch_left(batch):
+    from masksd.wrapper import frozen_norm_stats
+
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    segmenter = ConvGRU()
+    segmenter.decode_head.out = torch.nn.Sequential(torch.nn.BatchNorm2d(segmenter.image_embed_dim), segmenter.decode_head.out)
+    start = copy.deepcopy(segmenter.state_dict())
+    runs = {}
+    for stats in ("update", "freeze"):
+        segmenter.load_state_dict(start)
+        torch.manual_seed(5)  # the same mask tokens
+        model = MaskSD(segmenter, MaskSDConfig(branch_norm_stats=stats)).train()
+        torch.manual_seed(1)
+        out = model(images, ids, masks, generator=torch.Generator().manual_seed(2))
+        runs[stats] = (out.loss.detach(), _bn_state(segmenter))
+    segmenter.load_state_dict(start)
+    segmenter.train()
+    torch.manual_seed(1)
+    segmenter(images, ids)  # the main branch alone
+    main_only = _bn_state(segmenter)
+    assert torch.equal(runs["freeze"][0], runs["update"][0])  # batch statistics still normalise the branches
+    assert all(torch.equal(runs["freeze"][1][k], v) for k, v in main_only.items())
+    assert not all(torch.equal(runs["update"][1][k], v) for k, v in main_only.items())
+    norm = segmenter.decode_head.out[0]
+    with frozen_norm_stats(segmenter):
+        assert not norm.track_running_stats
+    assert norm.track_running_stats
+
+
+@pytest.mark.parametrize("segmenter_cls", [ToyViT, ConvGRU])
+def test_checkpointed_branches_give_the_same_loss_and_gradients(segmenter_cls, batch):
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    segmenter = segmenter_cls()
+    if segmenter_cls is ConvGRU:  # BatchNorm must not be updated twice by the recomputation
+        segmenter.decode_head.out = torch.nn.Sequential(torch.nn.BatchNorm2d(segmenter.image_embed_dim), segmenter.decode_head.out)
+    start = copy.deepcopy(segmenter.state_dict())
+    results = {}
+    for checkpointed in (False, True):
+        segmenter.load_state_dict(start)
+        torch.manual_seed(5)  # the same mask tokens
+        model = MaskSD(segmenter, MaskSDConfig(checkpoint_branches=checkpointed)).train()  # dropout on
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        out = model(images, ids, masks, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[checkpointed] = (out.loss.detach(), grads, _bn_state(segmenter))
+    (loss_a, grads_a, bn_a), (loss_b, grads_b, bn_b) = results[False], results[True]
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert all(torch.equal(bn_a[k], bn_b[k]) for k in bn_a)
+
+
+def test_checkpointed_branches_keep_fewer_activations(batch):
+    images, ids, masks = batch
+
+    def saved_bytes(model):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(images, ids, masks)
+        return sum(seen.values())
+
+    torch.manual_seed(0)
+    segmenter = ToyViT()
+    plain = saved_bytes(MaskSD(segmenter).train())
+    checkpointed = saved_bytes(MaskSD(segmenter, MaskSDConfig(checkpoint_branches=True)).train())
+    baseline = saved_bytes(MaskSD(segmenter, MaskSDConfig.baseline()).train())
+    assert baseline < checkpointed < plain

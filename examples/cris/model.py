@@ -125,7 +125,7 @@ class CRIS(SegmenterAdapter):
         tokenizer itself (each word tokenized alone); raises ValueError if a row's pieces are not
         those words' pieces in order (a sentence cut at ``max_words`` keeps its leading pieces).
         """
-        self._check_token_ids(token_ids)
+        self.check_inputs(None, token_ids)
         if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) != token_ids.shape[0]:
             got = f"{len(texts)} texts" if isinstance(texts, Sequence) and not isinstance(texts, str) else type(texts).__name__
             raise ValueError(f"texts must be a list of {token_ids.shape[0]} strings, one per token_ids row, got {got}")
@@ -207,16 +207,28 @@ class CRIS(SegmenterAdapter):
         padding = torch.arange(token_ids.shape[1], device=token_ids.device) > eot[:, None]  # (B, L)
         return Features(tokens=words, pooled=sentence, context=TextContext(words, padding))
 
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Inference: (B, 1, 4g, 4g) mask logits, after :meth:`check_inputs` (MaskSD's training step
+        calls the pieces directly and checks values only on request)."""
+        self.check_inputs(images, token_ids)
+        return super().forward(images, token_ids)
+
+    def check_inputs(self, images: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Value checks that wait for the device: every row of ``token_ids`` starts with SOT and holds an
+        EOT. Raises a ValueError naming the rows. (Shapes and dtypes are checked on every call anyway.)"""
+        self._check_token_ids(token_ids)
+        bad = ((token_ids[:, 0] != self.sot_id) | ~(token_ids == self.eot_id).any(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"token_ids rows {bad} do not start with SOT ({self.sot_id}) and hold an EOT ({self.eot_id})")
+
     def _check_token_ids(self, token_ids: torch.Tensor) -> None:
+        """Shape and dtype only: reading the ids would wait for the device in every training step."""
         max_words = self.config.max_words
         if not torch.is_tensor(token_ids) or token_ids.dim() != 2 or token_ids.dtype != torch.long:
             got = f"shape {tuple(token_ids.shape)}, dtype {token_ids.dtype}" if torch.is_tensor(token_ids) else type(token_ids).__name__
             raise ValueError(f"token_ids must be a (B, L) long tensor from CRIS.tokenize, got {got}")
         if not 2 <= token_ids.shape[1] <= max_words:
             raise ValueError(f"token_ids must have 2..max_words={max_words} columns, got {token_ids.shape[1]}")
-        bad = ((token_ids[:, 0] != self.sot_id) | ~(token_ids == self.eot_id).any(dim=1)).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"token_ids rows {bad} do not start with SOT ({self.sot_id}) and hold an EOT ({self.eot_id})")
 
 
 def _eot_index(token_ids: torch.Tensor, eot_id: int) -> torch.Tensor:

@@ -237,12 +237,16 @@ class TrainingLoop:
 
     def fit(self) -> int:
         """Train from the current step to the stop step, validating every ``eval_every`` steps or epochs
-        and checkpointing at epoch ends and every ``save_every`` steps. Returns the steps taken in all."""
+        and checkpointing at epoch ends and every ``save_every`` steps. Returns the steps taken in all.
+
+        Logged losses are copied off the device without waiting and written one log row later, so no
+        step waits for the device; ``step_time`` is the mean over the steps since the previous row."""
         cfg, env = self.cfg, self.env
         log = eval_log = None
         if env.is_main:
             log = CsvLog(self.out / "train_log.csv", ["step", "epoch", "lr", *self.log_fields, "step_time", "images_per_s"],
                          self.step, self.tensorboard, "train")
+        pending: list[tuple[dict, torch.Tensor, Any]] = []  # rows whose losses are still on their way to the host
         bar = tqdm(total=self.stop_step, initial=self.step, desc="train", disable=not (cfg.progress and env.is_main))
         self.resumed_at = self.step
         self.train_model.train()
@@ -250,27 +254,37 @@ class TrainingLoop:
             for epoch in range(self.step // self.steps_per_epoch, cfg.epochs):
                 if self.step >= self.stop_step:
                     break
-                tick = time.perf_counter()
-                for batch in self._loader(epoch):
+                tick, ticked = time.perf_counter(), self.step
+                for index, batch in enumerate(self._loader(epoch)):
+                    if index == 0:
+                        self.check_batch(batch)  # value checks once per epoch, not in every step
                     parts = self._train_step(batch)
                     self.step += 1
-                    now = time.perf_counter()
-                    step_time, tick = now - tick, now
-                    if parts is not None and log is not None:
-                        log.write(step=self.step, epoch=epoch, lr=self.scheduler.get_last_lr()[0], **parts,
-                                  step_time=step_time, images_per_s=cfg.batch_size / step_time)
-                        bar.set_postfix(loss=f"{parts['loss']:.4f}")
+                    if parts is not None:
+                        now = time.perf_counter()
+                        step_time, tick, ticked = (now - tick) / (self.step - ticked), now, self.step
+                        row = dict(step=self.step, epoch=epoch, lr=self.scheduler.get_last_lr()[0],
+                                   step_time=step_time, images_per_s=cfg.batch_size / step_time)
+                        pending.append((row, *_to_host(parts)))
+                        self._write_rows(pending[:-1], log, bar)
+                        del pending[:-1]
                     bar.update(1)
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save()
                     last_of_epoch = self.step % self.steps_per_epoch == 0
-                    if self._validation_due(epoch, last_of_epoch):
+                    saving = cfg.save_every and self.step % cfg.save_every == 0
+                    validating = self._validation_due(epoch, last_of_epoch)
+                    if saving or validating or last_of_epoch or self.step >= self.stop_step:
+                        self._write_rows(pending, log, bar)  # a checkpoint never precedes its log rows
+                        pending.clear()
+                    if saving:
+                        self.save()
+                    if validating:
                         eval_log = self._validate_and_keep_best(epoch, eval_log)
-                        tick = time.perf_counter()  # validation time is not step time
+                        tick, ticked = time.perf_counter(), self.step  # validation time is not step time
                     if self.step >= self.stop_step:
                         break
                 self.save()  # epoch end (or the stop step)
         finally:
+            self._write_rows(pending, log, bar)
             bar.close()
             for f in (log, eval_log):
                 if f is not None:
@@ -278,6 +292,18 @@ class TrainingLoop:
             if self.tensorboard is not None:
                 self.tensorboard.flush()
         return self.step
+
+    def check_batch(self, batch: Any) -> None:
+        """Checks that read tensor values, run on the first batch of every epoch (default: none)."""
+
+    def _write_rows(self, rows: list[tuple[dict, torch.Tensor, Any]], log: CsvLog | None, bar: tqdm) -> None:
+        for row, parts, ready in rows:
+            if ready is not None:
+                ready.synchronize()  # recorded a log interval ago: long done
+            values = dict(zip(self.log_fields, parts.tolist()))
+            if log is not None:
+                log.write(**row, **values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
 
     def _validation_due(self, epoch: int, last_of_epoch: bool) -> bool:
         every = self.cfg.eval_every
@@ -303,8 +329,9 @@ class TrainingLoop:
                 self.save("best.pt")
         return eval_log
 
-    def _train_step(self, batch: Any) -> dict[str, float] | None:
-        """One optimiser step; the loss parts (mean over ranks) on log steps, else None (no host sync)."""
+    def _train_step(self, batch: Any) -> torch.Tensor | None:
+        """One optimiser step; on log steps the (len(log_fields),) loss parts, mean over ranks, still
+        on the device; else None."""
         with autocast(self.device, self.cfg.amp):
             losses = self.compute_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -322,4 +349,16 @@ class TrainingLoop:
         if self.env.enabled:  # the logged losses are means over ranks (gloo has no AVG)
             dist.all_reduce(parts, op=dist.ReduceOp.SUM)
             parts /= self.env.world_size
-        return dict(zip(self.log_fields, parts.float().tolist()))
+        return parts
+
+
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``values`` to the host without waiting: (the host tensor, a CUDA event to wait on
+    before reading it, or None on the CPU)."""
+    if values.device.type != "cuda":
+        return values.detach().clone(), None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready

@@ -67,10 +67,17 @@ class _Run(TrainingLoop):
     def checkpoint_extra(self) -> dict:
         return {"cris_config": checkpoint_cris_config(self.segmenter)}
 
-    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor | None]:
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["image"].to(self.device, non_blocking=True)
-        masks = batch["mask"].to(self.device, non_blocking=True)
         tokens = self.tokenize(batch["text"]).to(self.device, non_blocking=True)
+        masks = batch["mask"].to(self.device, non_blocking=True)
+        return images, tokens, masks
+
+    def check_batch(self, batch: dict) -> None:
+        self.model.check_inputs(*self._inputs(batch))
+
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor | None]:
+        images, tokens, masks = self._inputs(batch)
         out = self.train_model(images, tokens, masks, generator=self.generator)
         return {"loss": out.loss, "seg": out.seg_loss, "lmvsd": out.lmvsd_loss, "vmlsd": out.vmlsd_loss}
 
