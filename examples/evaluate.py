@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from examples.pipeline.config import DATASETS, TrainConfig  # noqa: E402
 from examples.pipeline.distributed import Device  # noqa: E402
 from examples.pipeline.evaluation import Amp  # noqa: E402
-from masksd.data import RESTORE_METHODS, SplitBy  # noqa: E402
+from masksd.data import RESTORE_METHODS, SplitBy, TextKey  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,15 +32,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", choices=DATASETS, help="default: the run's")
     parser.add_argument("--split-by", choices=get_args(SplitBy), help="default: the run's")
     parser.add_argument("--data-root", help="default: the run's")
+    parser.add_argument("--text-key", choices=get_args(TextKey), help="refer sentence field, raw or sent (default: the run's)")
     parser.add_argument("--image-root", help="default: the run's")
     parser.add_argument("--threshold", type=float, default=TrainConfig().eval_threshold, help="sigmoid threshold (default: %(default)s)")
-    parser.add_argument("--restore", choices=RESTORE_METHODS, default="bilinear",
-                        help="how predictions go back to the image size: bilinear (default) or cris (CRIS's bicubic + warpAffine)")
+    parser.add_argument("--restore", choices=RESTORE_METHODS,
+                        help="how predictions go back to the image size: bilinear or cris (CRIS's bicubic + warpAffine); default: the run's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=get_args(Device), default="auto")
     parser.add_argument("--amp", choices=get_args(Amp), default="none")
     parser.add_argument("--output", help="JSON file for the results (default: eval_<dataset>_<split>.json beside the checkpoint)")
+    parser.add_argument("--guidance", action="store_true",
+                        help="also measure the correlation filters' guidance (masksd.guidance) with the run's K: "
+                             "LMVSD ROC AUC, kept share and top-1 hit of the target's patches; VMLSD precision of "
+                             "the target's words (synthetic scenes)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
@@ -58,22 +63,32 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
     overrides = {k: v for k, v in {"dataset": args.dataset, "split_by": args.split_by, "data_root": args.data_root,
-                                   "image_root": args.image_root, "workers": args.workers}.items() if v is not None}
+                                   "image_root": args.image_root, "workers": args.workers, "text_key": args.text_key,
+                                   "restore": args.restore}.items() if v is not None}
     if "dataset" in overrides and "split_by" not in overrides:
         overrides["split_by"] = None  # the new dataset's default, not the run's
     cfg = replace(TrainConfig.from_dict(run, source=str(args.checkpoint)), **overrides)
     split = args.split or cfg.eval_split
     dataset = build_dataset(cfg, split, train=False)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
-    metrics = evaluate(segmenter, loader, segmenter.tokenize, device, args.threshold, args.amp, args.progress, args.restore)
+    metrics = evaluate(segmenter, loader, segmenter.tokenize, device, args.threshold, args.amp, args.progress, cfg.restore)
 
     name = f"{cfg.dataset}" + (f"({cfg.split_by})" if cfg.split_by else "") + f" {split}"
     print(format_table({name: metrics}))
+    guidance = {}
+    if args.guidance:
+        from examples.pipeline.guidance import format_guidance, measure_guidance
+
+        guidance = measure_guidance(segmenter, loader, segmenter.tokenize, device, cfg.masksd.lmvsd.top_k,
+                                    cfg.masksd.vmlsd.top_k, args.amp, args.progress)
+        print(format_guidance(guidance))
     # the protocol behind the numbers; "samples" (from metrics) is how many were evaluated
-    text_key = dataset.config.text_key if isinstance(dataset, ReferDataset) else run.get("text_key", "raw")
+    text_key = dataset.config.text_key if isinstance(dataset, ReferDataset) else None  # synthetic scenes have one text
     counts = dataset.counts()._asdict() if isinstance(dataset, ReferDataset) else {}  # refs, sentences read
     report = {"checkpoint": str(args.checkpoint), "dataset": cfg.dataset, "split_by": cfg.split_by, "split": split,
-              "threshold": args.threshold, "restore": args.restore, "text_key": text_key, **counts, **metrics}
+              "threshold": args.threshold, "restore": cfg.restore, "text_key": text_key, **counts, **metrics}
+    if guidance:
+        report["guidance"] = guidance
     output = Path(args.output) if args.output else Path(args.checkpoint).with_name(f"eval_{cfg.dataset}_{split}.json")
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")

@@ -94,3 +94,53 @@ def test_one_process_torchrun_trains_exactly_like_a_plain_run(tmp_path):
     assert reports["torchrun"] == {"enabled": True, "backend": "gloo", "ddp": 1}
     assert sorted(logs["plain"]) == [1, 2, 3, 4]
     assert logs["torchrun"] == logs["plain"]
+
+
+RESTART_SCRIPT = """
+import os, signal, sys, torch
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from examples.pipeline import loop, trainer
+from tests.test_training import tiny
+
+torch.set_num_threads(1)
+kill_at = int(sys.argv[2])
+step = loop.TrainingLoop._train_step
+
+
+def dying_step(self, batch):  # rank 1 of the first attempt dies in the middle of step kill_at
+    if kill_at and self.step + 1 == kill_at and self.env.rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, batch)
+
+
+loop.TrainingLoop._train_step = dying_step
+if os.environ["RANK"] == "0":  # which attempts ran
+    with open(Path(sys.argv[1] + ".attempts"), "a") as f:
+        f.write(os.environ["TORCHELASTIC_RESTART_COUNT"] + " ")
+trainer.train(tiny(Path(sys.argv[1]), epochs=2, save_every=3, overlays=0, eval_untrained=False, resume="auto"),
+              evaluate_at_end=False)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tmp_path):
+    """Two gloo ranks under torchrun --max-restarts=1 with --resume auto: rank 1 is killed in step 5 (the last
+    checkpoint is step 3); torchrun restarts both ranks, they resume from step 3, and the finished run's losses
+    equal an uninterrupted run's at every step."""
+    script = tmp_path / "run.py"
+    script.write_text(RESTART_SCRIPT.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    logs = {}
+    for name, kill_at in (("uninterrupted", 0), ("killed", 5)):
+        out = tmp_path / name
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "--max-restarts=1", str(script), str(out), str(kill_at)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[name] = losses(read_log(out / "train_log.csv"))
+        attempts = Path(f"{out}.attempts").read_text().split()
+        assert attempts == (["0", "1"] if kill_at else ["0"]), proc.stderr[-2000:]
+    assert sorted(logs["uninterrupted"]) == list(range(1, 17))  # 64 scenes / global batch 8, 2 epochs
+    assert logs["killed"] == logs["uninterrupted"]

@@ -16,7 +16,7 @@ from examples.pipeline.distributed import Device
 from examples.pipeline.evaluation import Amp
 from masksd import MaskSDConfig
 from masksd.config import documented
-from masksd.data import DEFAULT_SPLIT_BY, ReferDatasetName, ResizeMode, SplitBy
+from masksd.data import DEFAULT_SPLIT_BY, ReferDatasetName, ResizeMode, RestoreMethod, SplitBy, TextKey
 
 __all__ = ["LoopConfig", "TrainConfig", "PRESETS", "DATASETS", "DatasetName", "RUNTIME_FIELDS", "preset"]
 
@@ -94,6 +94,7 @@ class TrainConfig(LoopConfig):
     image_root: str | None = documented(None, help="COCO train2014 images; None: <data_root>/images/mscoco/images/train2014 (the refer layout).")
     train_split: str = documented("train", help="Split to train on.")
     eval_split: str = documented("val", help="Split validated during training and evaluated at the end (synthetic: val, test or compositional).")
+    text_key: TextKey = documented("raw", help="Refer sentence field: raw (as typed) or sent (lower-cased and tokenised, what CRIS reads; the paper presets use it).")
     resize: ResizeMode = documented("letterbox", help="How images are fitted to the square input: letterbox (keep aspect, pad; CRIS) or resize (stretch).")
     synthetic_train_size: int = documented(16000, help="Scenes per synthetic training epoch.")
     synthetic_eval_size: int = documented(500, help="Synthetic scenes evaluated.")
@@ -110,6 +111,7 @@ class TrainConfig(LoopConfig):
 
     # evaluation
     eval_threshold: float = documented(0.35, help="Binarisation threshold of the sigmoid output at evaluation (the paper's 0.35).")
+    restore: RestoreMethod = documented("bilinear", help="How evaluation brings predictions back to the image size: bilinear, or cris (CRIS's bicubic upsampling and inverse letterbox warp).")
     overlays: int = documented(6, help="Overlay PNGs written after the final evaluation.")
     eval_untrained: bool = documented(True, help="Also evaluate the freshly initialised model before training, for comparison.")
 
@@ -140,6 +142,8 @@ class TrainConfig(LoopConfig):
             raise ValueError(f"overlays must be >= 0, got {self.overlays}")
         if not 0 < self.eval_threshold < 1:
             raise ValueError(f"eval_threshold must be in (0, 1), got {self.eval_threshold}")
+        if self.text_key not in get_args(TextKey):
+            raise ValueError(f"text_key must be one of {get_args(TextKey)}, got {self.text_key!r}")
 
 
 def _model(variant: str) -> dict[str, Any]:
@@ -150,6 +154,7 @@ def _model(variant: str) -> dict[str, Any]:
 _PAPER = dict(
     pretrained="openai", epochs=100, warmup_epochs=10, batch_size=32, lr=1e-5, weight_decay=5e-4,
     amp="bf16", workers=8, log_every=50, save_every=2000, overlays=8, eval_untrained=False,
+    eval_every=1, tensorboard=True, text_key="sent",
 )
 _REFCOCO, _GREF = dict(max_words=17), dict(dataset="refcocog", split_by="umd", max_words=22)
 

@@ -72,7 +72,12 @@ def init_distributed(device: Device = "auto") -> Dist:
     else:
         target = torch.device("cpu")
     if (world_size > 1 or launched_by_torchrun()) and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        # torchrun --max-restarts keeps one store across restarts: without a prefix per attempt a restarted
+        # rank would read the dead ranks' addresses (gloo) or the old unique id (nccl) and fail to connect.
+        store = dist.PrefixStore(f"masksd/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world_size,
+                                device_id=target if use_cuda else None)
     if dist.is_initialized():  # the group's own view, also when the caller had created it
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=target, in_group=dist.is_initialized())

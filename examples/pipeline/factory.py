@@ -40,6 +40,7 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
             resize_mode=cfg.resize,
             mode="train" if train else "eval",
             seed=cfg.seed,
+            text_key=cfg.text_key,
         )
     )
 

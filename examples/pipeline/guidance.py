@@ -12,7 +12,7 @@ from masksd import MaskSD
 from masksd.data.synthetic import target_words
 from masksd.guidance import GuidanceMeter, correlation_scores, patch_targets
 
-__all__ = ["measure_guidance"]
+__all__ = ["format_guidance", "measure_guidance"]
 
 
 @torch.no_grad()
@@ -71,3 +71,18 @@ def _target_words_or_none(text: str) -> list[bool] | None:
         return target_words(text)
     except ValueError:
         return None
+
+
+def format_guidance(guidance: dict[str, float]) -> str:
+    """A Markdown table of :func:`measure_guidance`'s result, each value beside its chance level."""
+    rows = [("LMVSD ROC AUC, target vs other patches", "lmvsd_auc", None),
+            ("LMVSD share of the target's patches kept", "lmvsd_kept", "lmvsd_kept_chance"),
+            ("LMVSD top-1 patch on the target", "lmvsd_top1", "lmvsd_top1_chance"),
+            ("VMLSD share of kept words that are the target's", "vmlsd_precision", "vmlsd_chance")]
+    lines = ["| guidance | value | chance |", "| --- | ---: | ---: |"]
+    for label, key, chance in rows:
+        if key in guidance:
+            level = "0.500" if chance is None else f"{guidance[chance]:.3f}"
+            lines.append(f"| {label} | {guidance[key]:.3f} | {level} |")
+    samples = ", ".join(f"{k} {guidance[k]}" for k in ("lmvsd_samples", "vmlsd_samples") if k in guidance)
+    return "\n".join(lines) + f"\n\n({samples})"

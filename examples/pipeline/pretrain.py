@@ -41,7 +41,7 @@ from examples.pipeline.sampling import ShardSampler
 from masksd.config import documented
 from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
-__all__ = ["CLIPPretrainer", "PretrainConfig", "pretrain", "export_clip", "retrieval_at_1"]
+__all__ = ["CLIPPretrainer", "PretrainConfig", "background_contrast", "pretrain", "export_clip", "retrieval_at_1"]
 
 _TINY = VARIANTS["tiny"]
 
@@ -69,6 +69,7 @@ class PretrainConfig(LoopConfig):
 
     # losses
     region_weight: float = documented(1.0, help="Weight of the region-text ClipLoss (referent's mask-pooled patch tokens vs its expression); 0: global ClipLoss only.")
+    region_negatives: Literal["batch", "background"] = documented("background", help="What each expression's region must beat: batch (the other samples' regions, plain ClipLoss) or background (also every sample's rest of the image, pooled the same way).")
     export: Literal["last", "best"] = documented("last", help="Which weights clip.pt holds: the last step's, or best.pt's (highest LMVSD guidance AUC).")
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class PretrainConfig(LoopConfig):
         for name in ("synthetic_train_size", "synthetic_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.region_negatives not in ("batch", "background"):
+            raise ValueError(f"region_negatives must be 'batch' or 'background', got {self.region_negatives!r}")
         if self.export not in ("last", "best"):
             raise ValueError(f"export must be 'last' or 'best', got {self.export!r}")
 
@@ -92,7 +95,8 @@ class CLIPPretrainer(nn.Module):
     Every backbone weight trains (CRIS freezes ``ln_post``/``proj`` for fine-tuning; here they are
     what aligns the patch tokens); the decode head is frozen and never run.
     ``forward(images (B, 3, S, S), token_ids (B, L), masks (B, 1, S, S))`` returns the L2-normalised
-    image, text and region features, each (B, D), and the logit scale (a scalar, at most 100).
+    image, text, region (the referent's mask-pooled patch tokens) and background (the rest of the
+    image, pooled the same way) features, each (B, D), and the logit scale (a scalar, at most 100).
     """
 
     def __init__(self, segmenter: CRIS):
@@ -107,10 +111,13 @@ class CLIPPretrainer(nn.Module):
         visual = seg.encode_image(seg.embed_image(images))  # tokens (B, N, D), pooled (B, D)
         text = seg.encode_text(seg.embed_text(token_ids))  # pooled (B, D): the EOT sentence state
         grid = seg.backbone.grid_size
-        weights = F.adaptive_avg_pool2d(masks.float(), grid).flatten(1)  # (B, N): share of each patch inside the mask
-        region = (weights[..., None] * visual.tokens).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)  # (B, D)
+        inside = F.adaptive_avg_pool2d(masks.float(), grid).flatten(1)  # (B, N): share of each patch inside the mask
+        region, background = (
+            (w[..., None] * visual.tokens).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-6) for w in (inside, 1 - inside)
+        )  # (B, D) each
         scale = self.logit_scale.clamp(max=math.log(100)).exp()  # open_clip caps the temperature at 100
-        return F.normalize(visual.pooled, dim=-1), F.normalize(text.pooled, dim=-1), F.normalize(region, dim=-1), scale
+        image, text, region, background = (F.normalize(x, dim=-1) for x in (visual.pooled, text.pooled, region, background))
+        return image, text, region, background, scale
 
 
 @torch.no_grad()
@@ -125,7 +132,7 @@ def retrieval_at_1(model: CLIPPretrainer, loader: DataLoader, device: torch.devi
     for batch in loader:
         tokens = model.segmenter.tokenize(batch["text"]).to(device)
         with autocast(device, amp):
-            image, text, _, _ = model(batch["image"].to(device), tokens, batch["mask"].to(device))
+            image, text, *_ = model(batch["image"].to(device), tokens, batch["mask"].to(device))
         images.append(image.float())
         texts.append(text.float())
         strings += batch["text"]
@@ -160,9 +167,13 @@ class _Pretrain(TrainingLoop):
         images = batch["image"].to(self.device, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
         tokens = self.segmenter.tokenize(batch["text"]).to(self.device, non_blocking=True)
-        image, text, region, scale = self.train_model(images, tokens, masks)
+        image, text, region, background, scale = self.train_model(images, tokens, masks)
         global_loss = self.clip_loss(image, text, scale)
-        region_loss = self.clip_loss(region, text, scale) if self.cfg.region_weight > 0 else None
+        region_loss = None
+        if self.cfg.region_weight > 0:
+            region_loss = self.clip_loss(region, text, scale)
+            if self.cfg.region_negatives == "background":
+                region_loss = (region_loss + background_contrast(region, background, text, scale)) / 2
         loss = global_loss if region_loss is None else global_loss + self.cfg.region_weight * region_loss
         return {"loss": loss, "global": global_loss, "region": region_loss, "logit_scale": scale}
 
@@ -189,6 +200,16 @@ class _Pretrain(TrainingLoop):
             export_clip(self.model, self.out / "clip.pt")
             (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         return report
+
+
+def background_contrast(region: torch.Tensor, background: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each expression against every region and every background of the batch, (B, D)
+    normalised features each: its own region must beat the rest of its own image too, which the
+    batch-wise ClipLoss never asks (so the patch tokens off the referent stay unaligned with it).
+    Single-process only; under DDP each rank contrasts its own share."""
+    candidates = torch.cat([region, background])  # (2B, D)
+    logits = scale * text @ candidates.T  # (B, 2B)
+    return F.cross_entropy(logits, torch.arange(len(text), device=text.device))
 
 
 def export_clip(model: CLIPPretrainer, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:

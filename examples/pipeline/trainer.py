@@ -60,6 +60,7 @@ class _Run(TrainingLoop):
         super().__init__(cfg, env, model, build_dataset(cfg, cfg.train_split, train=True), BACKBONE_PREFIXES, eval_unit)
         self.segmenter = self.model.segmenter
         self.tokenize = self.segmenter.tokenize
+        self._eval_set = None  # built at the first evaluation, then reused
 
     def compile_model(self) -> None:
         compile_segmenter(self.model.segmenter)
@@ -98,7 +99,9 @@ class _Run(TrainingLoop):
     def _evaluate(self, write: bool = True, untrained: dict[str, float] | None = None) -> dict[str, float]:
         """Main-branch metrics on the eval split; rank 0 writes eval_<split>.json and the overlays."""
         cfg, env = self.cfg, self.env
-        eval_set = build_dataset(cfg, cfg.eval_split, train=False)
+        if self._eval_set is None:  # read the refer index once, not at every validation
+            self._eval_set = build_dataset(cfg, cfg.eval_split, train=False)
+        eval_set = self._eval_set
         loader = DataLoader(
             eval_set,
             batch_size=max(1, cfg.batch_size // env.world_size),
@@ -108,10 +111,12 @@ class _Run(TrainingLoop):
             generator=torch.Generator().manual_seed(cfg.seed),  # leave the global RNG to training
         )
         metrics = evaluate(
-            self.segmenter, loader, self.tokenize, self.device, cfg.eval_threshold, cfg.amp, cfg.progress and env.is_main
+            self.segmenter, loader, self.tokenize, self.device, cfg.eval_threshold, cfg.amp, cfg.progress and env.is_main,
+            cfg.restore,
         )
         if env.is_main and write:
-            report = {"split": cfg.eval_split, "step": self.step, "threshold": cfg.eval_threshold, **metrics}
+            report = {"split": cfg.eval_split, "step": self.step, "threshold": cfg.eval_threshold, "restore": cfg.restore,
+                      "text_key": cfg.text_key if cfg.dataset != "synthetic" else None, **metrics}
             if untrained:
                 report["untrained"] = untrained
             (self.out / f"eval_{cfg.eval_split}.json").write_text(json.dumps(report, indent=2) + "\n")
