@@ -1,176 +1,347 @@
-"""The paper's ablations (Tables II, V, VI, VII) on the synthetic referring scenes, several seeds each.
+"""The paper's ablations on the synthetic referring scenes, with paired seeds.
 
-    python benchmarks/ablation.py --quick        # tiny model, 3 seeds, under 30 minutes on 2 CPU cores
-    python benchmarks/ablation.py                # full: 5 seeds, 4000 steps per run (meant for a GPU)
-    python benchmarks/ablation.py --quick --only baseline "CM-MaskSD" --extra   # a subset, plus the sweep rows
+    python benchmarks/ablation.py --mode pretrained       # the paper's regime in miniature (about 3 h on 2 CPU cores)
+    python benchmarks/ablation.py --mode scratch          # the tiny model from random init (masksd 0.1's setting)
+    python benchmarks/ablation.py --mode pretrained --split test --only "baseline" --steps 500 1000 --tag choose
 
-Every run trains the tiny CRIS-style model from scratch with the demo's settings (same data
-order and initial weights per seed across rows), then evaluates the main branch on the
-synthetic `val` split and on the `compositional` split (held-out colour-shape combinations).
-Reports mIoU, oIoU and Prec@0.5/0.7/0.9 as mean ± sample std over seeds, writes
-benchmarks/results/ablation_<mode>.{md,json,png}.
+Every run fine-tunes the tiny CRIS-style model with the demo's settings (``TrainConfig()``), from the
+CLIP weights its row names: ``region`` (region-aligned pretraining: the premise of CM-MaskSD holds),
+``global`` (open_clip's ClipLoss alone: the correlation filter ranks the referent near chance) or
+``scratch`` (random init). Seeds are paired: for one seed every row starts from the same weights
+and sees the same data order; every run is scored on the same scenes (``--split``, 2000 by
+default, and the compositional split). Rows run seed by seed, so an interrupted table still has
+complete seeds; finished runs are kept in ``benchmarks/results/ablation_<tag>_runs.json`` and
+skipped when the script runs again (a run in progress resumes from its last checkpoint).
+Choose settings with ``--split test``; report with ``--split val``.
+
+Reports per row the mean ± sample std over seeds, the paired difference to the baseline of the
+same premise with its 95 % t-interval, and the LMVSD guidance (masksd.guidance) of the weights
+before and after fine-tuning. Writes benchmarks/results/ablation_<tag>.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import RESULTS, markdown_table, write_results
 
-ROWS: dict[str, tuple[str, dict]] = {
-    "baseline": ("II", {"baseline": True}),
-    "+LMVSD": ("II", {"vmlsd": False}),
-    "+VMLSD": ("II", {"lmvsd": False}),
-    "CM-MaskSD": ("II", {}),
-    "no masking": ("V", {"masking": False}),
-    "ground-truth supervision": ("VI", {"supervision": "ground_truth"}),
-    "separate heads": ("VII", {"share_weights": False}),
-}
-"""Row -> (paper table, TrainConfig overrides on top of the default CM-MaskSD setting)."""
-
-EXTRA_ROWS: dict[str, tuple[str, dict]] = {
-    "hard target": ("—", {"target": "hard"}),
-    "VMLSD α=0.5": ("IV", {"vmlsd_ratio": 0.5}),
-    "LMVSD α=0.5": ("III", {"lmvsd_ratio": 0.5}),
-    "LMVSD K=1 (no filtering)": ("III", {"lmvsd_top_k": 1.0}),
-    "λ1=0.25": ("III", {"lmvsd_weight": 0.25}),
-}
-"""Sweep rows (--extra): the knobs to try when the defaults do not help."""
-
 METRICS = ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")
-MODES = {
-    "quick": dict(seeds=(0, 1, 2), epochs=1, synthetic_train_size=8000),
-    "full": dict(seeds=(0, 1, 2, 3, 4), epochs=8, synthetic_train_size=16000),
+GUIDANCE = ("lmvsd_auc", "lmvsd_kept", "lmvsd_top1", "vmlsd_precision")
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+"""Two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond 30; the next lower df in between)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: where its weights come from and how it differs from the default CM-MaskSD."""
+
+    premise: str
+    """"region", "global" (pretrained checkpoints, see --region/--global) or "scratch" (random init)."""
+    table: str
+    """The paper's table the row belongs to."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig fields (dotted for MaskSD's: ``masksd.vmlsd.enabled``)."""
+
+
+BASELINE = {"baseline": True}
+NO_LMVSD, NO_VMLSD = {"masksd.lmvsd.enabled": False}, {"masksd.vmlsd.enabled": False}
+ROWS: dict[str, dict[str, Row]] = {
+    "pretrained": {
+        "baseline": Row("region", "II", BASELINE),
+        "+LMVSD": Row("region", "II", NO_VMLSD),
+        "+VMLSD": Row("region", "II", NO_LMVSD),
+        "CM-MaskSD": Row("region", "II"),
+        "CM-MaskSD, BN frozen in branches": Row("region", "—", {"masksd.branch_norm_stats": "freeze"}),
+        "baseline, weak premise": Row("global", "II", BASELINE),
+        "CM-MaskSD, weak premise": Row("global", "II"),
+    },
+    "scratch": {
+        "baseline": Row("scratch", "II", BASELINE),
+        "+LMVSD": Row("scratch", "II", NO_VMLSD),
+        "+VMLSD": Row("scratch", "II", NO_LMVSD),
+        "CM-MaskSD": Row("scratch", "II"),
+        "no masking": Row("scratch", "V", {"masksd.masking": False}),
+        "ground-truth supervision": Row("scratch", "VI", {"masksd.supervision": "ground_truth"}),
+        "separate heads": Row("scratch", "VII", {"masksd.share_weights": False}),
+    },
 }
+"""The rows of each mode."""
+
+EXTRA_ROWS: dict[str, Row] = {
+    "hard target": Row("region", "—", {"masksd.target": "hard"}),
+    "LMVSD α=0.5": Row("region", "III", {"masksd.lmvsd.ratio": 0.5}),
+    "LMVSD K=1 (no filtering)": Row("region", "III", {"masksd.lmvsd.top_k": 1.0}),
+    "λ1=0.25": Row("region", "III", {"masksd.lmvsd.weight": 0.25}),
+    "VMLSD literal (min_masked 0)": Row("region", "IV", {"masksd.vmlsd.min_masked": 0}),
+}
+"""Sweep rows (--extra), all from the region-aligned weights: the knobs to try when the defaults do not help."""
+
+PREMISES = {"region": "masksd-tiny-synthetic", "global": "runs/pretrain-global/clip.pt", "scratch": None}
+"""Default weights per premise: the shipped region-aligned checkpoint (by name) and the ClipLoss-only one that
+``python examples/pretrain_clip.py --region-weight 0 --output runs/pretrain-global`` writes."""
 
 
-def run_one(overrides: dict, seed: int, mode: dict, folder: Path) -> dict:
-    import torch
+# ----------------------------------------------------------------------------------------------- statistics
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_difference(values: list[float], baseline: list[float]) -> dict[str, float]:
+    """Per-seed differences ``values[i] - baseline[i]``: their mean, sample std, and the two-sided 95 %
+    Student-t interval of the mean (``n`` pairs, ``n - 1`` degrees of freedom)."""
+    if len(values) != len(baseline) or not values:
+        raise ValueError(f"paired samples must have the same nonzero length, got {len(values)} and {len(baseline)}")
+    diffs = [a - b for a, b in zip(values, baseline)]
+    mean, std = mean_std(diffs)
+    n = len(diffs)
+    if n < 2:
+        return {"mean": mean, "std": 0.0, "low": float("nan"), "high": float("nan"), "n": n}
+    df = n - 1
+    t = T_95.get(df) or (1.96 if df > 30 else T_95[max(k for k in T_95 if k <= df)])
+    half = t * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
+
+
+# ----------------------------------------------------------------------------------------------- runs
+@dataclass
+class Settings:
+    steps: int
+    scenes: int
+    split: str
+    eval_scenes: int
+    lr: float
+    backbone_lr_scale: float
+
+
+def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None]):
+    from examples.pipeline.config import preset
+
+    batch = 32
+    epochs = max(1, math.ceil(s.steps * batch / s.scenes))
+    return preset(
+        "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
+        max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=0, progress=False, overlays=0,
+        eval_untrained=False, log_every=50, save_every=250, output=str(folder), resume="auto", **row.overrides,
+    )
+
+
+def score(segmenter, split: str, scenes: int) -> dict[str, float]:
+    """Main-branch metrics on ``scenes`` synthetic scenes of ``split`` (seed 0: the same scenes for every run)."""
     from torch.utils.data import DataLoader
 
-    from examples.pipeline.config import TrainConfig
     from examples.pipeline.evaluation import evaluate
-    from examples.pipeline.factory import build_dataset
-    from examples.pipeline.trainer import train
-    from masksd.data import collate
+    from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
-    cfg = replace(
-        TrainConfig(),
-        epochs=mode["epochs"], synthetic_train_size=mode["synthetic_train_size"], seed=seed,
-        workers=0, progress=False, overlays=0, eval_untrained=False, log_every=50, output=str(folder),
-        **overrides,
-    )
+    data = SyntheticReferDataset(SyntheticConfig(split=split, num_samples=scenes, image_size=segmenter.config.image_size))
+    device = next(segmenter.parameters()).device
+    loader = DataLoader(data, batch_size=125, collate_fn=collate)
+    return evaluate(segmenter, loader, segmenter.tokenize, device, progress=False)
+
+
+def guidance(model, split: str, scenes: int = 512) -> dict[str, float]:
+    from torch.utils.data import DataLoader
+
+    from examples.pipeline.guidance import measure_guidance
+    from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
+
+    data = SyntheticReferDataset(SyntheticConfig(split=split, num_samples=scenes))
+    device = next(model.parameters()).device
+    return measure_guidance(model, DataLoader(data, batch_size=128, collate_fn=collate), model.segmenter.tokenize, device)
+
+
+def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None]) -> dict:
+    from examples.pipeline.trainer import train
+
+    cfg = train_config(row, seed, s, folder, premises)
     start = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, evaluate_at_end=False)
     seconds = time.perf_counter() - start
     segmenter = result.model.segmenter
-    compositional = build_dataset(cfg, "compositional", train=False)
-    loader = DataLoader(compositional, batch_size=64, collate_fn=collate)
-    device = next(segmenter.parameters()).device
-    comp = evaluate(segmenter, loader, segmenter.tokenize, device, cfg.eval_threshold, progress=False)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"val": result.metrics, "compositional": comp, "steps": result.steps, "seconds": seconds}
+    return {
+        "seed": seed, "steps": result.steps, "seconds": seconds,
+        s.split: score(segmenter, s.split, s.eval_scenes),
+        "compositional": score(segmenter, "compositional", s.eval_scenes),
+        "guidance_after": guidance(result.model, s.split),
+    }
 
 
-def summarise(runs: list[dict], split: str) -> dict[str, tuple[float, float]]:
-    out = {}
-    for metric in METRICS:
-        values = [r[split][metric] for r in runs]
-        out[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    return out
+def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None]) -> dict[str, float]:
+    """The LMVSD/VMLSD guidance of a premise's weights before fine-tuning (the decode head plays no part)."""
+    from examples.pipeline.factory import build_model
+
+    cfg = train_config(Row(premise, ""), 0, s, Path("."), premises)
+    return guidance(build_model(cfg), s.split)
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
+# ----------------------------------------------------------------------------------------------- report
+def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> dict[str, dict]:
+    summary = {}
+    baselines = {row.premise: name for name, row in rows.items() if row.overrides == BASELINE}
+    for name, row in rows.items():
+        done = runs.get(name, [])
+        if not done:
+            continue
+        entry = {"premise": row.premise, "seeds": [r["seed"] for r in done]}
+        for part in (split, "compositional"):
+            entry[part] = {m: mean_std([r[part][m] for r in done]) for m in METRICS}
+        entry["guidance_after"] = {g: mean_std([r["guidance_after"][g] for r in done]) for g in GUIDANCE if g in done[0]["guidance_after"]}
+        base = runs.get(baselines.get(row.premise, ""), [])
+        paired = [(r, b) for r in done for b in base if b["seed"] == r["seed"]]
+        if paired and name != baselines.get(row.premise):
+            entry["vs_baseline"] = {
+                part: paired_difference([r[part]["mIoU"] for r, _ in paired], [b[part]["mIoU"] for _, b in paired])
+                for part in (split, "compositional")
+            }
+        entry["seconds"] = statistics.mean(r["seconds"] for r in done)
+        summary[name] = entry
+    return summary
+
+
+def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Settings, minutes: float) -> str:
+    def pm(x: tuple[float, float]) -> str:
+        return f"{x[0]:.2f} ± {x[1]:.2f}"
+
+    def diff(d: dict | None) -> str:
+        return "—" if d is None else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+    header = ["row", "weights", "paper table", f"{split} mIoU", "Δ vs baseline [95 % CI]", "oIoU", "Prec@0.5", "Prec@0.9",
+              "compositional mIoU", "Δ compositional [95 % CI]", "seeds", "s / run"]
+    lines = []
+    for name, e in summary.items():
+        vs = e.get("vs_baseline", {})
+        lines.append([name, e["premise"], rows[name].table, pm(e[split]["mIoU"]), diff(vs.get(split)), pm(e[split]["oIoU"]),
+                      pm(e[split]["Prec@0.5"]), pm(e[split]["Prec@0.9"]), pm(e["compositional"]["mIoU"]),
+                      diff(vs.get("compositional")), len(e["seeds"]), f"{e['seconds']:.0f}"])
+    g_lines = []
+    for premise, g in initial.items():
+        for name, e in summary.items():
+            if e["premise"] != premise:
+                continue
+            ga = e["guidance_after"]
+            g_lines.append([name, premise, f"{g['lmvsd_auc']:.3f}", pm(ga["lmvsd_auc"]) if "lmvsd_auc" in ga else "—",
+                            f"{g['lmvsd_kept']:.3f}", pm(ga["lmvsd_kept"]) if "lmvsd_kept" in ga else "—"])
+    return (
+        f"Tiny CRIS-style model, {s.steps} steps of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
+        f"{s.scenes} training scenes; scored on {s.eval_scenes} `{split}` and {s.eval_scenes} `compositional` scenes "
+        f"(the same for every run); mean ± sample std over seeds; Δ: paired difference to the baseline of the same "
+        f"weights, mean [95 % t-interval]; {minutes:.0f} min of runs in this invocation.\n\n"
+        + markdown_table(header, lines)
+        + "\n\nLMVSD guidance (masksd.guidance, 512 scenes, K = 0.5) before fine-tuning and after it, per row "
+        "(AUC chance 0.5, kept chance 0.5):\n\n"
+        + markdown_table(["row", "weights", "AUC before", "AUC after", "kept before", "kept after"], g_lines)
+    )
+
+
+def plot(summary: dict, split: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=False)
-    for ax, split in zip(axes, ("val", "compositional")):
-        means = [results[n]["summary"][split]["mIoU"][0] for n in names]
-        stds = [results[n]["summary"][split]["mIoU"][1] for n in names]
-        colours = ["#888888" if n == "baseline" else "#3465a4" for n in names]
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, part in zip(axes, (split, "compositional")):
+        means = [summary[n][part]["mIoU"][0] for n in names]
+        stds = [summary[n][part]["mIoU"][1] for n in names]
+        colours = ["#888888" if n.startswith("baseline") else "#3465a4" for n in names]
         ax.bar(range(len(names)), means, yerr=stds, color=colours, capsize=4)
-        for i, n in enumerate(names):  # the individual seeds
-            ax.scatter([i] * len(results[n]["runs"]), [r[split]["mIoU"] for r in results[n]["runs"]], s=8, color="black", zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylabel("mIoU (%)")
-        ax.set_title(f"synthetic {split}")
-        ax.axhline(means[0] if names[0] == "baseline" else 0, color="#888888", lw=0.8, ls="--")
+        ax.set_title(f"synthetic {part}")
+        low = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(max(0, low - 5), None)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 seeds, 250 steps per run (CPU, < 30 min)")
-    parser.add_argument("--only", nargs="+", help="row names to run (default: all of Tables II, V, VI, VII)")
-    parser.add_argument("--extra", action="store_true", help="also run the sweep rows (target kind, α, K, λ)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the mode's seeds")
-    parser.add_argument("--scenes", type=int, help="override the scenes per run (steps = scenes / 32 per epoch)")
-    parser.add_argument("--tag", help="results go to ablation_<mode>_<tag>.* (default: subset runs get _subset)")
+    parser.add_argument("--mode", choices=sorted(ROWS), default="pretrained")
+    parser.add_argument("--only", nargs="+", help="row names to run (default: every row of the mode)")
+    parser.add_argument("--extra", action="store_true", help="also the sweep rows (target kind, α, K, λ, min_masked)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=1500, help="optimiser steps per run")
+    parser.add_argument("--scenes", type=int, default=16000, help="training scenes per epoch")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--backbone-lr-scale", type=float, default=1.0)
+    parser.add_argument("--split", choices=("val", "test"), default="val", help="test: for choosing settings; val: for the table")
+    parser.add_argument("--eval-scenes", type=int, default=2000)
+    parser.add_argument("--region", default=PREMISES["region"], help="region-aligned CLIP weights (the shipped checkpoint)")
+    parser.add_argument("--global", dest="global_", default=PREMISES["global"], help="ClipLoss-only CLIP weights (examples/pretrain_clip.py --region-weight 0)")
+    parser.add_argument("--tag", help="results name (default: the mode)")
+    parser.add_argument("--work", default="runs/ablation", help="folder for the runs' checkpoints")
     args = parser.parse_args(argv)
-    mode_name = "quick" if args.quick else "full"
-    mode = dict(MODES[mode_name])
-    if args.seeds:
-        mode["seeds"] = tuple(args.seeds)
-    if args.scenes:
-        mode["synthetic_train_size"] = args.scenes
-    rows = dict(ROWS)
+
+    rows = dict(ROWS[args.mode])
     if args.extra:
         rows.update(EXTRA_ROWS)
     if args.only:
         unknown = set(args.only) - set(rows)
         if unknown:
-            parser.error(f"unknown rows {sorted(unknown)}; choose from {list(rows)}")
+            parser.error(f"--only: unknown rows {sorted(unknown)}; choose from {list(rows)}")
         rows = {k: v for k, v in rows.items() if k in args.only}
+    premises = {"region": args.region, "global": args.global_, "scratch": None}
+    from examples.cris.config import SHIPPED_WEIGHTS
 
-    results: dict[str, dict] = {}
+    for premise in {r.premise for r in rows.values()} - {"scratch"}:
+        path = SHIPPED_WEIGHTS.get(premises[premise], premises[premise])
+        if not Path(path).is_file():
+            parser.error(f"--{premise}: the {premise} weights {path} do not exist (see examples/pretrain_clip.py)")
+    settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale)
+    tag = args.tag or args.mode
+    store = RESULTS / f"ablation_{tag}_runs.json"
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    if saved and saved.get("settings") != settings.__dict__:
+        parser.error(f"{store} holds runs with other settings {saved.get('settings')}: pass another --tag or delete it")
+    runs: dict[str, list[dict]] = saved.get("runs", {})
+    initial: dict[str, dict] = saved.get("initial", {})
+
+    def keep() -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings.__dict__, "runs": runs, "initial": initial}, indent=1))
+        tmp.replace(store)
+
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (table, overrides) in rows.items():
-            runs = []
-            for seed in mode["seeds"]:
-                run = run_one(overrides, seed, mode, Path(tmp) / f"{len(results)}_{seed}")
-                runs.append(run)
-                print(f"{name:28s} seed {seed}: val mIoU {run['val']['mIoU']:6.2f}  compositional "
-                      f"{run['compositional']['mIoU']:6.2f}  ({run['steps']} steps, {run['seconds']:.0f} s)", flush=True)
-            results[name] = {"table": table, "overrides": overrides, "runs": runs,
-                             "summary": {s: summarise(runs, s) for s in ("val", "compositional")}}
+    for premise in sorted({r.premise for r in rows.values()}):
+        if premise not in initial:
+            initial[premise] = initial_guidance(premise, settings, premises)
+            keep()
+    for seed in args.seeds:  # seed by seed: an interrupted table still has whole seeds
+        for name, row in rows.items():
+            if any(r["seed"] == seed for r in runs.get(name, [])):
+                continue
+            folder = Path(args.work) / tag / name.replace(" ", "_").replace(",", "") / str(seed)
+            run = run_one(row, seed, settings, folder, premises)
+            runs.setdefault(name, []).append(run)
+            keep()
+            print(f"{name:36s} seed {seed}: {args.split} mIoU {run[args.split]['mIoU']:6.2f}  compositional "
+                  f"{run['compositional']['mIoU']:6.2f}  AUC after {run['guidance_after'].get('lmvsd_auc', float('nan')):.3f} "
+                  f"({run['steps']} steps, {run['seconds']:.0f} s)", flush=True)
     minutes = (time.perf_counter() - start) / 60
 
-    header = ["row", "paper table", *METRICS, "compositional mIoU", "s / run"]
-    lines = []
-    for name, r in results.items():
-        val, comp = r["summary"]["val"], r["summary"]["compositional"]
-        seconds = statistics.mean(x["seconds"] for x in r["runs"])
-        lines.append([name, r["table"], *(f"{val[m][0]:.2f} ± {val[m][1]:.2f}" for m in METRICS),
-                      f"{comp['mIoU'][0]:.2f} ± {comp['mIoU'][1]:.2f}", f"{seconds:.0f}"])
-    steps = results[next(iter(results))]["runs"][0]["steps"]
-    markdown = (
-        f"# Ablations on synthetic referring scenes ({mode_name} mode)\n\n"
-        f"Tiny CRIS-style model from scratch, {steps} steps of batch 32 per run, seeds {list(mode['seeds'])}; "
-        f"synthetic `val` (500 scenes) unless noted; mean ± sample std over seeds; {minutes:.0f} min in all.\n\n"
-        + markdown_table(header, lines)
-    )
+    summary = summarise(rows, runs, args.split)
+    markdown = f"# Ablations on synthetic referring scenes ({tag})\n\n" + render(rows, summary, initial, args.split, settings, minutes)
     print("\n" + markdown)
-    suffix = f"_{args.tag}" if args.tag else "" if not (args.only or args.extra or args.seeds or args.scenes) else "_subset"
-    png = RESULTS / f"ablation_{mode_name}{suffix}.png"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, png)
+    png = RESULTS / f"ablation_{tag}.png"
+    plot(summary, args.split, png)
     markdown += f"\n\n![mIoU per row]({png.name})"
     command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = write_results(f"ablation_{mode_name}{suffix}", markdown, {"mode": mode, "rows": results}, command)
+    paths = write_results(f"ablation_{tag}", markdown, {"settings": settings.__dict__, "summary": summary, "initial": initial,
+                                                         "rows": {n: r.__dict__ for n, r in rows.items()}}, command)
     print(f"wrote {paths[0]}, {paths[1]} and {png}")
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -234,3 +235,42 @@ def test_summary_of_vit_b16_at_480_is_near_the_paper():
     assert abs(params - paper["params_m"]) / paper["params_m"] < 0.10, params
     assert abs(macs - paper["gflops"]) / paper["gflops"] < 0.10, macs  # the paper's "FLOPs" are multiply-adds
     assert summary.masksd_params["both, shared"] - summary.masksd_params["baseline"] == 768 + 512
+
+
+def test_vmlsd_masking_counts_are_the_branch_formula():
+    import torch
+    from vmlsd_masking import masked_words
+
+    n = torch.arange(0, 21)
+    literal = masked_words(n, 0.5, 0.1, 0).tolist()
+    assert literal[:9] == [0] * 9 and literal[9] == 1  # round(0.1 * ceil(0.5 * n)) is 0 below 9 tokens
+    assert masked_words(n, 0.5, 0.1, 1).tolist() == [0] + [max(1, v) for v in literal[1:]]  # at least one, if any
+
+
+def test_ablation_paired_statistics_on_fixed_numbers():
+    from ablation import mean_std, paired_difference
+
+    # differences 2, 3, 0: mean 5/3, sample std sqrt(42/18), t(2 df) = 4.303
+    d = paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 4.0])
+    half = 4.303 * math.sqrt(42 / 18) / math.sqrt(3)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(5 / 3) and d["std"] == pytest.approx(math.sqrt(42 / 18))
+    assert (d["low"], d["high"]) == (pytest.approx(5 / 3 - half), pytest.approx(5 / 3 + half))
+    five = paired_difference([1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0, 0.0])  # 4 df: t = 2.776
+    assert five["low"] == pytest.approx(3 - 2.776 * math.sqrt(2.5) / math.sqrt(5))
+    assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(math.sqrt(2)))
+    with pytest.raises(ValueError, match="same nonzero length"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
+    from ablation import EXTRA_ROWS, ROWS, Settings, train_config
+
+    settings = Settings(steps=100, scenes=640, split="test", eval_scenes=10, lr=2e-3, backbone_lr_scale=1.0)
+    premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
+    for rows in (*ROWS.values(), EXTRA_ROWS):
+        for name, row in rows.items():
+            cfg = train_config(row, 3, settings, tmp_path, premises)
+            assert cfg.seed == 3 and cfg.max_steps == 100 and cfg.epochs == 5 and cfg.resume == "auto", name
+            m = cfg.masksd_config()
+            assert (not m.lmvsd.enabled and not m.vmlsd.enabled) == name.startswith("baseline"), name
+    assert train_config(ROWS["pretrained"]["+LMVSD"], 0, settings, tmp_path, premises).masksd_config().vmlsd.enabled is False

@@ -196,3 +196,48 @@ def test_autocast_paths_train_with_finite_losses(tmp_path, amp):
     assert sorted(log) == [1, 2, 3] and all(np.isfinite(v) for row in log.values() for v in row.values())
     assert result.model.branches["lmvsd"].masker.mask_token.dtype == torch.float32  # weights stay fp32
     assert np.isfinite(result.metrics["mIoU"])
+
+
+class _FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (not a dependency): records the scalars."""
+
+    scalars: list = []
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def add_scalar(self, tag, value, step):
+        _FakeWriter.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+
+def test_validation_keeps_the_eval_log_the_best_checkpoint_and_tensorboard_scalars(tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_FakeWriter))
+    _FakeWriter.scalars = []
+    train(tiny(tmp_path, eval_every=4, tensorboard=True, eval_untrained=False, overlays=0))  # 16 steps
+    with open(tmp_path / "eval_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [4, 8, 12, 16]
+    best_row = max(rows, key=lambda r: float(r["mIoU"]))
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["best"] == {"value": float(best_row["mIoU"]), "step": int(best_row["step"])} and best["step"] == int(best_row["step"])
+    assert load_checkpoint(tmp_path / "last.pt")["best"] == best["best"]  # a resumed run knows the best so far
+
+    from examples.evaluate import main as evaluate_main
+
+    report = evaluate_main(["--checkpoint", str(tmp_path / "best.pt"), "--workers", "0", "--no-progress"])
+    assert report["mIoU"] == pytest.approx(float(best_row["mIoU"]))  # the same val scenes
+    tags = {tag for tag, _, _ in _FakeWriter.scalars}
+    assert {"train/loss", "train/lmvsd", "val/mIoU", "val/oIoU"} <= tags
+    assert ("val/mIoU", float(best_row["mIoU"]), int(best_row["step"])) in _FakeWriter.scalars
+
+
+def test_tensorboard_missing_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.warns(UserWarning, match="tensorboard"):
+        train(tiny(tmp_path, tensorboard=True, max_steps=2, eval_untrained=False, overlays=0), evaluate_at_end=False)
+    assert (tmp_path / "train_log.csv").is_file()

@@ -13,7 +13,7 @@ from einops import rearrange
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from examples.cris.config import TINY_CLIP
+from examples.cris.config import SHIPPED_WEIGHTS, TINY_CLIP
 
 __all__ = ["CLIPBackbone", "create_clip", "get_tokenizer", "register_model_configs", "resolve_quick_gelu"]
 
@@ -39,7 +39,7 @@ def resolve_quick_gelu(model_name: str, pretrained: str | None, quick_gelu: bool
 def create_clip(
     model_name: str, pretrained: str | None, image_size: int, quick_gelu: bool | None = None
 ) -> open_clip.CLIP:
-    """An open_clip CLIP at ``image_size`` px: random init, a pretrained tag, or a local checkpoint.
+    """An open_clip CLIP at ``image_size`` px: random init, a pretrained tag, shipped weights by name, or a local checkpoint.
 
     open_clip interpolates the checkpoint's image position embedding to the new grid when it loads.
     Raises FileNotFoundError for a ``pretrained`` that is neither a tag nor a file, and a
@@ -48,6 +48,10 @@ def create_clip(
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"model_name {model_name!r} is not an open_clip model config (see open_clip.list_models())")
+    if pretrained in SHIPPED_WEIGHTS:
+        pretrained = str(SHIPPED_WEIGHTS[pretrained])
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"the shipped weights {pretrained} are missing from this checkout (git lfs? a partial copy?)")
     is_tag = pretrained is not None and bool(open_clip.get_pretrained_cfg(model_name, pretrained))
     if pretrained is not None and not is_tag and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(model_name)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["CRISConfig", "TINY_CLIP", "VARIANTS"]
+__all__ = ["CRISConfig", "SHIPPED_WEIGHTS", "TINY_CLIP", "VARIANTS"]
 
 TINY_CLIP = "masksd-tiny"
 """The open_clip model config shipped in ``examples/cris/model_configs/``: a 3-block ViT (width 64,
 patch 8, 64 px) and a 2-block text transformer (width 64) with CLIP's real 49408-token vocabulary."""
+
+SHIPPED_WEIGHTS: dict[str, Path] = {
+    "masksd-tiny-synthetic": Path(__file__).with_name("pretrained") / "masksd-tiny-synthetic.pt",
+}
+"""CLIP weights that ship with the repository, by name (``pretrained="masksd-tiny-synthetic"``): the tiny
+CLIP pretrained on the synthetic scenes by ``examples/pretrain_clip.py`` (see the README)."""
 
 # CLIP's text transformers are built with 77 positions; max_words may use at most that many.
 CLIP_CONTEXT_LENGTH = 77
@@ -36,8 +43,9 @@ class CRISConfig:
     """open_clip model config: "ViT-B-16" (paper's ablations and ViT-Base results), "ViT-L-14",
     or ``TINY_CLIP`` for tests. Any open_clip CLIP with a ViT image tower and a CLIP text tower works."""
     pretrained: str | None = "openai"
-    """CLIP weights: an open_clip tag for ``model_name`` ("openai", as in the paper), a local
-    checkpoint file in open_clip's format, or None for random init (tests, FLOP counts)."""
+    """CLIP weights: an open_clip tag for ``model_name`` ("openai", as in the paper), the name of
+    weights shipped here (:data:`SHIPPED_WEIGHTS`), a local checkpoint file in open_clip's format,
+    or None for random init (tests, FLOP counts)."""
     quick_gelu: bool | None = None
     """QuickGELU activations. None: what the pretrained tag was trained with (True for "openai");
     False for a local file or random init. Set True when loading OpenAI weights from a file."""
