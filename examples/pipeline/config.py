@@ -33,8 +33,8 @@ class LoopConfig:
     Defaults: the CPU demo's."""
 
     # optimisation (paper: Adam, wd 5e-4, batch 32, 100 epochs, 10 warm-up, lr 1e-5, cosine)
-    epochs: int = documented(2, help="Training epochs.")
-    warmup_epochs: float = documented(0.2, help="Linear warm-up, in epochs (may be fractional).")
+    epochs: int = documented(1, help="Training epochs.")
+    warmup_epochs: float = documented(0.1, help="Linear warm-up, in epochs (may be fractional).")
     batch_size: int = documented(32, help="Global batch size, split evenly across ranks.")
     lr: float = documented(2e-3, help="Peak learning rate.")
     weight_decay: float = documented(5e-4, help="Adam L2 weight decay.")
@@ -101,7 +101,7 @@ class TrainConfig(LoopConfig):
 
     # model
     model: str = documented(_DEMO["model_name"], help="open_clip model: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14.")
-    pretrained: str | None = documented(None, help="CLIP weights: an open_clip tag (openai), a local checkpoint path, or none for random init.")
+    pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init.")
     image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
     max_words: int = documented(17, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
 
