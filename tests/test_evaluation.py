@@ -77,7 +77,7 @@ def test_evaluate_script_with_cris_restore_records_the_protocol(tiny_run, tmp_pa
                             "--restore", "cris", "--threshold", "0.4", "--output", str(tmp_path / "val.json")])
     written = json.loads((tmp_path / "val.json").read_text())
     assert written == report
-    assert (report["restore"], report["threshold"], report["text_key"], report["samples"]) == ("cris", 0.4, "raw", 8)
+    assert (report["restore"], report["threshold"], report["text_key"], report["samples"]) == ("cris", 0.4, None, 8)  # synthetic: no text field
     assert "refs" not in report and "sentences" not in report  # synthetic scenes have no refs file
     assert set(report) >= {"mIoU", "oIoU", "Prec@0.5"}
     with pytest.raises(SystemExit):

@@ -196,7 +196,7 @@ def test_presets_and_the_factory_read_one_table_of_cris_variants():
     from examples.cris.config import VARIANTS
     from examples.pipeline.factory import cris_config
 
-    assert cris_config(TrainConfig()) == CRISConfig.tiny(max_words=17)
+    assert cris_config(TrainConfig()) == CRISConfig.tiny(max_words=17, pretrained="masksd-tiny-synthetic")
     for name, variant in (("refcoco-vitb", "vitb-576"), ("refcoco-vitl", "vitl-532"), ("ablation-vitb", "vitb-480")):
         cfg = preset(name)
         assert (cfg.model, cfg.image_size) == (VARIANTS[variant]["model_name"], VARIANTS[variant]["image_size"])
