@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         rows[f"after {result.steps} steps"] = result.metrics
         print(f"\n{cfg.dataset} {cfg.eval_split} ({result.output}):")
         print(format_table(rows))
+    if result.guidance:
+        from examples.pipeline.guidance import format_guidance
+
+        before = result.untrained_guidance
+        print(f"\nguidance after training{' (before: AUC %.3f, kept %.3f)' % (before['lmvsd_auc'], before['lmvsd_kept']) if before else ''}:")
+        print(format_guidance(result.guidance))
 
 
 if __name__ == "__main__":

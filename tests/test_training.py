@@ -241,3 +241,12 @@ def test_tensorboard_missing_is_a_warning_not_an_error(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="tensorboard"):
         train(tiny(tmp_path, tensorboard=True, max_steps=2, eval_untrained=False, overlays=0), evaluate_at_end=False)
     assert (tmp_path / "train_log.csv").is_file()
+
+
+def test_the_final_evaluation_records_the_guidance_before_and_after(finished_run):
+    out, result = finished_run
+    report = json.loads((out / "eval_val.json").read_text())
+    for key in ("guidance", "untrained_guidance"):
+        assert {"lmvsd_auc", "lmvsd_kept", "lmvsd_kept_chance", "vmlsd_precision"} <= set(report[key]), key
+        assert 0 <= report[key]["lmvsd_auc"] <= 1
+    assert report["guidance"] == pytest.approx(result.guidance)

@@ -114,6 +114,7 @@ class TrainConfig(LoopConfig):
     restore: RestoreMethod = documented("bilinear", help="How evaluation brings predictions back to the image size: bilinear, or cris (CRIS's bicubic upsampling and inverse letterbox warp).")
     overlays: int = documented(6, help="Overlay PNGs written after the final evaluation.")
     eval_untrained: bool = documented(True, help="Also evaluate the freshly initialised model before training, for comparison.")
+    eval_guidance: bool = documented(True, help="The final evaluation (and the untrained one) also measures the correlation filters' guidance (masksd.guidance) on the eval split.")
 
     def masksd_config(self) -> MaskSDConfig:
         """The MaskSD configuration to train with: ``masksd``, with both branches off for ``baseline``."""

@@ -32,6 +32,10 @@ class TrainResult:
     """Final evaluation (mIoU, oIoU, Prec@X in %); empty when evaluation was skipped."""
     untrained: dict[str, float] = field(default_factory=dict)
     """The same evaluation before the first step (``eval_untrained``, fresh runs only)."""
+    untrained_guidance: dict[str, float] = field(default_factory=dict)
+    """The guidance before the first step (``eval_untrained`` and ``eval_guidance``, fresh runs only)."""
+    guidance: dict[str, float] = field(default_factory=dict)
+    """The guidance after training (``eval_guidance``; masksd.guidance's keys)."""
     output: Path = Path(".")
     """The run folder."""
     model: MaskSD | None = None
@@ -90,38 +94,53 @@ class _Run(TrainingLoop):
         result = TrainResult(steps=self.step, output=self.out, model=self.model)
         if evaluate_at_end and self.cfg.eval_untrained and self.step == 0:
             result.untrained = self._evaluate(write=False)
+            if self.cfg.eval_guidance:
+                result.untrained_guidance = self._guidance()
         result.steps = self.fit()
         if evaluate_at_end:
-            result.metrics = self._evaluate(untrained=result.untrained)
+            if self.cfg.eval_guidance:
+                result.guidance = self._guidance()
+            extra = {"guidance": result.guidance, "untrained": result.untrained, "untrained_guidance": result.untrained_guidance}
+            result.metrics = self._evaluate(extra={k: v for k, v in extra.items() if v})
         return result
 
+    def _guidance(self) -> dict[str, float]:
+        """The correlation filters' guidance (masksd.guidance) on the eval split, summed over ranks."""
+        from examples.pipeline.guidance import measure_guidance
+
+        m = self.model.config
+        return measure_guidance(self.model, self._eval_loader(), self.tokenize, self.device, m.lmvsd.top_k, m.vmlsd.top_k,
+                                self.cfg.amp, self.cfg.progress and self.env.is_main)
+
     # --------------------------------------------------------------- evaluation and figures
-    def _evaluate(self, write: bool = True, untrained: dict[str, float] | None = None) -> dict[str, float]:
-        """Main-branch metrics on the eval split; rank 0 writes eval_<split>.json and the overlays."""
+    def _eval_loader(self) -> DataLoader:
+        """This rank's shard of the eval split (the dataset is built once: reading a refer index is slow)."""
         cfg, env = self.cfg, self.env
-        if self._eval_set is None:  # read the refer index once, not at every validation
+        if self._eval_set is None:
             self._eval_set = build_dataset(cfg, cfg.eval_split, train=False)
-        eval_set = self._eval_set
-        loader = DataLoader(
-            eval_set,
+        return DataLoader(
+            self._eval_set,
             batch_size=max(1, cfg.batch_size // env.world_size),
-            sampler=ShardSampler(len(eval_set), env.rank, env.world_size),
+            sampler=ShardSampler(len(self._eval_set), env.rank, env.world_size),
             num_workers=cfg.workers,
             collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.seed),  # leave the global RNG to training
         )
+
+    def _evaluate(self, write: bool = True, extra: dict[str, dict] | None = None) -> dict[str, float]:
+        """Main-branch metrics on the eval split; with ``write`` rank 0 writes them (and ``extra``) to
+        eval_<split>.json, and the overlays."""
+        cfg, env = self.cfg, self.env
         metrics = evaluate(
-            self.segmenter, loader, self.tokenize, self.device, cfg.eval_threshold, cfg.amp, cfg.progress and env.is_main,
-            cfg.restore,
+            self.segmenter, self._eval_loader(), self.tokenize, self.device, cfg.eval_threshold, cfg.amp,
+            cfg.progress and env.is_main, cfg.restore,
         )
         if env.is_main and write:
             report = {"split": cfg.eval_split, "step": self.step, "threshold": cfg.eval_threshold, "restore": cfg.restore,
-                      "text_key": cfg.text_key if cfg.dataset != "synthetic" else None, **metrics}
-            if untrained:
-                report["untrained"] = untrained
+                      "text_key": cfg.text_key if cfg.dataset != "synthetic" else None, **metrics, **(extra or {})}
             (self.out / f"eval_{cfg.eval_split}.json").write_text(json.dumps(report, indent=2) + "\n")
             if cfg.overlays:
-                self._write_overlays(eval_set)
+                self._write_overlays(self._eval_set)
         return metrics
 
     @torch.no_grad()
