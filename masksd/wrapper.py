@@ -114,10 +114,13 @@ class MaskSD(nn.Module):
         texts: Any,
         ground_truth: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        distill_scale: float = 1.0,
     ) -> MaskSDOutput | torch.Tensor:
         """images, texts: whatever the segmenter takes; ground_truth: (B, [1,] H, W) float mask.
 
-        ``generator`` (optional) drives the random choice of masked tokens.
+        ``generator`` (optional) drives the random choice of masked tokens. ``distill_scale`` (ours,
+        not the paper's) multiplies both branch losses, for a schedule that ramps them up once the
+        main branch is a useful teacher; 1 is the paper's constant λ.
         """
         if not self.training:
             return self.segmenter(images, texts)
@@ -135,7 +138,7 @@ class MaskSD(nn.Module):
             masked, out.image_masked = branch.perturb(image_embedded, text.pooled, visual, generator)
             head = self._head(branch)
             student = self._run_branch(lambda m: head(seg.encode_image(m), text), masked)
-            out.lmvsd_loss = branch.criterion(student, logits, ground_truth)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.lmvsd_loss
 
         if "vmlsd" in self.branches:  # image-guided masking of words; visual features reused
@@ -143,7 +146,7 @@ class MaskSD(nn.Module):
             masked, out.text_masked = branch.perturb(text_embedded, visual.pooled, text, generator)
             head = self._head(branch)
             student = self._run_branch(lambda m: head(visual, seg.encode_text(m)), masked)
-            out.vmlsd_loss = branch.criterion(student, logits, ground_truth)
+            out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.vmlsd_loss
 
         return out

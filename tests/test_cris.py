@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import open_clip
+from einops import rearrange
 import pytest
 import torch
 import torch.nn.functional as F
@@ -429,3 +430,18 @@ def test_a_cris_training_step_reads_no_tensor_value(monkeypatch):
     out.loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(out.loss)
+
+
+def test_projected_deep_level_feeds_the_decoder_the_tokens_the_filter_ranks():
+    model = tiny(deep_level="projected")
+    images, ids, truth = batch(model)
+    assert model.backbone.visual.proj.requires_grad and model.backbone.visual.ln_post.weight.requires_grad
+    visual = model.encode_image(model.embed_image(images))
+    deep = visual.context[-1]  # (B, D, g, g)
+    assert deep.shape == (2, model.backbone.embed_dim, 8, 8)
+    assert torch.equal(rearrange(deep, "b c h w -> b (h w) c"), visual.tokens)
+    wrapped = MaskSD(model).train()
+    wrapped(images, ids, truth).loss.backward()
+    assert model.backbone.visual.proj.grad is not None and model.backbone.visual.proj.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="deep_level"):
+        CRISConfig.tiny(deep_level="last")

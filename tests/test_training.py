@@ -250,3 +250,10 @@ def test_the_final_evaluation_records_the_guidance_before_and_after(finished_run
         assert {"lmvsd_auc", "lmvsd_kept", "lmvsd_kept_chance", "vmlsd_precision"} <= set(report[key]), key
         assert 0 <= report[key]["lmvsd_auc"] <= 1
     assert report["guidance"] == pytest.approx(result.guidance)
+
+
+def test_distill_ramp_grows_the_branch_losses_from_zero(tmp_path):
+    train(tiny(tmp_path, distill_ramp=0.5, epochs=1, eval_untrained=False, overlays=0), evaluate_at_end=False)  # 8 steps
+    log = read_log(tmp_path / "train_log.csv")
+    assert log[1]["lmvsd"] == 0 and log[1]["vmlsd"] == 0  # step 0 of a 4-step ramp
+    assert log[2]["lmvsd"] > 0 and abs(log[1]["loss"] - log[1]["seg"]) < 1e-6

@@ -396,3 +396,16 @@ def test_checkpointed_branches_keep_fewer_activations(batch):
     checkpointed = saved_bytes(MaskSD(segmenter, MaskSDConfig(checkpoint_branches=True)).train())
     baseline = saved_bytes(MaskSD(segmenter, MaskSDConfig.baseline()).train())
     assert baseline < checkpointed < plain
+
+
+def test_distill_scale_multiplies_only_the_branch_losses(batch):
+    images, ids, masks = batch
+    model = MaskSD(ToyViT())
+    model.eval()
+    model.training = True  # no dropout: both calls see the same network
+    full = model(images, ids, masks, generator=torch.Generator().manual_seed(0))
+    half = model(images, ids, masks, generator=torch.Generator().manual_seed(0), distill_scale=0.5)
+    assert torch.equal(full.seg_loss, half.seg_loss)
+    assert torch.allclose(half.lmvsd_loss, full.lmvsd_loss / 2) and torch.allclose(half.vmlsd_loss, full.vmlsd_loss / 2)
+    none = model(images, ids, masks, distill_scale=0.0)
+    assert torch.allclose(none.loss, none.seg_loss)

@@ -113,7 +113,9 @@ class CLIPBackbone(nn.Module):
     positions so pretrained weights load unchanged; only the first ``max_words`` are used.
     """
 
-    def __init__(self, clip: open_clip.CLIP, max_words: int, feature_layers: tuple[int, int, int]):
+    def __init__(
+        self, clip: open_clip.CLIP, max_words: int, feature_layers: tuple[int, int, int], deep_level: str = "block"
+    ):
         super().__init__()
         if max_words > clip.context_length:
             raise ValueError(f"max_words={max_words} exceeds the text tower's {clip.context_length} positions")
@@ -127,13 +129,15 @@ class CLIPBackbone(nn.Module):
         # CLIP's logit_scale (and logit_bias) are not taken: only the contrastive loss uses them.
         self.max_words = max_words
         self.feature_layers = tuple(feature_layers)
+        self.deep_level = deep_level
         self.grid_size = tuple(self.visual.grid_size)
 
-        # ln_post and proj only map tokens into the joint space for MaskSD's no-grad correlation: frozen.
-        self.visual.ln_post.requires_grad_(False)
-        self.visual.proj.requires_grad_(False)
-        # Blocks after the deepest feature level feed only that correlation too.
-        self.visual.transformer.resblocks[self.feature_layers[-1] + 1 :].requires_grad_(False)
+        if deep_level == "block":
+            # ln_post and proj only map tokens into the joint space for MaskSD's no-grad correlation: frozen.
+            self.visual.ln_post.requires_grad_(False)
+            self.visual.proj.requires_grad_(False)
+            # Blocks after the deepest feature level feed only that correlation too.
+            self.visual.transformer.resblocks[self.feature_layers[-1] + 1 :].requires_grad_(False)
 
     @property
     def image_width(self) -> int:
@@ -159,7 +163,8 @@ class CLIPBackbone(nn.Module):
         """(B, N, Cv) patch embeddings -> (tokens (B, N, D), pooled (B, D), levels).
 
         tokens and pooled are the patch and class tokens through ln_post and proj (the joint space);
-        levels are the (B, Cv, h, w) outputs of the ``feature_layers`` blocks, class token dropped.
+        levels are the (B, Cv, h, w) outputs of the ``feature_layers`` blocks, class token dropped;
+        with ``deep_level="projected"`` the deepest is the (B, D, h, w) projected final patch tokens instead.
         """
         visual = self.visual
         batch = patches.shape[0]
@@ -172,6 +177,8 @@ class CLIPBackbone(nn.Module):
             if index in self.feature_layers:
                 levels.append(rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid_size[0]))
         x = visual.ln_post(x) @ visual.proj  # (B, 1 + N, D)
+        if self.deep_level == "projected":  # the tokens the correlation ranks also feed the decoder (ETRIS-style)
+            levels[-1] = rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid_size[0])
         return x[:, 1:], x[:, 0], levels
 
     def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:

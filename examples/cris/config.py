@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 __all__ = ["CRISConfig", "SHIPPED_WEIGHTS", "TINY_CLIP", "VARIANTS"]
 
@@ -18,6 +18,8 @@ SHIPPED_WEIGHTS: dict[str, Path] = {
 }
 """CLIP weights that ship with the repository, by name (``pretrained="masksd-tiny-synthetic"``): the tiny
 CLIP pretrained on the synthetic scenes by ``examples/pretrain_clip.py`` (see the README)."""
+
+DeepLevel = Literal["block", "projected"]
 
 # CLIP's text transformers are built with 77 positions; max_words may use at most that many.
 CLIP_CONTEXT_LENGTH = 77
@@ -76,6 +78,11 @@ class CRISConfig:
     """Dropout in the decoder's attention and feed-forward paths."""
     projector_kernel: int = 3
     """Size of the dynamic convolution kernel that the sentence state generates (odd)."""
+    deep_level: DeepLevel = "block"
+    """What feeds the 1/32 level: "block", the raw output of the last feature block (CRIS on a ViT;
+    CLIP's ln_post and proj then only serve MaskSD's correlation and stay frozen), or "projected",
+    the final patch tokens through ln_post and proj (as the ETRIS port of CRIS to ViT does), so the
+    segmentation loss also trains the tokens the correlation filter ranks. Ours, not the paper's."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -117,6 +124,8 @@ class CRISConfig:
                 f"neck_channels[1]={self.neck_channels[1]} is the decoder's input width and must equal "
                 f"decoder_dim={self.decoder_dim}"
             )
+        if self.deep_level not in get_args(DeepLevel):
+            raise ValueError(f"deep_level must be one of {get_args(DeepLevel)}, got {self.deep_level!r}")
         _check_int("projector_kernel", self.projector_kernel, low=1)
         if self.projector_kernel % 2 == 0:
             raise ValueError(f"projector_kernel must be odd (same-size output), got {self.projector_kernel}")

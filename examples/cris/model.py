@@ -37,7 +37,8 @@ class DecodeHead(nn.Module):
 
     def __init__(self, image_width: int, text_dim: int, config: CRISConfig):
         super().__init__()
-        self.pyramid = ViTPyramid(image_width, config.pyramid_channels)
+        deep_width = text_dim if config.deep_level == "projected" else image_width  # text_dim is CLIP's joint D
+        self.pyramid = ViTPyramid(image_width, config.pyramid_channels, deep_width)
         self.neck = FusionNeck(config.pyramid_channels, config.neck_channels, text_dim)
         self.decoder = VisionLanguageDecoder(
             config.decoder_layers,
@@ -81,7 +82,7 @@ class CRIS(SegmenterAdapter):
         if config.image_size % patch:
             raise ValueError(f"image_size={config.image_size} must be a multiple of {config.model_name}'s patch size {patch}")
         layers = config.resolved_feature_layers(len(clip.visual.transformer.resblocks))
-        self.backbone = CLIPBackbone(clip, config.max_words, layers)
+        self.backbone = CLIPBackbone(clip, config.max_words, layers, config.deep_level)
         self.decode_head = DecodeHead(self.backbone.image_width, self.backbone.embed_dim, config)
         self.image_embed_dim = self.backbone.image_width
         self.text_embed_dim = self.backbone.text_width

@@ -52,13 +52,14 @@ class ViTPyramid(nn.Module):
     residual stream is unnormalised) and resampled: transposed conv up, 1x1 conv, strided 3x3 conv down.
     """
 
-    def __init__(self, width: int, channels: Sequence[int]):
+    def __init__(self, width: int, channels: Sequence[int], deep_width: int | None = None):
         super().__init__()
         low, mid, high = channels
-        self.norms = nn.ModuleList([_ChannelNorm(width) for _ in range(3)])
+        deep_width = width if deep_width is None else deep_width  # the projected tokens' D for deep_level="projected"
+        self.norms = nn.ModuleList([_ChannelNorm(w) for w in (width, width, deep_width)])
         self.up = nn.ConvTranspose2d(width, low, kernel_size=2, stride=2)
         self.same = nn.Conv2d(width, mid, kernel_size=1)
-        self.down = nn.Conv2d(width, high, kernel_size=3, stride=2, padding=1)
+        self.down = nn.Conv2d(deep_width, high, kernel_size=3, stride=2, padding=1)
 
     def forward(self, levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """levels: three (B, width, g, g) maps, shallow to deep. Returns (B, C_i, ...) at 2g, g, ceil(g/2)."""

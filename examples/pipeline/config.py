@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
-from examples.cris.config import VARIANTS
+from examples.cris.config import VARIANTS, CRISConfig, DeepLevel
 from examples.pipeline.cli import dataclass_from_dict, flatten, unflatten
 from examples.pipeline.distributed import Device
 from examples.pipeline.evaluation import Amp
@@ -103,11 +103,13 @@ class TrainConfig(LoopConfig):
     model: str = documented(_DEMO["model_name"], help="open_clip model: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14.")
     pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init.")
     image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
-    max_words: int = documented(17, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
+    max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
+    deep_level: DeepLevel = documented(CRISConfig.deep_level, help="What feeds CRIS's 1/32 level: block (the last feature block's output, CRIS on a ViT) or projected (CLIP's projected final tokens, ETRIS-style, so segmentation trains the tokens MaskSD correlates; ours).")
 
     # MaskSD
     baseline: bool = documented(False, help="Train the bare segmenter: both MaskSD branches off (overrides --lmvsd/--vmlsd).")
     masksd: MaskSDConfig = documented(default_factory=MaskSDConfig, help="MaskSD's switches (paper defaults).", flatten=True)
+    distill_ramp: float = documented(0.0, help="Ramp both branch losses linearly from 0 to their full weight over this fraction of the training steps, so that the main branch teaches once it is a useful teacher (ours, beyond the paper; 0: the paper's constant λ).")
 
     # evaluation
     eval_threshold: float = documented(0.35, help="Binarisation threshold of the sigmoid output at evaluation (the paper's 0.35).")
@@ -143,6 +145,10 @@ class TrainConfig(LoopConfig):
             raise ValueError(f"overlays must be >= 0, got {self.overlays}")
         if not 0 < self.eval_threshold < 1:
             raise ValueError(f"eval_threshold must be in (0, 1), got {self.eval_threshold}")
+        if not 0 <= self.distill_ramp <= 1:
+            raise ValueError(f"distill_ramp must be a fraction of the training in [0, 1], got {self.distill_ramp}")
+        if self.deep_level not in get_args(DeepLevel):
+            raise ValueError(f"deep_level must be one of {get_args(DeepLevel)}, got {self.deep_level!r}")
         if self.text_key not in get_args(TextKey):
             raise ValueError(f"text_key must be one of {get_args(TextKey)}, got {self.text_key!r}")
 

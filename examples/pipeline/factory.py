@@ -47,7 +47,9 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
 
 def cris_config(cfg: TrainConfig) -> CRISConfig:
     """The segmenter a run trains: the architecture of ``cfg.model``'s CRIS variant, at the run's size and weights."""
-    return CRISConfig.for_model(cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
+    return CRISConfig.for_model(
+        cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words, deep_level=cfg.deep_level
+    )
 
 
 def build_segmenter(cfg: TrainConfig) -> CRIS:

@@ -83,7 +83,9 @@ class _Run(TrainingLoop):
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor | None]:
         images, tokens, masks = self._inputs(batch)
-        out = self.train_model(images, tokens, masks, generator=self.generator)
+        ramp = self.cfg.distill_ramp * self.total_steps
+        scale = min(1.0, self.step / ramp) if ramp > 0 else 1.0  # ours: λ grows with the teacher
+        out = self.train_model(images, tokens, masks, generator=self.generator, distill_scale=scale)
         return {"loss": out.loss, "seg": out.seg_loss, "lmvsd": out.lmvsd_loss, "vmlsd": out.vmlsd_loss}
 
     def validate(self) -> dict[str, float]:
