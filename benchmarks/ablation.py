@@ -2,7 +2,7 @@
 
     python benchmarks/ablation.py --mode pretrained       # the paper's regime in miniature (about 3 h on 2 CPU cores)
     python benchmarks/ablation.py --mode scratch          # the tiny model from random init (masksd 0.1's setting)
-    python benchmarks/ablation.py --mode pretrained --split test --only "baseline" --steps 500 1000 --tag choose
+    python benchmarks/ablation.py --mode pretrained --split test --only baseline CM-MaskSD --seeds 0 1 --tag choose
 
 Every run fine-tunes the tiny CRIS-style model with the demo's settings (``TrainConfig()``), from the
 CLIP weights its row names: ``region`` (region-aligned pretraining: the premise of CM-MaskSD holds),
@@ -38,7 +38,7 @@ METRICS = ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")
 GUIDANCE = ("lmvsd_auc", "lmvsd_kept", "lmvsd_top1", "vmlsd_precision")
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-"""Two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond 30; the next lower df in between)."""
+"""Two-sided 95 % quantiles of Student's t by degrees of freedom (between and beyond them: the next lower df's, conservative)."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def paired_difference(values: list[float], baseline: list[float]) -> dict[str, f
     if n < 2:
         return {"mean": mean, "std": 0.0, "low": float("nan"), "high": float("nan"), "n": n}
     df = n - 1
-    t = T_95.get(df) or (1.96 if df > 30 else T_95[max(k for k in T_95 if k <= df)])
+    t = T_95.get(df) or T_95[max(k for k in T_95 if k <= df)]  # the next lower df: a slightly wider interval
     half = t * std / math.sqrt(n)
     return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
 
@@ -125,10 +125,9 @@ class Settings:
 
 
 def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None]):
-    from examples.pipeline.config import preset
+    from examples.pipeline.config import TrainConfig, preset
 
-    batch = 32
-    epochs = max(1, math.ceil(s.steps * batch / s.scenes))
+    epochs = max(1, math.ceil(s.steps * TrainConfig().batch_size / s.scenes))
     return preset(
         "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
         max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=1, progress=False, overlays=0,
@@ -155,7 +154,7 @@ def guidance(model, split: str, scenes: int = 512) -> dict[str, float]:
     from examples.pipeline.guidance import measure_guidance
     from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
-    data = SyntheticReferDataset(SyntheticConfig(split=split, num_samples=scenes))
+    data = SyntheticReferDataset(SyntheticConfig(split=split, num_samples=scenes, image_size=model.segmenter.config.image_size))
     device = next(model.parameters()).device
     return measure_guidance(model, DataLoader(data, batch_size=128, collate_fn=collate), model.segmenter.tokenize, device)
 
@@ -273,10 +272,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", help="row names to run (default: every row of the mode)")
     parser.add_argument("--extra", action="store_true", help="also the sweep rows (target kind, α, K, λ, min_masked)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=1500, help="optimiser steps per run")
-    parser.add_argument("--scenes", type=int, default=16000, help="training scenes per epoch")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--backbone-lr-scale", type=float, default=1.0)
+    from examples.pipeline.config import TrainConfig
+
+    demo = TrainConfig()
+    parser.add_argument("--steps", type=int, default=500, help="optimiser steps per run (batch %d)" % demo.batch_size)
+    parser.add_argument("--scenes", type=int, default=demo.synthetic_train_size, help="training scenes per epoch")
+    parser.add_argument("--lr", type=float, default=demo.lr)
+    parser.add_argument("--backbone-lr-scale", type=float, default=demo.backbone_lr_scale)
     parser.add_argument("--split", choices=("val", "test"), default="val", help="test: for choosing settings; val: for the table")
     parser.add_argument("--eval-scenes", type=int, default=2000)
     parser.add_argument("--region", default=PREMISES["region"], help="region-aligned CLIP weights (the shipped checkpoint)")
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     from examples.cris.config import SHIPPED_WEIGHTS
 
     for premise in {r.premise for r in rows.values()} - {"scratch"}:
-        path = SHIPPED_WEIGHTS.get(premises[premise], premises[premise])
+        path = SHIPPED_WEIGHTS[premises[premise]][1] if premises[premise] in SHIPPED_WEIGHTS else premises[premise]
         if not Path(path).is_file():
             parser.error(f"--{premise}: the {premise} weights {path} do not exist (see examples/pretrain_clip.py)")
     settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale)

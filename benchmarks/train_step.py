@@ -20,7 +20,7 @@ import contextlib
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import get_args
 
 import torch
@@ -33,6 +33,7 @@ from examples.pipeline.evaluation import Amp, autocast
 from masksd import MaskSD, MaskSDConfig
 
 VARIANTS = {name: TABLE_VII[name] for name in ("baseline", "LMVSD, shared", "VMLSD, shared", "both, shared")}
+VARIANTS["both, checkpointed"] = replace(TABLE_VII["both, shared"], checkpoint_branches=True)  # recomputes the branches
 BF16_PEAK_TFLOPS = {
     "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H200 NVL": 835.0, "GH200": 989.0,
     "A100": 312.0, "L40S": 362.0, "4090": 165.0,

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from examples.pipeline.config import TrainConfig  # noqa: E402
 from examples.pipeline.distributed import Device  # noqa: E402
-from masksd.data import RESIZE_MODES  # noqa: E402
+from masksd.data import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser.add_argument("--output-dir", default=".", help="where the PNGs go (default: .)")
     parser.add_argument("--threshold", type=float, default=TrainConfig().eval_threshold, help="sigmoid threshold (default: %(default)s)")
     parser.add_argument("--resize", choices=RESIZE_MODES, help="default: the run's")
+    parser.add_argument("--restore", choices=RESTORE_METHODS, help="bilinear or cris (CRIS's bicubic + inverse warp); default: the run's")
     parser.add_argument("--device", choices=get_args(Device), default="auto")
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
@@ -54,11 +55,13 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
     device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
-    transform = InputTransform(segmenter.config.image_size, args.resize or TrainConfig.from_dict(run, source=args.checkpoint).resize)
+    run_cfg = TrainConfig.from_dict(run, source=args.checkpoint)
+    transform = InputTransform(segmenter.config.image_size, args.resize or run_cfg.resize)
     image, _, frame = transform(rgb)
     with torch.no_grad():
         logits = segmenter(image[None].to(device), segmenter.tokenize([args.text]).to(device))  # (1, 1, h, w)
-    mask = (restore(torch.sigmoid(logits.float()).cpu()[0], frame)[0] > args.threshold).numpy()  # (H0, W0)
+    probs = torch.sigmoid(logits.float()).cpu()[0]  # (1, h, w)
+    mask = (restore(probs, frame, args.restore or run_cfg.restore)[0] > args.threshold).numpy()  # (H0, W0)
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ class BranchConfig:
     top_k: float | None = documented(None, help="K: fraction of candidate tokens kept by correlation filtering, in (0, 1].")
     ratio: float | None = documented(None, help="α: fraction of the kept tokens replaced by the mask token, in [0, 1].")
     weight: float | None = documented(None, help="λ: weight of this branch's loss in the total.")
-    min_masked: int | None = documented(None, help="Mask at least this many selected tokens in every sample that has them (0: round(α·kept) alone, which is 0 for short sentences).")
+    min_masked: int | None = documented(None, help="Mask at least this many selected tokens in every sample that has them, when α > 0 (0: round(α·kept) alone, which is 0 for short sentences).")
 
     @classmethod
     def lmvsd(cls, **overrides: Any) -> BranchConfig:

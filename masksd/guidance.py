@@ -21,12 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
 from masksd._checks import check_fraction, check_tensor
 from masksd.correlation import CorrelationFilter
+from masksd.metrics import sum_over_ranks
 from masksd.correlation import token_scores
 from masksd.wrapper import MaskSD, check_segmenter, encode_pair
 
@@ -197,13 +197,7 @@ class GuidanceMeter:
     def global_state(self) -> torch.Tensor:
         """The state summed over ranks when ``torch.distributed`` is initialised (a
         collective), else a copy of the local state. float64 (12,)."""
-        state = self.state.clone()
-        if dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-            state = state.to(device)
-            dist.all_reduce(state, op=dist.ReduceOp.SUM)
-            state = state.cpu()
-        return state
+        return sum_over_ranks(self.state)
 
     def compute(self) -> dict[str, float]:
         """Means over samples as fractions in [0, 1], and the sample counts (ints).

@@ -11,20 +11,20 @@ __all__ = ["GuidedMasker", "mask_counts"]
 
 
 def mask_counts(ratio: float, n_candidates: torch.Tensor, min_count: int = 0) -> torch.Tensor:
-    """round(ratio * n_candidates) per sample, halves rounded up (0.5 -> 1, 2.5 -> 3), and at least
-    min(min_count, n_candidates).
+    """round(ratio * n_candidates) per sample, halves rounded up (0.5 -> 1, 2.5 -> 3), and, unless
+    ratio is 0 (no masking asked for), at least min(min_count, n_candidates).
 
     n_candidates: (B,) integer counts. Returns (B,) int64.
     """
     # floor(x + 0.5) with slack so that 0.1 * 5 = 0.5 counts as a half, not just below it.
     counts = torch.floor(ratio * n_candidates.double() + 0.5 + 1e-9).long()
-    return torch.maximum(counts, n_candidates.long().clamp(max=min_count)) if min_count else counts
+    return torch.maximum(counts, n_candidates.long().clamp(max=min_count)) if min_count and ratio > 0 else counts
 
 
 class GuidedMasker(nn.Module):
     """Replaces ``round(ratio * n_candidates)`` randomly chosen candidate tokens
-    per sample (at least ``min_count`` where a sample has that many) with one
-    learnable mask token of size ``dim``.
+    per sample (at least ``min_count`` where a sample has that many, unless ratio
+    is 0) with one learnable mask token of size ``dim``.
 
     All other positions are returned bit-identical. The token is initialised
     from a normal (std 0.02) truncated at ±2 std and receives gradient through every

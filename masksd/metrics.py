@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["NO_TARGET_KEYS", "PRECISION_THRESHOLDS", "RISMetrics", "format_table", "intersection_union", "iou"]
+__all__ = ["NO_TARGET_KEYS", "PRECISION_THRESHOLDS", "RISMetrics", "format_table", "intersection_union", "iou", "sum_over_ranks"]
 
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 NO_TARGET_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc")
@@ -110,6 +110,18 @@ def iou(pred, target) -> float:
     return _iou_from_counts(inter, union).item()
 
 
+def sum_over_ranks(state: torch.Tensor) -> torch.Tensor:
+    """A copy of the CPU tensor ``state`` summed over all ranks when ``torch.distributed`` is initialised
+    (a collective: every rank must call it; through the GPU for nccl), else a plain copy."""
+    state = state.clone()
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        state = state.to(device)
+        dist.all_reduce(state, op=dist.ReduceOp.SUM)
+        state = state.cpu()
+    return state
+
+
 class RISMetrics:
     """Accumulates mIoU, overall IoU and Prec@X (and, once a no-target sample came, the
     GRES metrics) over batches and DDP ranks.
@@ -148,13 +160,7 @@ class RISMetrics:
     def global_state(self) -> torch.Tensor:
         """The state summed over ranks when ``torch.distributed`` is initialised
         (a collective), else a copy of the local state. float64 (7 + #thresholds,)."""
-        state = self.state.clone()
-        if dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-            state = state.to(device)
-            dist.all_reduce(state, op=dist.ReduceOp.SUM)
-            state = state.cpu()
-        return state
+        return sum_over_ranks(self.state)
 
     def compute(self) -> dict[str, float]:
         """``{"mIoU", "oIoU", "Prec@0.5", ..., "samples"}``: float percentages, and the int sample

@@ -94,9 +94,8 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert compiled["figures"]["backend"] == "eager" and compiled["figures"]["first_step_s"] > 0
     assert compiled["figures"]["speedup"] > 0 and compiled["figures"]["graph_breaks"] in (0, None)
     assert sections["sync_debug"]["status"] == "not applicable" and "CUDA" in sections["sync_debug"]["figures"]["reason"]
-    has_field = "checkpoint_branches" in {f.name for f in dataclasses.fields(MaskSDConfig)}
-    assert sections["checkpoint_branches"]["status"] == ("ok" if has_field else "unavailable")
-    assert ("CM-MaskSD, checkpointed" in sections["vit_b16"]["figures"]["variants"]) == has_field
+    assert sections["checkpoint_branches"]["status"] == "ok"
+    assert "CM-MaskSD, checkpointed" in sections["vit_b16"]["figures"]["variants"]
     assert "torchrun --standalone --nproc_per_node=1" in data["commands"]["torchrun"]
     text = (tmp_path / "gpu_check_tiny.md").read_text()
     assert "| 3. One-process torchrun" in text and "Machine:" in text
@@ -175,23 +174,11 @@ def test_describe_sync_names_the_innermost_repository_line():
     assert found["result"] == f"host sync at {found['operation']}"
 
 
-def test_checkpoint_option_follows_the_config_field(monkeypatch):
+def test_checkpoint_option_is_cm_masksd_with_checkpointed_branches():
     import gpu_check
 
-    @dataclasses.dataclass
-    class WithCheckpointing(MaskSDConfig):
-        checkpoint_branches: bool = False
-
-    monkeypatch.setattr(gpu_check, "MaskSDConfig", WithCheckpointing)
     config, note = gpu_check.checkpoint_option()
-    assert config.checkpoint_branches is True and "measured" in note
-
-    @dataclasses.dataclass
-    class Without:
-        share_weights: bool = True
-
-    monkeypatch.setattr(gpu_check, "MaskSDConfig", Without)
-    assert gpu_check.checkpoint_option() == (None, "unavailable: MaskSDConfig has no field checkpoint_branches")
+    assert config.checkpoint_branches is True and config.lmvsd.enabled and config.vmlsd.enabled and "measured" in note
 
 
 def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(monkeypatch):
@@ -274,3 +261,22 @@ def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
             m = cfg.masksd_config()
             assert (not m.lmvsd.enabled and not m.vmlsd.enabled) == name.startswith("baseline"), name
     assert train_config(ROWS["pretrained"]["+LMVSD"], 0, settings, tmp_path, premises).masksd_config().vmlsd.enabled is False
+
+
+def test_the_gpu_checks_torchrun_flags_train_from_random_init():
+    import torch
+    from gpu_check import Plan
+
+    from examples.train_cris_masksd import parse_args
+
+    for plan in (Plan.gpu(), Plan.tiny(torch.device("cpu"))):
+        cfg = parse_args(plan.train_args(torch.device("cpu"), Path("/tmp/x")))
+        assert cfg.pretrained is None and cfg.model == plan.small.model_name
+
+
+def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
+    from ablation import T_95, paired_difference
+
+    values = [float(i % 7) for i in range(18)]  # 17 df: not in the table, 15 df's quantile is used
+    d = paired_difference(values, [0.0] * 18)
+    assert (d["high"] - d["mean"]) == pytest.approx(T_95[15] * d["std"] / math.sqrt(18))

@@ -110,7 +110,8 @@ def test_min_count_masks_at_least_that_many_where_there_are_enough(batch, twenti
     _, applied = masker.mask(embeddings, candidates, generator=torch.Generator().manual_seed(seed))
     for b in range(embeddings.shape[0]):
         n = int(candidates[b].sum())
-        assert int(applied[b].sum()) == max(expected_count(fraction, n), min(minimum, n))
+        floor = min(minimum, n) if fraction > 0 else 0  # α = 0 asks for no masking
+        assert int(applied[b].sum()) == max(expected_count(fraction, n), floor)
 
 
 def test_the_paper_vmlsd_setting_masks_short_sentences_only_with_a_minimum():

@@ -170,7 +170,7 @@ def test_flag_choices_and_help_come_from_the_configs():
 
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, TrainConfig)
-    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    by_flag = {flag: a for a in parser._actions for flag in a.option_strings}
     expected = {"--supervision": get_args(Supervision), "--target": get_args(Target), "--amp": get_args(Amp),
                 "--device": get_args(Device), "--dataset": DATASETS, "--resize": RESIZE_MODES,
                 "--split-by": (*get_args(SplitBy), None)}
@@ -214,3 +214,62 @@ def test_version_is_written_once():
     assert version("masksd") == masksd.__version__
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in pyproject and "\nversion =" not in pyproject.split("[tool.setuptools.dynamic]")[0]
+
+
+def test_a_flag_can_undo_what_a_preset_switched():
+    cfg = parse_args(["--preset", "refcoco-vitb", "--no-tensorboard", "--eval-untrained", "--no-eval-guidance"])
+    assert (cfg.tensorboard, cfg.eval_untrained, cfg.eval_guidance) == (False, True, False)
+    assert parse_args(["--lmvsd", "--no-vmlsd"]).masksd_config().vmlsd.enabled is False
+
+
+def test_every_choice_flag_and_field_is_checked_against_its_literal():
+    from typing import get_args
+
+    from examples.cris.config import DeepLevel
+    from masksd.config import NormStats
+    from masksd.data import RESTORE_METHODS, TextKey
+
+    parser = argparse.ArgumentParser()
+    from examples.pipeline.cli import add_dataclass_arguments
+
+    add_dataclass_arguments(parser, TrainConfig)
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for flag, choices in {"--text-key": get_args(TextKey), "--restore": RESTORE_METHODS, "--deep-level": get_args(DeepLevel),
+                          "--branch-norm-stats": get_args(NormStats)}.items():
+        assert tuple(by_flag[flag].choices) == tuple(choices), flag
+    for name, bad in (("restore", "nearest"), ("resize", "crop"), ("split_by", "other"), ("text_key", "tokens"),
+                      ("deep_level", "last"), ("amp", "fp8"), ("device", "tpu"), ("dataset", "coco")):
+        with pytest.raises(ValueError, match=name):
+            preset("demo", **{name: bad})
+    for name, bad in (("lr", float("nan")), ("weight_decay", -1.0), ("grad_clip", float("inf")), ("distill_ramp", 2.0)):
+        with pytest.raises(ValueError, match=name):
+            preset("demo", **{name: bad})
+
+
+def test_a_masksd_01_checkpoint_config_keeps_its_masksd_settings():
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(TrainConfig()).items() if k != "masksd"}
+    old.update(lmvsd=True, vmlsd=False, lmvsd_top_k=0.7, lmvsd_ratio=0.5, lmvsd_weight=0.25, vmlsd_top_k=0.5,
+               vmlsd_ratio=0.1, vmlsd_weight=0.1, share_weights=False, masking=True, supervision="distill", target="hard")
+    cfg = TrainConfig.from_dict(old)
+    m = cfg.masksd_config()
+    assert (m.lmvsd.top_k, m.lmvsd.ratio, m.lmvsd.weight, m.vmlsd.enabled) == (0.7, 0.5, 0.25, False)
+    assert (m.share_weights, m.target, m.vmlsd.min_masked) == (False, "hard", 0)  # those runs masked literally
+
+
+def test_runtime_fields_are_marked_in_the_configs():
+    from examples.pipeline.config import runtime_fields
+    from examples.pipeline.pretrain import PretrainConfig
+
+    train = runtime_fields(TrainConfig)
+    assert {"output", "resume", "eval_every", "restore", "eval_guidance", "workers"} <= train
+    assert not {"lr", "seed", "epochs", "dataset", "masksd", "pretrained"} & train
+    assert {"output", "eval_every"} <= runtime_fields(PretrainConfig)
+
+
+def test_shipped_weights_refuse_another_model_by_name():
+    from examples.cris import CRIS, CRISConfig
+
+    with pytest.raises(ValueError, match="masksd-tiny-synthetic.*ViT-B-16"):
+        CRIS(CRISConfig(model_name="ViT-B-16", pretrained="masksd-tiny-synthetic", image_size=64))

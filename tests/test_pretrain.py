@@ -72,7 +72,7 @@ def test_the_shipped_checkpoint_loads_by_name_and_its_guidance_holds():
     from examples.pipeline.guidance import measure_guidance
     from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
-    path = SHIPPED_WEIGHTS["masksd-tiny-synthetic"]
+    _, path = SHIPPED_WEIGHTS["masksd-tiny-synthetic"]
     assert path.is_file() and path.stat().st_size < 16 * 2**20
     model = CRIS(CRISConfig.tiny(pretrained="masksd-tiny-synthetic"))
     data = SyntheticReferDataset(SyntheticConfig(split="val", num_samples=64))

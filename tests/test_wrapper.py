@@ -396,6 +396,8 @@ def test_checkpointed_branches_keep_fewer_activations(batch):
     checkpointed = saved_bytes(MaskSD(segmenter, MaskSDConfig(checkpoint_branches=True)).train())
     baseline = saved_bytes(MaskSD(segmenter, MaskSDConfig.baseline()).train())
     assert baseline < checkpointed < plain
+    # the branches' activations are what checkpointing drops: what stays is close to the baseline's
+    assert (checkpointed - baseline) < 0.25 * (plain - baseline)
 
 
 def test_distill_scale_multiplies_only_the_branch_losses(batch):
@@ -409,3 +411,25 @@ def test_distill_scale_multiplies_only_the_branch_losses(batch):
     assert torch.allclose(half.lmvsd_loss, full.lmvsd_loss / 2) and torch.allclose(half.vmlsd_loss, full.vmlsd_loss / 2)
     none = model(images, ids, masks, distill_scale=0.0)
     assert torch.allclose(none.loss, none.seg_loss)
+
+
+def test_frozen_norm_stats_and_checkpointing_together(batch):
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    segmenter = ConvGRU()
+    start = copy.deepcopy(segmenter.state_dict())
+    results = {}
+    for checkpointed in (False, True):
+        segmenter.load_state_dict(start)
+        torch.manual_seed(5)
+        model = MaskSD(segmenter, MaskSDConfig(branch_norm_stats="freeze", checkpoint_branches=checkpointed)).train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        out = model(images, ids, masks, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        results[checkpointed] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                                 _bn_state(segmenter))
+    (loss_a, grads_a, bn_a), (loss_b, grads_b, bn_b) = results[False], results[True]
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(bn_a[k], bn_b[k]) for k in bn_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)

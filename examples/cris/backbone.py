@@ -49,7 +49,10 @@ def create_clip(
     if model_name not in open_clip.list_models():
         raise ValueError(f"model_name {model_name!r} is not an open_clip model config (see open_clip.list_models())")
     if pretrained in SHIPPED_WEIGHTS:
-        pretrained = str(SHIPPED_WEIGHTS[pretrained])
+        model_for, path = SHIPPED_WEIGHTS[pretrained]
+        if model_for != model_name:
+            raise ValueError(f"pretrained={pretrained!r} holds weights for model {model_for!r}, got model_name {model_name!r}")
+        pretrained = str(path)
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"the shipped weights {pretrained} are missing from this checkout (git lfs? a partial copy?)")
     is_tag = pretrained is not None and bool(open_clip.get_pretrained_cfg(model_name, pretrained))

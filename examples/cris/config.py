@@ -13,10 +13,11 @@ TINY_CLIP = "masksd-tiny"
 """The open_clip model config shipped in ``examples/cris/model_configs/``: a 3-block ViT (width 64,
 patch 8, 64 px) and a 2-block text transformer (width 64) with CLIP's real 49408-token vocabulary."""
 
-SHIPPED_WEIGHTS: dict[str, Path] = {
-    "masksd-tiny-synthetic": Path(__file__).with_name("pretrained") / "masksd-tiny-synthetic.pt",
+SHIPPED_WEIGHTS: dict[str, tuple[str, Path]] = {
+    "masksd-tiny-synthetic": (TINY_CLIP, Path(__file__).with_name("pretrained") / "masksd-tiny-synthetic.pt"),
 }
-"""CLIP weights that ship with the repository, by name (``pretrained="masksd-tiny-synthetic"``): the tiny
+"""CLIP weights that ship with the repository, by name (``pretrained="masksd-tiny-synthetic"``): (the
+open_clip model they are for, the file). ``masksd-tiny-synthetic`` is the tiny
 CLIP pretrained on the synthetic scenes by ``examples/pretrain_clip.py`` (see the README)."""
 
 DeepLevel = Literal["block", "projected"]

@@ -1,8 +1,9 @@
 """Turn a dataclass config, nested configs included, into command-line flags.
 
 Each field becomes ``--field-name`` with the help text from its metadata (``masksd.config.documented``)
-and, for a ``Literal`` annotation, its values as ``choices``. A nested dataclass field ``lmvsd``
-contributes ``--lmvsd-<field>`` flags (its ``enabled`` switch becomes ``--lmvsd``/``--no-lmvsd``);
+and, for a ``Literal`` annotation, its values as ``choices``; a bool field is a switch with both
+``--field-name`` and ``--no-field-name``. A nested dataclass field ``lmvsd`` contributes
+``--lmvsd-<field>`` flags (its ``enabled`` switch becomes ``--lmvsd``/``--no-lmvsd``);
 with ``flatten=True`` in its metadata its flags carry no prefix. Argument destinations are dotted
 paths (``masksd.lmvsd.top_k``), the same keys :func:`flatten` gives and presets may use.
 """
@@ -18,7 +19,7 @@ from typing import Any, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["add_dataclass_arguments", "dataclass_from_args", "dataclass_from_dict", "flatten", "flag_names", "unflatten"]
+__all__ = ["add_dataclass_arguments", "check_choices", "dataclass_from_args", "dataclass_from_dict", "flatten", "unflatten"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +54,15 @@ def _flags(cls: type, dest: str = "", prefix: str = "", parent_help: str = "") -
             yield _Flag(path, f"{prefix}{f.name}".replace("_", "-"), help_text, hints[f.name])
 
 
-def flag_names(cls: type) -> dict[str, str]:
-    """Dotted field path -> its flag (``--x``, or ``--no-x`` for a switch that defaults to True)."""
-    defaults = flatten(cls())
-    return {s.dest: f"--no-{s.flag}" if _scalar(s.annotation)[0] is bool and defaults[s.dest] else f"--{s.flag}" for s in _flags(cls)}
+def check_choices(config: Any) -> None:
+    """Raise a ValueError naming the field unless each ``Literal``-annotated field of the dataclass
+    instance ``config`` (not its nested configs, which check themselves) holds one of its values."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        kind, optional = _scalar(hints[f.name])
+        value = getattr(config, f.name)
+        if typing.get_origin(kind) is Literal and not (optional and value is None) and value not in typing.get_args(kind):
+            raise ValueError(f"{f.name} must be one of {typing.get_args(kind)}, got {value!r}")
 
 
 def _parser_for(kind: Any, optional: bool):
@@ -76,9 +82,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = defaults[spec.dest]
         help_text = spec.help.replace("%", "%%") + " (default: %(default)s)"
         metavar = spec.flag.split("-", 1)[-1].upper().replace("-", "_")
-        if kind is bool:
-            switch = f"--no-{spec.flag}" if default else f"--{spec.flag}"
-            parser.add_argument(switch, dest=spec.dest, action="store_false" if default else "store_true", help=help_text)
+        if kind is bool:  # both --x and --no-x, so that a flag can undo what a preset set
+            parser.add_argument(f"--{spec.flag}", dest=spec.dest, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(kind) is Literal:
             values = typing.get_args(kind)
             choices = (*values, None) if optional else values

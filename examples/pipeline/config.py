@@ -7,18 +7,19 @@ from ``examples.cris.config.VARIANTS``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from examples.cris.config import VARIANTS, CRISConfig, DeepLevel
-from examples.pipeline.cli import dataclass_from_dict, flatten, unflatten
+from examples.pipeline.cli import check_choices, dataclass_from_dict, flatten, unflatten
 from examples.pipeline.distributed import Device
 from examples.pipeline.evaluation import Amp
 from masksd import MaskSDConfig
 from masksd.config import documented
-from masksd.data import DEFAULT_SPLIT_BY, ReferDatasetName, ResizeMode, RestoreMethod, SplitBy, TextKey
+from masksd.data import DEFAULT_SPLIT_BY, ReferConfig, ReferDatasetName, ResizeMode, RestoreMethod, SplitBy, TextKey
 
-__all__ = ["LoopConfig", "TrainConfig", "PRESETS", "DATASETS", "DatasetName", "RUNTIME_FIELDS", "preset"]
+__all__ = ["LoopConfig", "TrainConfig", "PRESETS", "DATASETS", "DatasetName", "preset", "runtime_fields"]
 
 DatasetName = Literal["synthetic", ReferDatasetName]
 """The built-in synthetic referring scenes, or a refer dataset read from files."""
@@ -40,21 +41,21 @@ class LoopConfig:
     weight_decay: float = documented(5e-4, help="Adam L2 weight decay.")
     backbone_lr_scale: float = documented(1.0, help="Learning-rate factor for the CLIP encoders (CRIS trains them at 0.1x).")
     grad_clip: float = documented(0.0, help="Clip the gradient norm to this value; 0 disables.")
-    max_steps: int | None = documented(None, help="Stop after this many optimiser steps in total (the schedule still spans all epochs).")
+    max_steps: int | None = documented(None, runtime=True, help="Stop after this many optimiser steps in total (the schedule still spans all epochs).")
 
     # runtime
-    device: Device = documented("auto", help="auto (CUDA when available), cuda or cpu.")
+    device: Device = documented("auto", runtime=True, help="auto (CUDA when available), cuda or cpu.")
     amp: Amp = documented("none", help="Autocast precision on top of fp32 weights: none, bf16 or fp16 (with a gradient scaler).")
     compile: bool = documented(False, help="torch.compile the model's heavy parts.")
     seed: int = documented(0, help="Seed of weights, data order, dropout and masking; runs with equal seeds repeat exactly on CPU.")
-    output: str = documented("runs/demo", help="Run folder: last.pt, best.pt, train_log.csv, eval_log.csv, results.")
-    resume: str | None = documented(None, help='Continue exactly from a checkpoint: a path, or "auto" for <output>/last.pt when it exists.')
-    save_every: int = documented(0, help="Also checkpoint every N optimiser steps; 0: at epoch ends only.")
-    log_every: int = documented(10, help="Write a log row every N steps.")
-    eval_every: int = documented(0, help="Validate every N epochs (refer datasets) or N steps (synthetic data), keep the metrics in eval_log.csv and the best checkpoint as best.pt; 0: only at the end.")
-    tensorboard: bool = documented(False, help="Also write the logged losses and validation metrics as TensorBoard scalars under <output>/tensorboard (needs tensorboard).")
-    workers: int = documented(2, help="DataLoader worker processes per rank.")
-    progress: bool = documented(True, help="Show tqdm progress bars.")
+    output: str = documented("runs/demo", runtime=True, help="Run folder: last.pt, best.pt, train_log.csv, eval_log.csv, results.")
+    resume: str | None = documented(None, runtime=True, help='Continue exactly from a checkpoint: a path, or "auto" for <output>/last.pt when it exists.')
+    save_every: int = documented(0, runtime=True, help="Also checkpoint every N optimiser steps; 0: at epoch ends only.")
+    log_every: int = documented(10, runtime=True, help="Write a log row every N steps.")
+    eval_every: int = documented(0, runtime=True, help="Validate every N epochs (refer datasets) or N steps (synthetic data), keep the metrics in eval_log.csv and the best checkpoint as best.pt; 0: only at the end.")
+    tensorboard: bool = documented(False, runtime=True, help="Also write the logged losses and validation metrics as TensorBoard scalars under <output>/tensorboard (needs tensorboard).")
+    workers: int = documented(2, runtime=True, help="DataLoader worker processes per rank.")
+    progress: bool = documented(True, runtime=True, help="Show tqdm progress bars.")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every"):
@@ -67,19 +68,27 @@ class LoopConfig:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.backbone_lr_scale < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0; weight_decay, backbone_lr_scale and grad_clip must be >= 0")
-        if self.amp not in get_args(Amp):
-            raise ValueError(f"amp must be one of {get_args(Amp)}, got {self.amp!r}")
-        if self.device not in get_args(Device):
-            raise ValueError(f"device must be one of {get_args(Device)}, got {self.device!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "backbone_lr_scale", "grad_clip", "warmup_epochs"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        check_choices(self)  # amp, device, and every choice a subclass adds
 
 
-RUNTIME_FIELDS = frozenset({
-    "resume", "output", "workers", "progress", "log_every", "save_every", "max_steps", "overlays", "device",
-    "data_root", "image_root", "eval_every", "tensorboard",
-})
-"""Settings a resumed run may change without changing what it computes."""
+_LEGACY_MASKSD = {
+    "lmvsd": "masksd.lmvsd.enabled", "vmlsd": "masksd.vmlsd.enabled", "share_weights": "masksd.share_weights",
+    "masking": "masksd.masking", "supervision": "masksd.supervision", "target": "masksd.target",
+    **{f"{b}_{k}": f"masksd.{b}.{k}" for b in ("lmvsd", "vmlsd") for k in ("top_k", "ratio", "weight")},
+}
+"""masksd 0.1's flat TrainConfig keys for MaskSD's settings, and where they live now."""
+
+
+def runtime_fields(cls: type) -> frozenset[str]:
+    """The fields of a config marked ``runtime=True``: settings a resumed run may change without changing
+    what training computes (where files go, what is logged and evaluated, how many workers load data)."""
+    return frozenset(f.name for f in fields(cls) if f.metadata.get("runtime"))
 
 
 @dataclass
@@ -90,14 +99,14 @@ class TrainConfig(LoopConfig):
     # data
     dataset: DatasetName = documented("synthetic", help="synthetic (built-in referring scenes, no files), refcoco, refcoco+ or refcocog.")
     split_by: SplitBy | None = documented(None, help="Refer split scheme: unc (RefCOCO/RefCOCO+), umd or google (G-Ref). None: the dataset's usual one (unc, unc, umd).")
-    data_root: str = documented("data", help="Folder holding <dataset>/refs(<split_by>).p and <dataset>/instances.json.")
-    image_root: str | None = documented(None, help="COCO train2014 images; None: <data_root>/images/mscoco/images/train2014 (the refer layout).")
+    data_root: str = documented("data", runtime=True, help="Folder holding <dataset>/refs(<split_by>).p and <dataset>/instances.json.")
+    image_root: str | None = documented(None, runtime=True, help="COCO train2014 images; None: <data_root>/images/mscoco/images/train2014 (the refer layout).")
     train_split: str = documented("train", help="Split to train on.")
-    eval_split: str = documented("val", help="Split validated during training and evaluated at the end (synthetic: val, test or compositional).")
-    text_key: TextKey = documented("raw", help="Refer sentence field: raw (as typed) or sent (lower-cased and tokenised, what CRIS reads; the paper presets use it).")
-    resize: ResizeMode = documented("letterbox", help="How images are fitted to the square input: letterbox (keep aspect, pad; CRIS) or resize (stretch).")
+    eval_split: str = documented("val", runtime=True, help="Split validated during training and evaluated at the end (synthetic: val, test or compositional).")
+    text_key: TextKey = documented(ReferConfig.text_key, help="Refer sentence field: raw (as typed) or sent (lower-cased and tokenised, what CRIS reads; the paper presets use it).")
+    resize: ResizeMode = documented(ReferConfig.resize_mode, help="How images are fitted to the square input: letterbox (keep aspect, pad; CRIS) or resize (stretch).")
     synthetic_train_size: int = documented(16000, help="Scenes per synthetic training epoch.")
-    synthetic_eval_size: int = documented(500, help="Synthetic scenes evaluated.")
+    synthetic_eval_size: int = documented(500, runtime=True, help="Synthetic scenes evaluated.")
 
     # model
     model: str = documented(_DEMO["model_name"], help="open_clip model: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14.")
@@ -112,11 +121,11 @@ class TrainConfig(LoopConfig):
     distill_ramp: float = documented(0.0, help="Ramp both branch losses linearly from 0 to their full weight over this fraction of the training steps, so that the main branch teaches once it is a useful teacher (ours, beyond the paper; 0: the paper's constant λ).")
 
     # evaluation
-    eval_threshold: float = documented(0.35, help="Binarisation threshold of the sigmoid output at evaluation (the paper's 0.35).")
-    restore: RestoreMethod = documented("bilinear", help="How evaluation brings predictions back to the image size: bilinear, or cris (CRIS's bicubic upsampling and inverse letterbox warp).")
-    overlays: int = documented(6, help="Overlay PNGs written after the final evaluation.")
-    eval_untrained: bool = documented(True, help="Also evaluate the freshly initialised model before training, for comparison.")
-    eval_guidance: bool = documented(True, help="The final evaluation (and the untrained one) also measures the correlation filters' guidance (masksd.guidance) on the eval split.")
+    eval_threshold: float = documented(0.35, runtime=True, help="Binarisation threshold of the sigmoid output at evaluation (the paper's 0.35).")
+    restore: RestoreMethod = documented("bilinear", runtime=True, help="How evaluation brings predictions back to the image size: bilinear, or cris (CRIS's bicubic upsampling and inverse letterbox warp).")
+    overlays: int = documented(6, runtime=True, help="Overlay PNGs written after the final evaluation.")
+    eval_untrained: bool = documented(True, runtime=True, help="Also evaluate the freshly initialised model before training, for comparison.")
+    eval_guidance: bool = documented(True, runtime=True, help="The final evaluation (and the untrained one) also measures the correlation filters' guidance (masksd.guidance) on the eval split.")
 
     def masksd_config(self) -> MaskSDConfig:
         """The MaskSD configuration to train with: ``masksd``, with both branches off for ``baseline``."""
@@ -127,13 +136,18 @@ class TrainConfig(LoopConfig):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """The config stored in a checkpoint (``dataclasses.asdict``); unknown keys are dropped with a warning."""
+        """The config stored in a checkpoint (``dataclasses.asdict``); unknown keys are dropped with a warning.
+        A masksd 0.1 checkpoint's flat MaskSD keys are read into ``masksd``, with VMLSD's literal rounding
+        (``min_masked=0``) that those runs trained with."""
+        if "masksd" not in values and _LEGACY_MASKSD.keys() & values.keys():
+            flat = {k: v for k, v in values.items() if k not in _LEGACY_MASKSD}
+            flat.update({_LEGACY_MASKSD[k]: v for k, v in values.items() if k in _LEGACY_MASKSD})
+            flat.setdefault("masksd.vmlsd.min_masked", 0)
+            values = unflatten(flat)
         return dataclass_from_dict(cls, values, source=source)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        super().__post_init__()  # also every choice: dataset, split_by, resize, text_key, deep_level, restore...
         if self.split_by is None and self.dataset != "synthetic":
             self.split_by = DEFAULT_SPLIT_BY[self.dataset]
         if not isinstance(self.masksd, MaskSDConfig):
@@ -147,10 +161,6 @@ class TrainConfig(LoopConfig):
             raise ValueError(f"eval_threshold must be in (0, 1), got {self.eval_threshold}")
         if not 0 <= self.distill_ramp <= 1:
             raise ValueError(f"distill_ramp must be a fraction of the training in [0, 1], got {self.distill_ramp}")
-        if self.deep_level not in get_args(DeepLevel):
-            raise ValueError(f"deep_level must be one of {get_args(DeepLevel)}, got {self.deep_level!r}")
-        if self.text_key not in get_args(TextKey):
-            raise ValueError(f"text_key must be one of {get_args(TextKey)}, got {self.text_key!r}")
 
 
 def _model(variant: str) -> dict[str, Any]:

@@ -83,7 +83,11 @@ def init_distributed(device: Device = "auto") -> Dist:
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=target, in_group=dist.is_initialized())
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(finished: bool = True) -> None:
+    """Leave the process group: after a barrier when every rank ``finished``; at once after an error, when
+    the other ranks may be waiting in another collective (a barrier would hang until the timeout and
+    hold up torchrun's restart)."""
     if dist.is_initialized():
-        dist.barrier()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

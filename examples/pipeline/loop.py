@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from examples.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
 from examples.pipeline.cli import flatten
-from examples.pipeline.config import RUNTIME_FIELDS, LoopConfig
+from examples.pipeline.config import LoopConfig, runtime_fields
 from examples.pipeline.distributed import Dist
 from examples.pipeline.evaluation import autocast
 from examples.pipeline.optim import build_optimizer, warmup_cosine
@@ -196,9 +196,10 @@ class TrainingLoop:
         path = latest_checkpoint(self.out) if resume == "auto" else Path(resume)
         if path is None:
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; load_state_dict copies the rest
         saved, now = flatten(state.get("config", {})), flatten(self.cfg)
-        changed = sorted(k for k in saved.keys() | now.keys() if k not in RUNTIME_FIELDS and saved.get(k) != now.get(k))
+        runtime = runtime_fields(type(self.cfg))
+        changed = sorted(k for k in saved.keys() | now.keys() if k not in runtime and saved.get(k) != now.get(k))
         if changed and self.env.is_main:
             print(f"warning: resuming {path} with changed settings {changed}: the run will not repeat the original")
         states = state["rng"]
@@ -270,19 +271,19 @@ class TrainingLoop:
                         del pending[:-1]
                     bar.update(1)
                     last_of_epoch = self.step % self.steps_per_epoch == 0
-                    saving = cfg.save_every and self.step % cfg.save_every == 0
+                    stopping = self.step >= self.stop_step
                     validating = self._validation_due(epoch, last_of_epoch)
-                    if saving or validating or last_of_epoch or self.step >= self.stop_step:
+                    saving = (cfg.save_every and self.step % cfg.save_every == 0) or last_of_epoch or stopping
+                    if saving or validating:
                         self._write_rows(pending, log, bar)  # a checkpoint never precedes its log rows
                         pending.clear()
-                    if saving:
-                        self.save()
-                    if validating:
+                    if validating:  # first, so that last.pt knows the best so far
                         eval_log = self._validate_and_keep_best(epoch, eval_log)
                         tick, ticked = time.perf_counter(), self.step  # validation time is not step time
-                    if self.step >= self.stop_step:
+                    if saving:
+                        self.save()
+                    if stopping:
                         break
-                self.save()  # epoch end (or the stop step)
         finally:
             self._write_rows(pending, log, bar)
             bar.close()
@@ -324,7 +325,7 @@ class TrainingLoop:
             eval_log.write(step=self.step, epoch=epoch, **metrics)
         if self.best_metric is not None:
             value = float(metrics[self.best_metric])
-            if not self.best or value > self.best["value"]:
+            if not math.isnan(value) and (not self.best or value > self.best["value"]):
                 self.best = {"value": value, "step": self.step}
                 self.save("best.pt")
         return eval_log
@@ -344,7 +345,7 @@ class TrainingLoop:
         self.scheduler.step()
         if (self.step + 1) % self.cfg.log_every:
             return None
-        nan = torch.tensor(float("nan"), device=losses["loss"].device)
+        nan = losses["loss"].new_full((), float("nan"))  # filled on the device: no copy from the host
         parts = torch.stack([losses[k].detach().float() if losses.get(k) is not None else nan for k in self.log_fields])
         if self.env.enabled:  # the logged losses are means over ranks (gloo has no AVG)
             dist.all_reduce(parts, op=dist.ReduceOp.SUM)

@@ -56,16 +56,16 @@ class PretrainConfig(LoopConfig):
     batch_size: int = documented(128, help="Global batch size: the contrastive negatives of each pair.")
     lr: float = documented(1e-3, help="Peak learning rate.")
     weight_decay: float = documented(0.0, help="Adam L2 weight decay.")
-    output: str = documented("runs/pretrain", help="Run folder: clip.pt (the open_clip weights), last.pt, best.pt, logs, report.json.")
-    eval_every: int = documented(250, help="Measure guidance and retrieval every N steps (eval_log.csv); 0: only at the end.")
+    output: str = documented("runs/pretrain", runtime=True, help="Run folder: clip.pt (the open_clip weights), last.pt, best.pt, logs, report.json.")
+    eval_every: int = documented(250, runtime=True, help="Measure guidance and retrieval every N steps (eval_log.csv); 0: only at the end.")
 
     # model and data
     model: str = documented(_TINY["model_name"], help="open_clip model config to pretrain (masksd-tiny).")
     pretrained: str | None = documented(None, help="Initial weights: none (random), an open_clip tag or a checkpoint path.")
     image_size: int = documented(_TINY["image_size"], help="Input size in pixels (the synthetic scenes are rendered at it).")
-    max_words: int = documented(17, help="Text positions incl. SOT/EOT.")
+    max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT.")
     synthetic_train_size: int = documented(64000, help="Scenes per pretraining epoch (train split).")
-    synthetic_eval_size: int = documented(512, help="Synthetic val scenes for the guidance and retrieval measurements.")
+    synthetic_eval_size: int = documented(512, runtime=True, help="Synthetic val scenes for the guidance and retrieval measurements.")
 
     # losses
     region_weight: float = documented(1.0, help="Weight of the region-text ClipLoss (referent's mask-pooled patch tokens vs its expression); 0: global ClipLoss only.")
@@ -79,10 +79,6 @@ class PretrainConfig(LoopConfig):
         for name in ("synthetic_train_size", "synthetic_eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.region_negatives not in ("batch", "background"):
-            raise ValueError(f"region_negatives must be 'batch' or 'background', got {self.region_negatives!r}")
-        if self.export not in ("last", "best"):
-            raise ValueError(f"export must be 'last' or 'best', got {self.export!r}")
 
     def cris_config(self) -> CRISConfig:
         """The CRIS segmenter whose backbone is pretrained (its decode head is not used)."""
@@ -155,7 +151,7 @@ class _Pretrain(TrainingLoop):
         train_set = SyntheticReferDataset(
             SyntheticConfig(image_size=cfg.image_size, num_samples=cfg.synthetic_train_size, split="train", seed=cfg.seed)
         )
-        super().__init__(cfg, env, model, train_set)
+        super().__init__(cfg, env, model, train_set, backbone_prefixes=("segmenter.backbone.",))  # not logit_scale
         self.segmenter: CRIS = self.model.segmenter
         distributed = dict(rank=env.rank, world_size=env.world_size, gather_with_grad=True) if env.enabled else {}
         self.clip_loss = open_clip.ClipLoss(cache_labels=True, **distributed)
@@ -191,7 +187,7 @@ class _Pretrain(TrainingLoop):
         before = self.validate() if self.step == 0 else None
         self.fit()
         if self.cfg.export == "best" and (self.out / "best.pt").is_file():
-            self.model.load_state_dict(load_checkpoint(self.out / "best.pt", map_location=self.device)["model"])
+            self.model.load_state_dict(load_checkpoint(self.out / "best.pt", map_location="cpu")["model"])
         after = self.validate()
         report = {"steps": self.step, "export": self.cfg.export, "best": self.best, "final": after}
         if before is not None:
@@ -225,6 +221,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run :class:`PretrainConfig`; under torchrun every rank calls this. Returns the report on every rank."""
     env = init_distributed(cfg.device)
     try:
-        return _Pretrain(cfg, env).run()
-    finally:
-        cleanup_distributed()
+        result = _Pretrain(cfg, env).run()
+    except BaseException:
+        cleanup_distributed(finished=False)
+        raise
+    cleanup_distributed()
+    return result

@@ -46,9 +46,12 @@ def train(cfg: TrainConfig, evaluate_at_end: bool = True) -> TrainResult:
     """Train per ``cfg``; under torchrun every rank calls this. Returns on every rank."""
     env = init_distributed(cfg.device)
     try:
-        return _Run(cfg, env).run(evaluate_at_end)
-    finally:
-        cleanup_distributed()
+        result = _Run(cfg, env).run(evaluate_at_end)
+    except BaseException:
+        cleanup_distributed(finished=False)
+        raise
+    cleanup_distributed()
+    return result
 
 
 class _Run(TrainingLoop):
