@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=get_args(Device), default="auto")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant")
     parser.add_argument("--rounds", type=int, default=10, help="measured steps per variant")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="variants to measure (the baseline is always one: the ratios are to it)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     use_tf32(device)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     cris = CRISConfig.for_model(args.model, pretrained=None, **({"image_size": args.size} if args.size else {}))
     bench = Bench(CRIS(cris), args.batch, device, args.amp)
-    names = list(VARIANTS)
+    names = ["baseline"] + [name for name in VARIANTS if name in args.variants and name != "baseline"]
     timings = bench.measure(names, args.warmup, args.rounds)
     with contextlib.suppress(Exception):
         torch.cuda.empty_cache()
