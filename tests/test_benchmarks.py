@@ -45,6 +45,16 @@ def test_train_step_measures_every_variant(tmp_path, monkeypatch):
         assert f"| {name} |" in text
 
 
+def test_train_step_variants_keep_the_baseline_and_drop_the_rest(tmp_path, monkeypatch):
+    import common
+    import train_step
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    train_step.main(["--batch", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--variants", "both, checkpointed"])
+    data = json.loads((tmp_path / "train_step_cpu_masksd-tiny_64.json").read_text())
+    assert list(data["variants"]) == ["baseline", "both, checkpointed"]
+
+
 def test_train_step_flops_scale_with_the_batch():
     import train_step
     import torch
