@@ -193,7 +193,10 @@ def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None])
 # ----------------------------------------------------------------------------------------------- report
 def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> dict[str, dict]:
     summary = {}
-    baselines = {row.premise: name for name, row in rows.items() if row.overrides == BASELINE}
+    baselines: dict[str, str] = {}  # premise -> its first plain baseline row (later ones are sweep baselines)
+    for name, row in rows.items():
+        if row.overrides == BASELINE:
+            baselines.setdefault(row.premise, name)
     for name, row in rows.items():
         done = runs.get(name, [])
         if not done:
@@ -216,19 +219,23 @@ def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> 
 
 
 def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Settings, minutes: float) -> str:
-    def pm(x: tuple[float, float]) -> str:
-        return f"{x[0]:.2f} ± {x[1]:.2f}"
+    def pm(x: tuple[float, float], n: int = 2) -> str:
+        return f"{x[0]:.2f} ± {x[1]:.2f}" if n > 1 else f"{x[0]:.2f}"  # one seed has no spread to show
 
     def diff(d: dict | None) -> str:
-        return "—" if d is None else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        if d is None:
+            return "—"
+        if d["n"] < 2:
+            return f"{d['mean']:+.2f} (one pair: no interval)"
+        return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
 
     header = ["row", "weights", "paper table", f"{split} mIoU", "Δ vs baseline [95 % CI]", "oIoU", "Prec@0.5", "Prec@0.9",
               "compositional mIoU", "Δ compositional [95 % CI]", "seeds", "s / run"]
     lines = []
     for name, e in summary.items():
-        vs = e.get("vs_baseline", {})
-        lines.append([name, e["premise"], rows[name].table, pm(e[split]["mIoU"]), diff(vs.get(split)), pm(e[split]["oIoU"]),
-                      pm(e[split]["Prec@0.5"]), pm(e[split]["Prec@0.9"]), pm(e["compositional"]["mIoU"]),
+        vs, n = e.get("vs_baseline", {}), len(e["seeds"])
+        lines.append([name, e["premise"], rows[name].table, pm(e[split]["mIoU"], n), diff(vs.get(split)), pm(e[split]["oIoU"], n),
+                      pm(e[split]["Prec@0.5"], n), pm(e[split]["Prec@0.9"], n), pm(e["compositional"]["mIoU"], n),
                       diff(vs.get("compositional")), len(e["seeds"]), f"{e['seconds']:.0f}"])
     g_lines = []
     for premise, g in initial.items():
@@ -236,8 +243,9 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
             if e["premise"] != premise:
                 continue
             ga = e["guidance_after"]
-            g_lines.append([name, premise, f"{g['lmvsd_auc']:.3f}", pm(ga["lmvsd_auc"]) if "lmvsd_auc" in ga else "—",
-                            f"{g['lmvsd_kept']:.3f}", pm(ga["lmvsd_kept"]) if "lmvsd_kept" in ga else "—"])
+            n = len(e["seeds"])
+            g_lines.append([name, premise, f"{g['lmvsd_auc']:.3f}", pm(ga["lmvsd_auc"], n) if "lmvsd_auc" in ga else "—",
+                            f"{g['lmvsd_kept']:.3f}", pm(ga["lmvsd_kept"], n) if "lmvsd_kept" in ga else "—"])
     return (
         f"Tiny CRIS-style model, {s.steps} steps of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
         f"{s.scenes} training scenes; scored on {s.eval_scenes} `{split}` and {s.eval_scenes} `compositional` scenes "

@@ -259,6 +259,31 @@ def test_ablation_paired_statistics_on_fixed_numbers():
         paired_difference([1.0], [1.0, 2.0])
 
 
+def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
+    from ablation import Row, Settings, render, summarise
+
+    def run(seed, val, comp):
+        metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
+        return {"seed": seed, "val": metrics(val), "compositional": metrics(comp), "seconds": 10.0,
+                "guidance_after": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}
+
+    rows = {"baseline": Row("region", "II", {"baseline": True}), "CM-MaskSD": Row("region", "II"),
+            "b2": Row("region", "—", {"baseline": True}), "m2": Row("region", "—", versus="b2")}
+    runs = {"baseline": [run(0, 50.0, 40.0), run(1, 52.0, 41.0), run(2, 60.0, 50.0)],
+            "CM-MaskSD": [run(1, 53.0, 40.0), run(0, 52.0, 41.0)],  # stored out of order; seed 2 missing
+            "b2": [run(0, 10.0, 10.0)], "m2": [run(0, 13.0, 12.0)]}
+    summary = summarise(rows, runs, "val")
+    d = summary["CM-MaskSD"]["vs_baseline"]["val"]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(1.5)  # (52 - 50) and (53 - 52): seed 2 has no pair
+    assert summary["CM-MaskSD"]["vs_baseline"]["compositional"]["mean"] == pytest.approx(0.0)
+    assert summary["m2"]["versus"] == "b2" and summary["m2"]["vs_baseline"]["val"]["mean"] == pytest.approx(3.0)
+    assert "vs_baseline" not in summary["baseline"]
+    text = render(rows, summary, {"region": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}, "val",
+                  Settings(steps=10, scenes=10, split="val", eval_scenes=10, lr=1e-3, backbone_lr_scale=1.0), 1.0)
+    assert "| m2 | region | — | 13.00 | +3.00 (one pair: no interval) |" in text  # one seed: no ± and no interval
+    assert "| baseline | region | II | 54.00 ± 5.29 |" in text
+
+
 def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
     from ablation import EXTRA_ROWS, ROWS, Settings, train_config
 
