@@ -250,7 +250,7 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
         f"Tiny CRIS-style model, {s.steps} steps of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
         f"{s.scenes} training scenes; scored on {s.eval_scenes} `{split}` and {s.eval_scenes} `compositional` scenes "
         f"(the same for every run); mean ± sample std over seeds; Δ: paired difference to the baseline of the same "
-        f"weights, mean [95 % t-interval]; {minutes:.0f} min of runs in this invocation.\n\n"
+        f"weights, mean [95 % t-interval]; {minutes:.0f} min of runs in all (wall time per run in the last column).\n\n"
         + markdown_table(header, lines)
         + "\n\nLMVSD guidance (masksd.guidance, 512 scenes, K = 0.5) before fine-tuning and after it, per row "
         "(AUC chance 0.5, kept chance 0.5):\n\n"
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global", dest="global_", default=PREMISES["global"], help="ClipLoss-only CLIP weights (examples/pretrain_clip.py --region-weight 0)")
     parser.add_argument("--tag", help="results name (default: the mode)")
     parser.add_argument("--work", default="runs/ablation", help="folder for the runs' checkpoints")
+    parser.add_argument("--report", action="store_true",
+                        help="only write the tables from the runs stored so far (an interrupted or partial table)")
     args = parser.parse_args(argv)
 
     rows = dict(ROWS[args.mode])
@@ -333,8 +335,11 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(json.dumps({"settings": settings.__dict__, "runs": runs, "initial": initial}, indent=1))
         tmp.replace(store)
 
-    start = time.perf_counter()
-    for premise in sorted({r.premise for r in rows.values()}):
+    if args.report:
+        if not runs:
+            parser.error(f"--report: {store} holds no runs")
+        args.seeds = []  # run nothing; summarise what is stored
+    for premise in sorted({r.premise for r in rows.values()} if not args.report else ()):
         if premise not in initial:
             initial[premise] = initial_guidance(premise, settings, premises)
             keep()
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:36s} seed {seed}: {args.split} mIoU {run[args.split]['mIoU']:6.2f}  compositional "
                   f"{run['compositional']['mIoU']:6.2f}  AUC after {run['guidance_after'].get('lmvsd_auc', float('nan')):.3f} "
                   f"({run['steps']} steps, {run['seconds']:.0f} s)", flush=True)
-    minutes = (time.perf_counter() - start) / 60
+    minutes = sum(r["seconds"] for name in rows for r in runs.get(name, [])) / 60
 
     summary = summarise(rows, runs, args.split)
     markdown = f"# Ablations on synthetic referring scenes ({tag})\n\n" + render(rows, summary, initial, args.split, settings, minutes)

@@ -284,6 +284,26 @@ def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
     assert "| baseline | region | II | 54.00 ± 5.29 |" in text
 
 
+def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkeypatch):
+    import ablation
+    import common
+
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(ablation, "run_one", lambda *a: pytest.fail("--report must not train"))
+    settings = ablation.Settings(steps=500, scenes=16000, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0)
+    metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
+    run = {"seed": 0, "val": metrics, "compositional": metrics, "seconds": 60.0, "guidance_after": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}
+    store = {"settings": settings.__dict__, "runs": {"baseline": [run]}, "initial": {"region": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}}
+    (tmp_path / "ablation_t_runs.json").write_text(json.dumps(store))
+    ablation.main(["--report", "--tag", "t", "--only", "baseline", "CM-MaskSD"])
+    text = (tmp_path / "ablation_t.md").read_text()
+    assert "| baseline | region | II | 50.00 | — |" in text and "| CM-MaskSD |" not in text  # no runs: no row
+    assert "1 min of runs in all" in text
+    with pytest.raises(SystemExit):
+        ablation.main(["--report", "--tag", "empty"])  # nothing stored
+
+
 def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
     from ablation import EXTRA_ROWS, ROWS, Settings, train_config
 
