@@ -1,6 +1,6 @@
 """The paper's ablations on the synthetic referring scenes, with paired seeds.
 
-    python benchmarks/ablation.py --mode pretrained       # the paper's regime in miniature (about 3 h on 2 CPU cores)
+    python benchmarks/ablation.py --mode pretrained       # the paper's regime in miniature (7 rows x 5 seeds, ~7 min a run on 2 CPU cores)
     python benchmarks/ablation.py --mode scratch          # the tiny model from random init (masksd 0.1's setting)
     python benchmarks/ablation.py --mode pretrained --split test --only baseline CM-MaskSD --seeds 0 1 --tag choose
 
@@ -11,8 +11,9 @@ CLIP weights its row names: ``region`` (region-aligned pretraining: the premise 
 and sees the same data order; every run is scored on the same scenes (``--split``, 2000 by
 default, and the compositional split). Rows run seed by seed, so an interrupted table still has
 complete seeds; finished runs are kept in ``benchmarks/results/ablation_<tag>_runs.json`` and
-skipped when the script runs again (a run in progress resumes from its last checkpoint).
-Choose settings with ``--split test``; report with ``--split val``.
+skipped when the script runs again (a run in progress resumes from its last checkpoint);
+``--report`` writes the tables from what is stored without training. Choose settings with
+``--split test``; report with ``--split val``.
 
 Reports per row the mean ± sample std over seeds, the paired difference to the baseline of the
 same premise with its 95 % t-interval, and the LMVSD guidance (masksd.guidance) of the weights
