@@ -143,14 +143,14 @@ def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[
     )
 
 
-def score(segmenter, split: str, scenes: int) -> dict[str, float]:
+def score(segmenter, split: str, scenes: int, seed: int = 0) -> dict[str, float]:
     """Main-branch metrics on ``scenes`` synthetic scenes of ``split`` (seed 0: the same scenes for every run)."""
     from torch.utils.data import DataLoader
 
     from examples.pipeline.evaluation import evaluate
     from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
-    data = SyntheticReferDataset(SyntheticConfig(split=split, num_samples=scenes, image_size=segmenter.config.image_size))
+    data = SyntheticReferDataset(SyntheticConfig(split=split, num_samples=scenes, image_size=segmenter.config.image_size, seed=seed))
     device = next(segmenter.parameters()).device
     loader = DataLoader(data, batch_size=125, collate_fn=collate)
     return evaluate(segmenter, loader, segmenter.tokenize, device, progress=False)

@@ -257,3 +257,28 @@ def test_distill_ramp_grows_the_branch_losses_from_zero(tmp_path):
     log = read_log(tmp_path / "train_log.csv")
     assert log[1]["lmvsd"] == 0 and log[1]["vmlsd"] == 0  # step 0 of a 4-step ramp
     assert log[2]["lmvsd"] > 0 and abs(log[1]["loss"] - log[1]["seg"]) < 1e-6
+
+
+def test_generalisation_gap_scores_each_stored_run_on_its_training_scenes(finished_run, tmp_path, monkeypatch):
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ablation
+    import common
+    import generalisation_gap
+    from examples.pipeline.factory import load_segmenter
+
+    out, _ = finished_run
+    seed_dir = tmp_path / "work" / "t" / "CM-MaskSD" / "3"
+    seed_dir.mkdir(parents=True)
+    shutil.copy(out / "last.pt", seed_dir / "last.pt")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    generalisation_gap.main(["--work", str(tmp_path / "work"), "--tag", "t", "--rows", "CM-MaskSD", "--scenes", "8"])
+    runs = json.loads((tmp_path / "generalisation_gap_t.json").read_text())["runs"]
+    segmenter, _ = load_segmenter(out / "last.pt")
+    segmenter.eval()
+    expected = {"train": ablation.score(segmenter, "train", 8, seed=3)["mIoU"], "val": ablation.score(segmenter, "val", 8)["mIoU"]}
+    assert list(runs) == ["CM-MaskSD"] and list(runs["CM-MaskSD"]) == ["3"]
+    assert {k: runs["CM-MaskSD"]["3"][k] for k in expected} == pytest.approx(expected)  # train scenes from the run's seed
+    with pytest.raises(SystemExit):
+        generalisation_gap.main(["--work", str(tmp_path / "work"), "--tag", "t", "--rows", "baseline"])
