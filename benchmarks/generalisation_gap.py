@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="runs/ablation", help="the ablation's --work folder")
     parser.add_argument("--rows", nargs="+", default=["baseline", "CM-MaskSD"])
     parser.add_argument("--scenes", type=int, default=2000, help="scenes per split")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: every seed with a last.pt; while the ablation runs, name the finished ones)")
     args = parser.parse_args(argv)
     from examples.pipeline.factory import load_segmenter
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in args.rows:
         folder = Path(args.work) / args.tag / row.replace(" ", "_").replace(",", "")
         checkpoints = sorted(folder.glob("*/last.pt"), key=lambda p: int(p.parent.name))
+        checkpoints = [p for p in checkpoints if args.seeds is None or int(p.parent.name) in args.seeds]
         if not checkpoints:
             parser.error(f"--rows: no checkpoints {folder}/<seed>/last.pt (run benchmarks/ablation.py first)")
         for path in checkpoints:
