@@ -132,6 +132,11 @@ class Settings:
     backbone_lr_scale: float
 
 
+def run_folder(work: str | Path, tag: str, name: str) -> Path:
+    """Where a row's runs keep their checkpoints: ``<work>/<tag>/<row name>/<seed>/``."""
+    return Path(work) / tag / name.replace(" ", "_").replace(",", "")
+
+
 def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None]):
     from examples.pipeline.config import TrainConfig, preset
 
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, row in rows.items():
             if any(r["seed"] == seed for r in runs.get(name, [])):
                 continue
-            folder = Path(args.work) / tag / name.replace(" ", "_").replace(",", "") / str(seed)
+            folder = run_folder(args.work, tag, name) / str(seed)
             run = run_one(row, seed, settings, folder, premises)
             runs.setdefault(name, []).append(run)
             keep()

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from ablation import score
+from ablation import run_folder, score
 from common import markdown_table, write_results
 
 SPLITS = ("train", "val", "compositional")
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, dict[int, dict[str, float]]] = {}
     for row in args.rows:
-        folder = Path(args.work) / args.tag / row.replace(" ", "_").replace(",", "")
+        folder = run_folder(args.work, args.tag, row)
         checkpoints = sorted(folder.glob("*/last.pt"), key=lambda p: int(p.parent.name))
         checkpoints = [p for p in checkpoints if args.seeds is None or int(p.parent.name) in args.seeds]
         if not checkpoints:

@@ -25,9 +25,8 @@ from einops import rearrange
 from torch import nn
 
 from masksd._checks import check_fraction, check_tensor
-from masksd.correlation import CorrelationFilter
+from masksd.correlation import CorrelationFilter, token_scores
 from masksd.metrics import sum_over_ranks
-from masksd.correlation import token_scores
 from masksd.wrapper import MaskSD, check_segmenter, encode_pair
 
 __all__ = ["GuidanceMeter", "correlation_scores", "patch_targets"]

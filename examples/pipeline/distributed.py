@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Iterator, Literal, get_args
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Device", "Dist", "init_distributed", "cleanup_distributed", "resolve_device", "launched_by_torchrun"]
+__all__ = ["Device", "Dist", "process_group", "init_distributed", "cleanup_distributed", "resolve_device", "launched_by_torchrun"]
 
 Device = Literal["auto", "cuda", "cpu"]
 """Where to run: auto (CUDA when available), cuda or cpu."""
@@ -91,3 +92,16 @@ def cleanup_distributed(finished: bool = True) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: Device = "auto") -> Iterator[Dist]:
+    """``init_distributed(device)`` for the block; on leaving it, :func:`cleanup_distributed`, without the
+    barrier when the block raised."""
+    env = init_distributed(device)
+    try:
+        yield env
+    except BaseException:
+        cleanup_distributed(finished=False)
+        raise
+    cleanup_distributed()

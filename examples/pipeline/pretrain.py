@@ -33,7 +33,7 @@ from examples.cris import CRIS, CRISConfig
 from examples.cris.config import VARIANTS
 from examples.pipeline.checkpoint import load_checkpoint, save_atomic
 from examples.pipeline.config import LoopConfig
-from examples.pipeline.distributed import Dist, cleanup_distributed, init_distributed
+from examples.pipeline.distributed import Dist, process_group
 from examples.pipeline.evaluation import autocast
 from examples.pipeline.guidance import measure_guidance
 from examples.pipeline.loop import TrainingLoop, seed_everything
@@ -219,11 +219,5 @@ def export_clip(model: CLIPPretrainer, path: str | Path, dtype: torch.dtype = to
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run :class:`PretrainConfig`; under torchrun every rank calls this. Returns the report on every rank."""
-    env = init_distributed(cfg.device)
-    try:
-        result = _Pretrain(cfg, env).run()
-    except BaseException:
-        cleanup_distributed(finished=False)
-        raise
-    cleanup_distributed()
-    return result
+    with process_group(cfg.device) as env:
+        return _Pretrain(cfg, env).run()

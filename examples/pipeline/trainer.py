@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from examples.pipeline.config import TrainConfig
-from examples.pipeline.distributed import Dist, cleanup_distributed, init_distributed
+from examples.pipeline.distributed import Dist, process_group
 from examples.pipeline.evaluation import evaluate
 from examples.pipeline.factory import BACKBONE_PREFIXES, build_dataset, build_model, checkpoint_cris_config, compile_segmenter
 from examples.pipeline.loop import TrainingLoop, seed_everything
@@ -44,14 +44,8 @@ class TrainResult:
 
 def train(cfg: TrainConfig, evaluate_at_end: bool = True) -> TrainResult:
     """Train per ``cfg``; under torchrun every rank calls this. Returns on every rank."""
-    env = init_distributed(cfg.device)
-    try:
-        result = _Run(cfg, env).run(evaluate_at_end)
-    except BaseException:
-        cleanup_distributed(finished=False)
-        raise
-    cleanup_distributed()
-    return result
+    with process_group(cfg.device) as env:
+        return _Run(cfg, env).run(evaluate_at_end)
 
 
 class _Run(TrainingLoop):
