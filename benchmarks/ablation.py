@@ -12,7 +12,9 @@ and sees the same data order; every run is scored on the same scenes (``--split`
 default, and the compositional split). Rows run seed by seed, so an interrupted table still has
 complete seeds; finished runs are kept in ``benchmarks/results/ablation_<tag>_runs.json`` and
 skipped when the script runs again (a run in progress resumes from its last checkpoint);
-``--report`` writes the tables from what is stored without training. Choose settings with
+``--report`` writes the tables from what is stored without training; ``--eval-every N`` also scores
+every run on 500 scenes every N steps, and the report gains a table of those curves (has the
+baseline plateaued?). Choose settings with
 ``--split test``; report with ``--split val``.
 
 Reports per row the mean ± sample std over seeds, the paired difference to the baseline of the
@@ -23,6 +25,7 @@ before and after fine-tuning. Writes benchmarks/results/ablation_<tag>.{md,json,
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import statistics
@@ -137,14 +140,15 @@ def run_folder(work: str | Path, tag: str, name: str) -> Path:
     return Path(work) / tag / name.replace(" ", "_").replace(",", "")
 
 
-def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None]):
+def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0):
     from examples.pipeline.config import TrainConfig, preset
 
     epochs = max(1, math.ceil(s.steps * TrainConfig().batch_size / s.scenes))
     return preset(
         "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
         max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=1, progress=False, overlays=0,
-        eval_untrained=False, log_every=50, save_every=250, output=str(folder), resume="auto", **row.overrides,
+        eval_untrained=False, log_every=50, save_every=250, output=str(folder), resume="auto", eval_every=eval_every,
+        eval_split=s.split, **row.overrides,
     )
 
 
@@ -172,10 +176,19 @@ def guidance(model, split: str, scenes: int = 512) -> dict[str, float]:
     return measure_guidance(model, DataLoader(data, batch_size=128, collate_fn=collate), model.segmenter.tokenize, device)
 
 
-def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None]) -> dict:
+def read_curve(folder: Path) -> dict[str, float]:
+    """The main branch's mIoU by step from a run's ``eval_log.csv`` (empty without one)."""
+    log = folder / "eval_log.csv"
+    if not log.is_file():
+        return {}
+    with log.open() as f:
+        return {row["step"]: float(row["mIoU"]) for row in csv.DictReader(f)}
+
+
+def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0) -> dict:
     from examples.pipeline.trainer import train
 
-    cfg = train_config(row, seed, s, folder, premises)
+    cfg = train_config(row, seed, s, folder, premises, eval_every)
     start = time.perf_counter()
     result = train(cfg, evaluate_at_end=False)
     seconds = time.perf_counter() - start
@@ -185,6 +198,7 @@ def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, 
         s.split: score(segmenter, s.split, s.eval_scenes),
         "compositional": score(segmenter, "compositional", s.eval_scenes),
         "guidance_after": guidance(result.model, s.split),
+        "curve": read_curve(folder),  # mIoU on 500 `split` scenes every --eval-every steps, if asked
     }
 
 
@@ -220,6 +234,8 @@ def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> 
                 for part in (split, "compositional")
             }
         entry["seconds"] = statistics.mean(r["seconds"] for r in done)
+        steps = set.intersection(*(set(r.get("curve", {})) for r in done))  # steps every seed logged
+        entry["curve"] = {k: statistics.mean(r["curve"][k] for r in done) for k in sorted(steps, key=int)}
         summary[name] = entry
     return summary
 
@@ -252,6 +268,13 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
             n = len(e["seeds"])
             g_lines.append([name, premise, f"{g['lmvsd_auc']:.3f}", pm(ga["lmvsd_auc"], n) if "lmvsd_auc" in ga else "—",
                             f"{g['lmvsd_kept']:.3f}", pm(ga["lmvsd_kept"], n) if "lmvsd_kept" in ga else "—"])
+    curves = {name: e["curve"] for name, e in summary.items() if e.get("curve")}
+    steps = sorted({k for c in curves.values() for k in c}, key=int)
+    curve_text = (
+        f"\n\nMain-branch mIoU on 500 `{split}` scenes during training (mean over seeds), by step:\n\n"
+        + markdown_table(["row", *steps], [[name, *(f"{c[k]:.2f}" if k in c else "—" for k in steps)] for name, c in curves.items()])
+        if curves else ""
+    )
     return (
         f"Tiny CRIS-style model, {s.steps} steps of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
         f"{s.scenes} training scenes; scored on {s.eval_scenes} `{split}` and {s.eval_scenes} `compositional` scenes "
@@ -261,6 +284,7 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
         + "\n\nLMVSD guidance (masksd.guidance, 512 scenes, K = 0.5) before fine-tuning and after it, per row "
         "(AUC chance 0.5, kept chance 0.5):\n\n"
         + markdown_table(["row", "weights", "AUC before", "AUC after", "kept before", "kept after"], g_lines)
+        + curve_text
     )
 
 
@@ -307,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global", dest="global_", default=PREMISES["global"], help="ClipLoss-only CLIP weights (examples/pretrain_clip.py --region-weight 0)")
     parser.add_argument("--tag", help="results name (default: the mode)")
     parser.add_argument("--work", default="runs/ablation", help="folder for the runs' checkpoints")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also score the main branch on 500 --split scenes every N steps of each run (eval_log.csv; "
+                        "the report's curve table shows whether the baseline has plateaued); training is unchanged")
     parser.add_argument("--report", action="store_true",
                         help="only write the tables from the runs stored so far (an interrupted or partial table)")
     args = parser.parse_args(argv)
@@ -354,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             if any(r["seed"] == seed for r in runs.get(name, [])):
                 continue
             folder = run_folder(args.work, tag, name) / str(seed)
-            run = run_one(row, seed, settings, folder, premises)
+            run = run_one(row, seed, settings, folder, premises, args.eval_every)
             runs.setdefault(name, []).append(run)
             keep()
             print(f"{name:36s} seed {seed}: {args.split} mIoU {run[args.split]['mIoU']:6.2f}  compositional "

@@ -284,6 +284,27 @@ def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
     assert "| baseline | region | II | 54.00 ± 5.29 |" in text
 
 
+def test_ablation_training_curves_average_over_seeds_on_the_steps_all_logged(tmp_path):
+    from ablation import Row, Settings, read_curve, render, summarise, train_config
+
+    cfg = train_config(Row("scratch", ""), 3, Settings(10, 10, "test", 10, 1e-3, 1.0), tmp_path, {"scratch": None}, 250)
+    assert (cfg.eval_every, cfg.eval_split, cfg.seed) == (250, "test", 3)  # the curve is scored on the run's own split
+    (tmp_path / "eval_log.csv").write_text("step,epoch,mIoU,oIoU\n500,0,40.5,41\n1000,1,61.25,60\n")
+    assert read_curve(tmp_path) == {"500": 40.5, "1000": 61.25}
+    assert read_curve(tmp_path / "missing") == {}
+    metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
+    run = lambda seed, curve: {"seed": seed, "val": metrics, "compositional": metrics, "seconds": 1.0,  # noqa: E731
+                               "guidance_after": {}, "curve": curve}
+    rows = {"baseline": Row("region", "II", {"baseline": True})}
+    runs = {"baseline": [run(0, {"500": 40.0, "1000": 60.0}), run(1, {"500": 44.0, "1000": 62.0, "1500": 70.0})]}
+    summary = summarise(rows, runs, "val")
+    assert summary["baseline"]["curve"] == {"500": 42.0, "1000": 61.0}  # 1500: only seed 1 reached it
+    text = render(rows, summary, {}, "val", Settings(10, 10, "val", 10, 1e-3, 1.0), 1.0)
+    assert "| baseline | 42.00 | 61.00 |" in text
+    runs["baseline"][0].pop("curve")  # runs stored before curves existed: no curve table
+    assert "during training" not in render(rows, summarise(rows, runs, "val"), {}, "val", Settings(10, 10, "val", 10, 1e-3, 1.0), 1.0)
+
+
 def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkeypatch):
     import ablation
     import common
