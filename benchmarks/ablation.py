@@ -198,7 +198,7 @@ def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, 
         s.split: score(segmenter, s.split, s.eval_scenes),
         "compositional": score(segmenter, "compositional", s.eval_scenes),
         "guidance_after": guidance(result.model, s.split),
-        "curve": read_curve(folder),  # mIoU on 500 `split` scenes every --eval-every steps, if asked
+        "curve": read_curve(folder),  # mIoU on cfg.synthetic_eval_size `split` scenes every --eval-every steps, if asked
     }
 
 
@@ -268,10 +268,12 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
             n = len(e["seeds"])
             g_lines.append([name, premise, f"{g['lmvsd_auc']:.3f}", pm(ga["lmvsd_auc"], n) if "lmvsd_auc" in ga else "—",
                             f"{g['lmvsd_kept']:.3f}", pm(ga["lmvsd_kept"], n) if "lmvsd_kept" in ga else "—"])
+    from examples.pipeline.config import TrainConfig
+
     curves = {name: e["curve"] for name, e in summary.items() if e.get("curve")}
     steps = sorted({k for c in curves.values() for k in c}, key=int)
     curve_text = (
-        f"\n\nMain-branch mIoU on 500 `{split}` scenes during training (mean over seeds), by step:\n\n"
+        f"\n\nMain-branch mIoU on {TrainConfig().synthetic_eval_size} `{split}` scenes during training (mean over seeds), by step:\n\n"
         + markdown_table(["row", *steps], [[name, *(f"{c[k]:.2f}" if k in c else "—" for k in steps)] for name, c in curves.items()])
         if curves else ""
     )
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="results name (default: the mode)")
     parser.add_argument("--work", default="runs/ablation", help="folder for the runs' checkpoints")
     parser.add_argument("--eval-every", type=int, default=0,
-                        help="also score the main branch on 500 --split scenes every N steps of each run (eval_log.csv; "
+                        help=f"also score the main branch on {demo.synthetic_eval_size} --split scenes every N steps of each run (eval_log.csv; "
                         "the report's curve table shows whether the baseline has plateaued); training is unchanged")
     parser.add_argument("--report", action="store_true",
                         help="only write the tables from the runs stored so far (an interrupted or partial table)")
