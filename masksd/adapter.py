@@ -14,13 +14,14 @@ output is the segmenter's own by construction.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["Embeddings", "Features", "MaskableSegmenter", "SegmenterAdapter", "check_embeddings", "check_features"]
+__all__ = ["Embeddings", "Features", "MaskableSegmenter", "SegmenterAdapter", "check_decode_head", "check_embeddings", "check_features", "check_head_logits"]
 
 
 @dataclass
@@ -146,6 +147,34 @@ def check_features(features: Features, tokens_like: torch.Tensor, source: str) -
             f"{source} must return a pooled token of shape (B, D)={(local.shape[0], local.shape[2])}, "
             f"got {_describe(pooled)}"
         )
+
+
+def check_decode_head(head: object, source: str = "decode_head") -> None:
+    """Raise a TypeError naming ``source`` unless ``head`` is an nn.Module callable as ``head(visual, text)``."""
+    contract = f"{source} must be an nn.Module called as {source}(visual: masksd.Features, text: masksd.Features) -> (B, 1, h, w) logits"
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"{contract}; got {type(head).__name__}")
+    try:
+        inspect.signature(head.forward).bind(None, None)
+    except TypeError as error:
+        raise TypeError(f"{contract}; its forward{inspect.signature(head.forward)} cannot take those two ({error})") from None
+    except ValueError:  # a builtin without a signature: nothing to check before the first call
+        pass
+
+
+def check_head_logits(logits: object, source: str = "decode_head", batch: int | None = None) -> torch.Tensor:
+    """Return ``logits`` if it is a float (B, 1, h, w) tensor, else raise a ValueError naming ``source``
+    and the contract. A (B, h, w) map is refused rather than guessed at: add the channel with ``unsqueeze(1)``."""
+    expected = f"{source} must return float mask logits of shape (B, 1, h, w)"
+    if not torch.is_tensor(logits):
+        raise ValueError(f"{expected}, got {type(logits).__name__}")
+    if logits.dim() == 3:
+        raise ValueError(f"{expected}, got shape {tuple(logits.shape)}: for one channel, return logits.unsqueeze(1)")
+    if logits.dim() != 4 or logits.shape[1] != 1 or not logits.is_floating_point():
+        raise ValueError(f"{expected}, got shape {tuple(logits.shape)} and dtype {logits.dtype}")
+    if batch is not None and logits.shape[0] != batch:
+        raise ValueError(f"{expected} with B={batch}, got shape {tuple(logits.shape)}")
+    return logits
 
 
 def _describe(x: Any) -> str:

@@ -74,7 +74,7 @@ def test_protocol_shapes():
     assert image_embedded.candidates is None and image_embedded.context == (8, 8)
     visual = model.encode_image(image_embedded)
     assert visual.tokens.shape == (2, 64, 64) and visual.pooled.shape == (2, 64)
-    assert [tuple(level.shape) for level in visual.context] == [(2, 64, 8, 8)] * 3
+    assert [tuple(level.shape) for level in visual.context.levels] == [(2, 64, 8, 8)] * 3
 
     text_embedded = model.embed_text(ids)
     assert text_embedded.tokens.shape == (2, 17, 64) and torch.equal(text_embedded.context, ids)
@@ -437,7 +437,7 @@ def test_projected_deep_level_feeds_the_decoder_the_tokens_the_filter_ranks():
     images, ids, truth = batch(model)
     assert model.backbone.visual.proj.requires_grad and model.backbone.visual.ln_post.weight.requires_grad
     visual = model.encode_image(model.embed_image(images))
-    deep = visual.context[-1]  # (B, D, g, g)
+    deep = visual.context.levels[-1]  # (B, D, g, g)
     assert deep.shape == (2, model.backbone.embed_dim, 8, 8)
     assert torch.equal(rearrange(deep, "b c h w -> b (h w) c"), visual.tokens)
     wrapped = MaskSD(model).train()

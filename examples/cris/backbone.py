@@ -1,4 +1,4 @@
-"""The CLIP image and text encoders, built by open_clip and split at the embedding level for MaskSD."""
+"""The CLIP image and text encoders, built by open_clip and split at the embedding level by masksd.integrations."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from pathlib import Path
 
 import open_clip
 import torch
+from dataclasses import replace
+
 from einops import rearrange
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from examples.cris.config import SHIPPED_WEIGHTS, TINY_CLIP
+from masksd import Embeddings, Features
+from masksd.integrations import OpenCLIPTowers
 
 __all__ = ["CLIPBackbone", "create_clip", "get_tokenizer", "register_model_configs", "resolve_quick_gelu"]
 
@@ -108,8 +112,10 @@ def get_tokenizer(model_name: str, context_length: int) -> open_clip.SimpleToken
     return open_clip.get_tokenizer(model_name, context_length=context_length)
 
 
-class CLIPBackbone(nn.Module):
-    """CLIP's two towers with the embedding step split from the encoder, as MaskSD needs.
+class CLIPBackbone(OpenCLIPTowers):
+    """CLIP's two towers split at the embeddings (:class:`masksd.integrations.OpenCLIPTowers`), with
+    what CRIS adds: a text context of ``max_words``, the ``feature_layers`` its neck reads, the
+    weights that only feed MaskSD's no-grad correlation frozen, and ``deep_level``.
 
     Holds the CLIP modules under open_clip's own attribute names, so that its state dict is a CLIP
     state dict without ``logit_scale`` (see :meth:`clip_state_dict`). The text context stays at 77
@@ -117,18 +123,16 @@ class CLIPBackbone(nn.Module):
     """
 
     def __init__(
-        self, clip: open_clip.CLIP, max_words: int, feature_layers: tuple[int, int, int], deep_level: str = "block"
+        self,
+        clip: open_clip.CLIP,
+        tokenizer: open_clip.SimpleTokenizer,
+        max_words: int,
+        feature_layers: tuple[int, int, int],
+        deep_level: str = "block",
     ):
-        super().__init__()
         if max_words > clip.context_length:
             raise ValueError(f"max_words={max_words} exceeds the text tower's {clip.context_length} positions")
-        self.visual: VisionTransformer = clip.visual
-        self.token_embedding = clip.token_embedding
-        self.positional_embedding = clip.positional_embedding
-        self.transformer = clip.transformer
-        self.ln_final = clip.ln_final
-        self.text_projection = clip.text_projection
-        self.register_buffer("attn_mask", clip.attn_mask[:max_words, :max_words].clone(), persistent=False)
+        super().__init__(clip, tokenizer, layers=feature_layers)
         # CLIP's logit_scale (and logit_bias) are not taken: only the contrastive loss uses them.
         self.max_words = max_words
         self.feature_layers = tuple(feature_layers)
@@ -145,65 +149,43 @@ class CLIPBackbone(nn.Module):
     @property
     def image_width(self) -> int:
         """C of the patch embeddings (the ViT width)."""
-        return self.visual.conv1.out_channels
+        return self.image_embed_dim
 
     @property
     def text_width(self) -> int:
         """C of the token embeddings (the text transformer width)."""
-        return self.token_embedding.embedding_dim
+        return self.text_embed_dim
 
     @property
     def embed_dim(self) -> int:
         """D of CLIP's joint image-text space."""
         return self.visual.output_dim
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, N, Cv) patch embeddings, before class token and position embedding."""
-        x = self.visual.conv1(images)  # (B, Cv, h, w)
-        return rearrange(x, "b c h w -> b (h w) c")
+    def encode_image(self, embedded: Embeddings) -> Features:
+        """Patch embeddings -> Features (see OpenCLIPTowers); with ``deep_level="projected"`` the deepest
+        level is the (B, D, h, w) map of the projected patch tokens instead of a block's output."""
+        features = super().encode_image(embedded)
+        if self.deep_level != "projected":  # the tokens the correlation ranks also feed the decoder (ETRIS-style)
+            return features
+        grid = features.context.grid
+        levels = features.context.levels[:-1] + (rearrange(features.tokens, "b (h w) c -> b c h w", h=grid[0]),)
+        return replace(features, context=features.context._replace(levels=levels))
 
-    def encode_image(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(B, N, Cv) patch embeddings -> (tokens (B, N, D), pooled (B, D), levels).
+    def project_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class and patch rows of one projection of the whole (B, 1 + N, Cv) sequence: the arithmetic
+        every stored CRIS run used (equal to CLIP's pooled-then-projected feature up to float rounding)."""
+        projected = x @ self.visual.proj  # (B, 1 + N, D)
+        return projected[:, 0], projected[:, 1:]
 
-        tokens and pooled are the patch and class tokens through ln_post and proj (the joint space);
-        levels are the (B, Cv, h, w) outputs of the ``feature_layers`` blocks, class token dropped;
-        with ``deep_level="projected"`` the deepest is the (B, D, h, w) projected final patch tokens instead.
-        """
-        visual = self.visual
-        batch = patches.shape[0]
-        cls = visual.class_embedding.to(patches.dtype).expand(batch, 1, -1)  # (B, 1, Cv)
-        x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)  # (B, 1 + N, Cv)
-        x = visual.ln_pre(x)
-        levels = []
-        for index, block in enumerate(visual.transformer.resblocks):
-            x = block(x)
-            if index in self.feature_layers:
-                levels.append(rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid_size[0]))
-        x = visual.ln_post(x) @ visual.proj  # (B, 1 + N, D)
-        if self.deep_level == "projected":  # the tokens the correlation ranks also feed the decoder (ETRIS-style)
-            levels[-1] = rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid_size[0])
-        return x[:, 1:], x[:, 0], levels
-
-    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids -> (B, L, Ct) token embeddings, before position embedding."""
-        return self.token_embedding(token_ids)
-
-    def encode_text(self, embedded: torch.Tensor, eot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, Ct) token embeddings, (B,) EOT positions -> (words (B, L, D), sentence (B, D)).
-
-        Both through ln_final and text_projection; the sentence state is the EOT token's feature.
-        """
-        length = embedded.shape[1]
-        x = embedded + self.positional_embedding[:length].to(embedded.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])  # causal: padding never leaks back
-        x = self.ln_final(x)
-        words = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
-        sentence = words[torch.arange(words.shape[0], device=words.device), eot_index]  # (B, D)
-        return words, sentence
+    def project_text(self, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The words projected once and the sentence read from them at ``index``: as every stored CRIS
+        run computed it (equal to CLIP's pooled-then-projected feature up to float rounding)."""
+        words = self._project(x)  # (B, L, D)
+        return words[torch.arange(words.shape[0], device=words.device), index], words
 
     def clip_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights as an open_clip CLIP state dict, loadable by ``create_model(pretrained=<file>)``."""
-        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        state = super().clip_state_dict()
         # open_clip's strict loader expects the key; CRIS never trains it, so CLIP's initial value goes in.
         state["logit_scale"] = torch.tensor(math.log(1 / 0.07))
         return state

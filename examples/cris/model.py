@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -14,25 +13,17 @@ from examples.cris.config import CLIP_CONTEXT_LENGTH, CRISConfig
 from examples.cris.decoder import Projector, VisionLanguageDecoder
 from examples.cris.neck import FusionNeck, ViTPyramid
 from masksd import Embeddings, Features, SegmenterAdapter
+from masksd.integrations import ImageContext, TextContext
 
-__all__ = ["CRIS", "DecodeHead", "TextContext"]
-
-
-class TextContext(NamedTuple):
-    """What the decoder needs from the text encoder (``Features.context`` of :meth:`CRIS.encode_text`)."""
-
-    words: torch.Tensor
-    """(B, L, D) projected word features: the decoder's keys and values."""
-    padding: torch.Tensor
-    """(B, L) bool, True after the EOT token (padding the decoder must not attend to)."""
+__all__ = ["CRIS", "DecodeHead", "TextContext"]  # TextContext: masksd.integrations's, re-exported
 
 
 class DecodeHead(nn.Module):
     """Everything after the encoders: ViT pyramid, fusion neck, vision-language decoder, projector.
 
-    Called as ``head(visual, text)`` with :class:`masksd.Features`: ``visual.context`` holds the three
-    (B, Cv, g, g) ViT levels, ``text.pooled`` the (B, D) sentence state and ``text.context`` a
-    :class:`TextContext`. Returns (B, 1, 4g, 4g) mask logits (1/4 of the input for patch 16).
+    Called as ``head(visual, text)`` with :class:`masksd.Features`: ``visual.context`` is an
+    :class:`~masksd.integrations.ImageContext` with the three (B, Cv, g, g) ViT levels, ``text.pooled``
+    the (B, D) sentence state and ``text.context`` a :class:`~masksd.integrations.TextContext`. Returns (B, 1, 4g, 4g) mask logits (1/4 of the input for patch 16).
     """
 
     def __init__(self, image_width: int, text_dim: int, config: CRISConfig):
@@ -51,9 +42,10 @@ class DecodeHead(nn.Module):
         self.projector = Projector(config.decoder_dim, text_dim, config.projector_kernel)
 
     def forward(self, visual: Features, text: Features) -> torch.Tensor:
-        levels, context = visual.context, text.context
-        if not isinstance(levels, Sequence) or len(levels) != 3:
-            raise TypeError(f"visual.context must hold the three ViT levels, got {type(levels).__name__}")
+        image, context = visual.context, text.context
+        if not isinstance(image, ImageContext) or len(image.levels) != 3:
+            raise TypeError(f"visual.context must be an ImageContext with the three ViT levels, got {type(image).__name__}")
+        levels = image.levels
         if not isinstance(context, TextContext):
             raise TypeError(f"text.context must be a TextContext, got {type(context).__name__}")
         fused = self.neck(self.pyramid(levels), text.pooled)  # (B, dim, g, g)
@@ -82,11 +74,12 @@ class CRIS(SegmenterAdapter):
         if config.image_size % patch:
             raise ValueError(f"image_size={config.image_size} must be a multiple of {config.model_name}'s patch size {patch}")
         layers = config.resolved_feature_layers(len(clip.visual.transformer.resblocks))
-        self.backbone = CLIPBackbone(clip, config.max_words, layers, config.deep_level)
+        self._tokenizer = get_tokenizer(config.model_name, config.max_words)
+        self.backbone = CLIPBackbone(clip, self._tokenizer, config.max_words, layers, config.deep_level)
         self.decode_head = DecodeHead(self.backbone.image_width, self.backbone.embed_dim, config)
         self.image_embed_dim = self.backbone.image_width
         self.text_embed_dim = self.backbone.text_width
-        self._tokenizer = get_tokenizer(config.model_name, config.max_words)
+        self.special_token_ids = self.backbone.special_token_ids
         self.sot_id = self._tokenizer.sot_token_id
         self.eot_id = self._tokenizer.eot_token_id
 
@@ -182,31 +175,23 @@ class CRIS(SegmenterAdapter):
                 f"images must have shape (B, 3, {size}, {size}) to match image_size={size} "
                 f"(the position embedding's grid), got {tuple(images.shape)}"
             )
-        return Embeddings(self.backbone.embed_image(images), candidates=None, context=self.backbone.grid_size)
+        return self.backbone.embed_image(images)
 
     def encode_image(self, embedded: Embeddings) -> Features:
         """Patch embeddings -> Features: tokens (B, N, D) and pooled (B, D) in CLIP's joint space
-        (through CLIP's frozen ln_post and proj), context = the three (B, Cv, g, g) ViT levels."""
-        tokens, pooled, levels = self.backbone.encode_image(embedded.tokens)
-        return Features(tokens=tokens, pooled=pooled, context=tuple(levels))
+        (through CLIP's frozen ln_post and proj), context = an ImageContext with the three (B, Cv, g, g) ViT levels."""
+        return self.backbone.encode_image(embedded)
 
     def embed_text(self, token_ids: torch.Tensor) -> Embeddings:
         """(B, L) long token ids -> Embeddings with (B, L, Ct) token embeddings; candidates True at
         real words only (not SOT, EOT or padding); context = the token ids."""
         self._check_token_ids(token_ids)
-        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
-        eot = _eot_index(token_ids, self.eot_id)
-        candidates = (positions > 0) & (positions < eot[:, None])  # (B, L): strictly between SOT and EOT
-        return Embeddings(self.backbone.embed_text(token_ids), candidates=candidates, context=token_ids)
+        return self.backbone.embed_text(token_ids)
 
     def encode_text(self, embedded: Embeddings) -> Features:
         """Token embeddings -> Features: tokens = (B, L, D) word features, pooled = (B, D) EOT
-        sentence state (both projected into the joint space); context = :class:`TextContext`."""
-        token_ids = embedded.context
-        eot = _eot_index(token_ids, self.eot_id)
-        words, sentence = self.backbone.encode_text(embedded.tokens, eot)
-        padding = torch.arange(token_ids.shape[1], device=token_ids.device) > eot[:, None]  # (B, L)
-        return Features(tokens=words, pooled=sentence, context=TextContext(words, padding))
+        sentence state (both projected into the joint space); context = a TextContext."""
+        return self.backbone.encode_text(embedded)
 
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Inference: (B, 1, 4g, 4g) mask logits, after :meth:`check_inputs` (MaskSD's training step

@@ -1,0 +1,29 @@
+"""Ready-made adapters for the model families RIS code is built on.
+
+- :class:`OpenCLIPTowers`: an open_clip ``CLIP`` (or a module with OpenAI CLIP's attribute layout,
+  as the CLIP vendored in CRIS.pytorch and ETRIS) split at the patch and token embeddings.
+- :class:`HFCLIPTowers`: the same for a transformers ``CLIPModel``.
+- :class:`TowerSegmenter`: towers plus your decode head -> a segmenter MaskSD wraps.
+- :class:`CLIPSegSegmenter`: transformers ``CLIPSegForImageSegmentation`` as a segmenter.
+
+Nothing here imports open_clip or transformers until a class that needs it is used; install the
+extra named in the error (``pip install "masksd[open_clip]"`` or ``"masksd[transformers]"``).
+"""
+
+from masksd.integrations.towers import ImageContext, TextContext, Towers, TowerSegmenter
+
+__all__ = ["CLIPSegSegmenter", "HFCLIPTowers", "ImageContext", "OpenCLIPTowers", "TextContext", "TowerSegmenter", "Towers"]
+
+_LAZY = {
+    "OpenCLIPTowers": "masksd.integrations.openclip",
+    "HFCLIPTowers": "masksd.integrations.hfclip",
+    "CLIPSegSegmenter": "masksd.integrations.clipseg",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'masksd.integrations' has no attribute {name!r}")
