@@ -11,6 +11,7 @@ from masksd.loss import SelfDistillLoss, segmentation_loss
 from masksd.masking import GuidedMasker
 from masksd.config import BranchConfig, MaskSDConfig
 from masksd.wrapper import MaskSD, MaskSDOutput
+from masksd.verify import SegmenterCheckError, VerifyReport, verify_segmenter
 
 __all__ = [
     "BranchConfig",
@@ -24,9 +25,12 @@ __all__ = [
     "MaskSDOutput",
     "MaskableSegmenter",
     "SegmenterAdapter",
+    "SegmenterCheckError",
     "SelfDistillLoss",
+    "VerifyReport",
     "correlation_scores",
     "patch_targets",
     "segmentation_loss",
+    "verify_segmenter",
 ]
 __version__ = "0.1.0"

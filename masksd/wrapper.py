@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from masksd.adapter import Embeddings, Features, check_embeddings, check_features
+from masksd.adapter import Embeddings, Features, check_decode_head, check_embeddings, check_features, check_head_logits
 from masksd.config import BranchConfig, MaskSDConfig
 from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, check_mask_values, segmentation_loss
@@ -129,7 +129,8 @@ class MaskSD(nn.Module):
         seg = self.segmenter
         image_embedded, text_embedded, visual, text = self._encode(images, texts)
 
-        logits = seg.decode_head(visual, text)  # (B, 1, h, w)
+        batch = image_embedded.tokens.shape[0]
+        logits = check_head_logits(seg.decode_head(visual, text), "segmenter.decode_head", batch)  # (B, 1, h, w)
         seg_loss = segmentation_loss(logits, ground_truth)
         out = MaskSDOutput(loss=seg_loss, seg_loss=seg_loss, logits=logits)
 
@@ -152,6 +153,10 @@ class MaskSD(nn.Module):
         return out
 
     def _run_branch(self, decode: Callable[[Embeddings], torch.Tensor], masked: Embeddings) -> torch.Tensor:
+        logits = self._decode_branch(decode, masked)
+        return check_head_logits(logits, "segmenter.decode_head", masked.tokens.shape[0])  # (B, 1, h, w)
+
+    def _decode_branch(self, decode: Callable[[Embeddings], torch.Tensor], masked: Embeddings) -> torch.Tensor:
         """A masked branch's encoder pass and decode: ``decode(masked)`` -> (B, 1, h, w) logits, with
         BatchNorm statistics left alone under ``branch_norm_stats="freeze"``, and recomputed in the
         backward pass (dropout replayed, statistics not updated twice) under ``checkpoint_branches``."""
@@ -279,8 +284,7 @@ def check_segmenter(segmenter: object) -> None:
         raise TypeError(
             f"segmenter {type(segmenter).__name__} does not implement masksd.MaskableSegmenter; missing: {missing}"
         )
-    if not isinstance(segmenter.decode_head, nn.Module):
-        raise TypeError(f"segmenter.decode_head must be an nn.Module, got {type(segmenter.decode_head).__name__}")
+    check_decode_head(segmenter.decode_head, "segmenter.decode_head")
     for name in ("image_embed_dim", "text_embed_dim"):
         value = getattr(segmenter, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -129,7 +129,7 @@ class OpenCLIPTowers(nn.Module):
             x = block(x)
             if index in self.layers:
                 level = x if batch_first else x.transpose(0, 1)
-                levels.append((index, rearrange(level[:, 1:], "b (h w) c -> b c h w", h=grid[0])))  # (B, Cv, h, w)
+                levels.append((index, rearrange(level[:, 1:], "b (h w) c -> b c h w", h=grid[0]).contiguous()))  # (B, Cv, h, w)
         x = x if batch_first else x.transpose(0, 1)  # (B, 1 + N, Cv)
         pooled, tokens = self.project_image(visual.ln_post(x))
         ordered = tuple(level for _, level in sorted(levels, key=lambda item: self.layers.index(item[0])))

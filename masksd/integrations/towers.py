@@ -90,6 +90,12 @@ class TowerSegmenter(SegmenterAdapter):
     def encode_text(self, embedded: Embeddings) -> Features:
         return self.towers.encode_text(embedded)
 
+    def check_inputs(self, images: Any, texts: Any) -> None:
+        """The towers' value checks (``MaskSD.check_inputs`` calls this), where they have any."""
+        check = getattr(self.towers, "check_inputs", None)
+        if callable(check):
+            check(images, texts)
+
     def forward(self, images: Any, texts: Any) -> torch.Tensor:
         """Mask logits (B, 1, h, w), checked against the decode-head contract."""
         return check_head_logits(super().forward(images, texts))
