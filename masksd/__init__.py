@@ -10,7 +10,7 @@ from masksd.guidance import GuidanceMeter, correlation_scores, patch_targets
 from masksd.loss import SelfDistillLoss, segmentation_loss
 from masksd.masking import GuidedMasker
 from masksd.config import BranchConfig, MaskSDConfig
-from masksd.wrapper import MaskSD, MaskSDOutput
+from masksd.wrapper import MaskSD, MaskSDOutput, bare_state_dict
 from masksd.verify import SegmenterCheckError, VerifyReport, verify_segmenter
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "SegmenterCheckError",
     "SelfDistillLoss",
     "VerifyReport",
+    "bare_state_dict",
     "correlation_scores",
     "patch_targets",
     "segmentation_loss",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -18,7 +18,7 @@ from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, check_mask_values, segmentation_loss
 from masksd.masking import GuidedMasker
 
-__all__ = ["MaskSDOutput", "MaskSD", "DistillBranch", "check_segmenter", "encode_pair", "frozen_norm_stats"]
+__all__ = ["MaskSDOutput", "MaskSD", "DistillBranch", "bare_state_dict", "check_segmenter", "encode_pair", "frozen_norm_stats"]
 
 
 @dataclass
@@ -272,6 +272,19 @@ def restored_norm_stats(module: nn.Module) -> Iterator[None]:
             norm.running_mean.data.copy_(mean)
             norm.running_var.data.copy_(var)
             norm.num_batches_tracked.data.copy_(count)
+
+
+def bare_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "segmenter.") -> dict[str, torch.Tensor]:
+    """The bare segmenter's weights from a MaskSD state dict (``model.state_dict()``, or a training
+    checkpoint's ``"model"``): the entries under ``prefix``, without it. The branches' mask tokens and
+    separate heads are dropped: inference never uses them. Load the result with
+    ``segmenter.load_state_dict(...)``; ``prefix="segmenter.towers."`` gives the towers' own model keys."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    bare = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not bare:
+        raise ValueError(f"state holds no key under {prefix!r} (first keys: {list(state)[:3]}): not a MaskSD state dict?")
+    return bare
 
 
 def check_segmenter(segmenter: object) -> None:

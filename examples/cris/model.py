@@ -83,6 +83,11 @@ class CRIS(SegmenterAdapter):
         self.sot_id = self._tokenizer.sot_token_id
         self.eot_id = self._tokenizer.eot_token_id
 
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the ViT's patch grid at ``config.image_size``."""
+        return self.backbone.grid_size
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Referring expressions -> (B, max_words) long token ids (SOT, words, EOT, zero padding).
 

@@ -109,7 +109,7 @@ class TrainConfig(LoopConfig):
     synthetic_eval_size: int = documented(500, runtime=True, help="Synthetic scenes evaluated.")
 
     # model
-    model: str = documented(_DEMO["model_name"], help="open_clip model: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14.")
+    model: str = documented(_DEMO["model_name"], help="open_clip model of CRIS: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14; or clipseg (transformers' CLIPSeg, with --pretrained DIR or none).")
     pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init.")
     image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
     max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")

@@ -9,15 +9,23 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from examples.clipseg import CLIPSEG
 from examples.cris import CRIS, CRISConfig
+from examples.cris.config import SHIPPED_WEIGHTS
 from examples.pipeline.checkpoint import load_checkpoint
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
-from masksd import MaskSD
+from masksd import MaskSD, bare_state_dict
 from masksd.data import ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
-__all__ = ["BACKBONE_PREFIXES", "compile_segmenter", "build_dataset", "build_segmenter", "build_model", "cris_config", "checkpoint_cris_config", "load_segmenter"]
+__all__ = [
+    "BACKBONE_PREFIXES", "Segmenter", "backbone_prefixes", "compile_segmenter", "build_dataset", "build_segmenter", "build_model",
+    "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config", "load_segmenter",
+]
+
+Segmenter = Any
+"""CRIS or examples.clipseg.CLIPSegRIS (imported only for --model clipseg: it needs transformers)."""
 
 
 BACKBONE_PREFIXES = ("segmenter.backbone.",)
@@ -52,11 +60,35 @@ def cris_config(cfg: TrainConfig) -> CRISConfig:
     )
 
 
-def build_segmenter(cfg: TrainConfig) -> CRIS:
+def clipseg_config(cfg: TrainConfig) -> "CLIPSegRISConfig":
+    """The CLIPSeg segmenter of ``--model clipseg``: a local snapshot (``--pretrained DIR``) or the random tiny one."""
+    from examples.clipseg import CLIPSegRISConfig
+
+    if cfg.pretrained in SHIPPED_WEIGHTS:
+        raise ValueError(
+            f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {CLIPSEG} pass --pretrained DIR "
+            f"(a local CLIPSeg snapshot, e.g. of CIDAS/clipseg-rd64-refined) or --pretrained none (a random tiny CLIPSeg)"
+        )
+    if cfg.deep_level != "block":
+        raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; CLIPSeg's decoder reads its own layers")
+    return CLIPSegRISConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
+
+
+def build_segmenter(cfg: TrainConfig) -> Segmenter:
+    """The segmenter a run trains: CRIS on ``cfg.model``'s CLIP, or CLIPSeg for ``--model clipseg``."""
+    if cfg.model == CLIPSEG:
+        from examples.clipseg import CLIPSegRIS
+
+        return CLIPSegRIS(clipseg_config(cfg))
     return CRIS(cris_config(cfg))
 
 
-def compile_segmenter(segmenter: CRIS, backend: str = "inductor") -> None:
+def backbone_prefixes(segmenter: Segmenter) -> tuple[str, ...]:
+    """Parameter-name prefixes of the CLIP towers inside MaskSD(segmenter): what --backbone-lr-scale scales."""
+    return BACKBONE_PREFIXES if isinstance(segmenter, CRIS) else ("segmenter.towers.",)
+
+
+def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
     """``--compile``: compile the four pieces MaskSD calls (in place); the wrapper's own glue stays eager."""
     for name in ("encode_image", "encode_text"):
         setattr(segmenter, name, torch.compile(getattr(segmenter, name), backend=backend))
@@ -74,14 +106,26 @@ def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
     return asdict(replace(segmenter.config, pretrained=None))
 
 
-def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[CRIS, dict[str, Any]]:
-    """The trained CRIS segmenter (main branch only) from a training checkpoint, in eval mode,
+def checkpoint_architecture(segmenter: Segmenter) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild ``segmenter`` without its pretrained weights: ``cris_config``,
+    or ``clipseg_config`` with the transformers architecture (``hf_config``)."""
+    if isinstance(segmenter, CRIS):
+        return {"cris_config": checkpoint_cris_config(segmenter)}
+    return {"clipseg_config": asdict(segmenter.config), "hf_config": segmenter.hf_config()}
+
+
+def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
+    """The trained segmenter (main branch only: CRIS or CLIPSeg) from a training checkpoint, in eval mode,
     and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if "cris_config" not in checkpoint:
-        raise ValueError(f"checkpoint {path} holds no cris_config: not written by examples/train_cris_masksd.py")
-    segmenter = CRIS(dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config"))
-    prefix = "segmenter."
-    state = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
-    segmenter.load_state_dict(state)
+    if "cris_config" in checkpoint:
+        segmenter = CRIS(dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config"))
+    elif "clipseg_config" in checkpoint:
+        from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
+
+        config = dataclass_from_dict(CLIPSegRISConfig, checkpoint["clipseg_config"], source=f"{path} clipseg_config")
+        segmenter = CLIPSegRIS(config, hf_config=checkpoint["hf_config"])  # the tokenizer from config.pretrained
+    else:
+        raise ValueError(f"checkpoint {path} holds neither cris_config nor clipseg_config: not written by examples/train_cris_masksd.py")
+    segmenter.load_state_dict(bare_state_dict(checkpoint["model"]))
     return segmenter.to(device).eval(), checkpoint.get("config", {})

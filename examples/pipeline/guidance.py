@@ -41,7 +41,7 @@ def measure_guidance(
       Absent when no text in the loader parses.
     """
     segmenter = model.segmenter if isinstance(model, MaskSD) else model
-    grid = tuple(segmenter.backbone.grid_size)  # (gh, gw) of the ViT's patch tokens
+    grid = tuple(segmenter.grid_size)  # (gh, gw) of the ViT's patch tokens
     meter = GuidanceMeter(top_k_image, top_k_text)
     was_training = model.training
     model.eval()
@@ -54,8 +54,8 @@ def measure_guidance(
                 patch_scores, word_scores, candidates = correlation_scores(segmenter, images, tokens)
             meter.update_patches(patch_scores, patch_targets(batch["mask"], grid).to(patch_scores.device))
 
-            flags = [_target_words_or_none(t) for t in texts]
-            if any(f is not None for f in flags):
+            flags = [_target_words_or_none(t) for t in texts] if hasattr(segmenter, "word_mask") else []
+            if any(f is not None for f in flags):  # word guidance needs the segmenter's word_mask (CRIS has one)
                 # A text outside the grammar has no relevant words: drop its candidates so it does not count.
                 parsed = torch.tensor([f is not None for f in flags], device=candidates.device)
                 filled = [f if f is not None else [False] * len(t.split()) for f, t in zip(flags, texts)]

@@ -1,8 +1,9 @@
-"""Training MaskSD around the CRIS-style segmenter: the shared loop's step, evaluation, overlays."""
+"""Training MaskSD around the CRIS-style segmenter (or CLIPSeg): the shared loop's step, evaluation, overlays."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 from examples.pipeline.config import TrainConfig
 from examples.pipeline.distributed import Dist, process_group
 from examples.pipeline.evaluation import evaluate
-from examples.pipeline.factory import BACKBONE_PREFIXES, build_dataset, build_model, checkpoint_cris_config, compile_segmenter
+from examples.pipeline.factory import backbone_prefixes, build_dataset, build_model, checkpoint_architecture, compile_segmenter
 from examples.pipeline.loop import TrainingLoop, seed_everything
 from examples.pipeline.overlay import render_overlay
 from examples.pipeline.sampling import ShardSampler
@@ -58,7 +59,7 @@ class _Run(TrainingLoop):
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         eval_unit = "step" if cfg.dataset == "synthetic" else "epoch"
-        super().__init__(cfg, env, model, build_dataset(cfg, cfg.train_split, train=True), BACKBONE_PREFIXES, eval_unit)
+        super().__init__(cfg, env, model, build_dataset(cfg, cfg.train_split, train=True), backbone_prefixes(model.segmenter), eval_unit)
         self.segmenter = self.model.segmenter
         self.tokenize = self.segmenter.tokenize
         self._eval_set = None  # built at the first evaluation, then reused
@@ -67,7 +68,7 @@ class _Run(TrainingLoop):
         compile_segmenter(self.model.segmenter)
 
     def checkpoint_extra(self) -> dict:
-        return {"cris_config": checkpoint_cris_config(self.segmenter)}
+        return checkpoint_architecture(self.segmenter)
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["image"].to(self.device, non_blocking=True)
@@ -153,9 +154,10 @@ class _Run(TrainingLoop):
         image_masked, text_masked = self.model.masked_tokens(
             images, tokens, generator=torch.Generator(self.device).manual_seed(self.cfg.seed)
         )
-        grid = self.segmenter.backbone.grid_size
+        grid = self.segmenter.grid_size
+        ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens  # CLIPSeg's tokenizer gives a mapping
         for i in range(count):
-            words = self.segmenter.token_strings(tokens[i])
+            words = self.segmenter.token_strings(ids[i])
             panel = render_overlay(
                 batch["image"][i], batch["mask"][i], probs[i], batch["text"][i],
                 masked_patches=None if image_masked is None else image_masked[i].view(grid),
