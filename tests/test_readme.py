@@ -35,3 +35,48 @@ def test_configuration_examples_run_and_mean_what_they_say():
     assert (partial.vmlsd.top_k, partial.vmlsd.ratio, partial.vmlsd.weight) == (0.7, 0.1, 0.1)
     assert not vmlsd_only.lmvsd.enabled and vmlsd_only.vmlsd.enabled
     assert not baseline.lmvsd.enabled and not baseline.vmlsd.enabled
+
+
+def _block(marker: str) -> str:
+    match = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", README.read_text(), re.S)
+    assert match, f"README lost its {marker} block"
+    return match.group(1)
+
+
+def test_open_clip_wrapping_runs_and_passes_the_checker(capsys):
+    code = _block("open_clip")
+    assert len([l for l in code.split("\n\n")[-1].splitlines() if l.strip()]) <= 10  # the wrapping itself
+    offline = {'"ViT-B-16", pretrained="openai"': '"masksd-tiny", pretrained=None', '"ViT-B-16"': '"masksd-tiny"', "layers=(11,)": "layers=(2,)"}
+    for name, tiny in offline.items():  # the tiny config stands in for the downloaded weights
+        assert name in code
+        code = code.replace(name, tiny)
+    from examples.cris.backbone import register_model_configs
+
+    register_model_configs()
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(compile(code, str(README), "exec"), namespace)
+    assert "10 checks passed, 1 skipped" in capsys.readouterr().out  # all but the reference, not given here
+    model, images, texts = namespace["model"], namespace["images"], namespace["texts"]
+    out = model.train()(images, texts, (torch.rand(2, 1, 8, 8) > 0.5).float())
+    out.loss.backward()
+    assert model.branches["lmvsd"].masker.mask_token.grad.abs().sum() > 0
+
+
+def test_clipseg_wrapping_runs_on_a_local_snapshot(tmp_path, capsys):
+    import numpy as np
+
+    from tests.hf_snapshot import write_clipseg_snapshot
+
+    code = _block("clipseg")
+    lines = [l for l in code.split("\n\n")[-1].splitlines() if l.strip()]
+    assert len(lines) <= 5
+    snapshot = write_clipseg_snapshot(tmp_path / "clipseg")
+    assert '"CIDAS/clipseg-rd64-refined"' in code
+    code = code.replace('"CIDAS/clipseg-rd64-refined"', repr(str(snapshot)))  # offline: the same files, tiny
+    namespace: dict = {"image": np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)}
+    torch.manual_seed(0)
+    exec(compile(code, str(README), "exec"), namespace)
+    assert "10 checks passed, 1 skipped" in capsys.readouterr().out  # all but the reference, not given here
+    segmenter, inputs = namespace["segmenter"], namespace["inputs"]
+    assert segmenter(inputs["pixel_values"], inputs).shape == (2, 1, 64, 64)
