@@ -361,11 +361,11 @@ def test_every_trainable_parameter_gets_a_gradient_bare():
 def test_readme_example_runs():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Reference model: CRIS-style CLIP segmenter", 1)[1]
+    readme = (Path(__file__).parents[1] / "docs" / "reference-model.md").read_text()
+    section = readme.split("# Reference model: CRIS-style CLIP segmenter", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
-    exec(compile(code, "README.md (CRIS example)", "exec"), namespace)
+    exec(compile(code, "docs/reference-model.md (CRIS example)", "exec"), namespace)
     assert namespace["logits"].shape == (2, 1, 32, 32)
     assert all(p.grad is not None for p in namespace["wrapped"].parameters() if p.requires_grad)
 

@@ -335,10 +335,10 @@ def test_measure_guidance_without_synthetic_texts_reports_only_patches(cris):
 
 
 def test_readme_guidance_snippet_runs():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guidance.md").read_text()
     match = re.search(r"<!-- guidance -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README lost its guidance block"
+    assert match, "docs/guidance.md lost its guidance block"
     namespace: dict = {}
     torch.manual_seed(0)
-    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    exec(compile(match.group(1), "docs/guidance.md", "exec"), namespace)
     assert namespace["guidance"]["vmlsd_samples"] == 16 and 0 <= namespace["guidance"]["lmvsd_auc"] <= 1

@@ -8,6 +8,8 @@ import shutil
 import warnings
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -97,7 +99,11 @@ UMD_REFS = [
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refer")
+    return write_refer_root(tmp_path_factory.mktemp("refer"))
+
+
+def write_refer_root(root: Path) -> Path:
+    """refcoco (unc) and refcocog (umd) in the refer layout under ``root``, with their COCO images."""
     image_root = root / "images" / "mscoco" / "images" / "train2014"
     image_root.mkdir(parents=True)
     rng = np.random.default_rng(0)
