@@ -1,9 +1,11 @@
 """ReferDataset against a tiny dataset written in the exact refer format."""
 
+import collections
 import functools
 import json
 import os
 import pickle
+import shlex
 import shutil
 import warnings
 
@@ -215,6 +217,84 @@ def test_python2_style_pickle_with_utf8_str_loads(tmp_path):
     path = tmp_path / "refs(unc).p"
     path.write_bytes(data)
     assert _load_refs(str(path)) == [{"raw": "café"}]
+
+
+class _TouchOnLoad:
+    """Unpickling this runs a shell command that creates ``path``: what a hostile refs mirror could ship."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.path)}",)
+
+
+def test_a_refs_pickle_that_would_run_code_is_refused_and_runs_nothing(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    marker = tmp_path / "pwned"
+    refs_path = r / "refcoco" / "refs(unc).p"
+    with open(refs_path, "wb") as f:
+        pickle.dump([*UNC_REFS, _TouchOnLoad(marker)], f, protocol=2)
+    with pytest.raises(ValueError) as error:
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
+    message = str(error.value)
+    assert str(refs_path) in message and f"names the Python global {os.system.__module__}.system" in message
+    assert "ReferConfig(trust_pickle=True)" in message and "--trust-refs-pickle" in message
+    assert not marker.exists()
+    # the payload is real: the full unpickler that trust_pickle allows runs it (and the result is then no list of dicts)
+    with pytest.raises(ValueError, match=r"must hold a list of dicts"):
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val", trust_pickle=True))
+    assert marker.exists()
+
+
+def test_every_global_is_refused_by_name_and_trust_pickle_allows_it(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    refs_path = r / "refcoco" / "refs(unc).p"
+    with open(refs_path, "wb") as f:  # harmless globals, still refused: the reader allows none
+        pickle.dump([collections.OrderedDict(ref) for ref in UNC_REFS], f)
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p names the Python global collections\.OrderedDict"):
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
+    trusted = ReferDataset(SubsetConfig(str(r), "refcoco", "val", trust_pickle=True))
+    assert trusted.refs == [ref for ref in UNC_REFS if ref["split"] == "val"]
+    # a Python 2 copy_reg reconstructor, as written in the file (not Python 3's copyreg)
+    refs_path.write_bytes(b"\x80\x02ccopy_reg\n_reconstructor\nq\x00.")
+    with pytest.raises(ValueError, match=r"names the Python global copy_reg\._reconstructor"):
+        _load_refs(str(refs_path))
+    with pytest.raises(TypeError, match="trust_pickle must be True or False, got 'yes'"):
+        ReferConfig(str(root), trust_pickle="yes")
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_the_fixture_refs_load_exactly_at_every_pickle_protocol(tmp_path, protocol):
+    path = tmp_path / "refs(unc).p"
+    with open(path, "wb") as f:
+        pickle.dump(UNC_REFS, f, protocol=protocol)
+    assert _load_refs(str(path)) == UNC_REFS
+
+
+def test_a_python2_refs_pickle_with_memo_longs_and_floats_loads_exactly(tmp_path):
+    # protocol 2 as Python 2's cPickle writes a ref: str as SHORT_BINSTRING of UTF-8 bytes, unicode as
+    # BINUNICODE, repeated strings through the memo (BINPUT/BINGET), a long (LONG1), a float (BINFLOAT)
+    def s(text, memo):  # SHORT_BINSTRING + BINPUT
+        raw = text.encode("utf-8")
+        return b"U" + bytes([len(raw)]) + raw + b"q" + bytes([memo])
+
+    data = (
+        b"\x80\x02]q\x00}q\x01("
+        + s("ref_id", 2) + b"K\x07"
+        + s("split", 3) + s("val", 4)
+        + s("sentences", 5) + b"]q\x06(}q\x07(" + s("raw", 8) + s("Caf\u00e9 on the left", 9) + s("sent", 10)
+        + b"X\x05\x00\x00\x00caf\xc3\xa9q\x0b" + b"u}q\x0c(h\x08" + s("the other", 13) + b"h\x0a" + s("other", 14) + b"ue"
+        + s("ann_id", 15) + b"\x8a\x05\x00\xe4\x0bT\x02"
+        + s("bbox", 16) + b"]q\x11(G@\x04\x00\x00\x00\x00\x00\x00K\x03e"
+        + b"ua."
+    )
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(data)
+    assert _load_refs(str(path)) == [{
+        "ref_id": 7, "split": "val", "ann_id": 10_000_000_000, "bbox": [2.5, 3],
+        "sentences": [{"raw": "Café on the left", "sent": "café"}, {"raw": "the other", "sent": "other"}],
+    }]
 
 
 # ---- errors name the file or the argument ----------------------------------------------------

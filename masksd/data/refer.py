@@ -14,6 +14,10 @@ ann_id, image_id, split, sentences`` (dicts with ``sent_id, sent, raw, tokens``)
 ``images`` (``id, file_name, height, width``) and ``annotations`` (``id,
 image_id, segmentation``: polygons, compressed RLE or uncompressed RLE).
 
+The refs pickle is read without running code: the published files hold only lists, dicts,
+strings and numbers, so every Python global a file names (a class, a function, a ``copy_reg``
+reconstructor) is refused unless ``ReferConfig(trust_pickle=True)``.
+
 The index (pickle and json) is read once at construction; images and masks are
 read and decoded per item. Needs ``pillow`` and ``pycocotools``.
 """
@@ -135,6 +139,11 @@ class ReferConfig:
     """Warn (:class:`SplitCountWarning`, a ``UserWarning``) when the split's refs and sentences differ from
     the published :data:`SPLIT_COUNTS` (a refs file of another partition, a truncated download); False
     for a deliberate subset such as a cut-down refs file."""
+    trust_pickle: bool = False
+    """Read the refs pickle with Python's full unpickler, which runs whatever code the file names. False
+    (the default) builds only lists, dicts, tuples, strings, numbers and None, and refuses a file that names
+    any Python global (class, function, ``copy_reg`` reconstructor) with a ``ValueError`` naming it. Set True
+    only for a file from a source you trust."""
 
     def __post_init__(self) -> None:
         if self.split_by is None and self.dataset in DEFAULT_SPLIT_BY:
@@ -155,6 +164,8 @@ class ReferConfig:
             raise ValueError(f"text_key must be one of {get_args(TextKey)}, got {self.text_key!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if not isinstance(self.trust_pickle, bool):
+            raise TypeError(f"trust_pickle must be True or False, got {self.trust_pickle!r}")
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
         if self.image_root is None:
@@ -190,13 +201,33 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)  # (H, W)
 
 
-def _load_refs(path: str) -> list[dict]:
+class _RefusedGlobal(Exception):
+    """A refs pickle named a Python global; the argument is its ``module.name``."""
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Builds what pickle's own opcodes make (lists, dicts, tuples, sets, str, bytes, numbers, bools, None)
+    and refuses every global a file names: classes, functions and ``copy_reg`` reconstructors are how a
+    pickle runs code, and the published refs name none."""
+
+    def find_class(self, module: str, name: str):
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
+def _load_refs(path: str, trust_pickle: bool = False) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"refs file not found: {path} (expected the refer repo's data layout <root>/<dataset>/refs(<split_by>).p)")
+    unpickler = pickle.Unpickler if trust_pickle else _NoGlobalsUnpickler
     try:
         with open(path, "rb") as f:
             # the published refs are Python 2 pickles whose str objects hold UTF-8 bytes
-            refs = pickle.load(f, encoding="utf-8")
+            refs = unpickler(f, encoding="utf-8").load()
+    except _RefusedGlobal as e:
+        raise ValueError(
+            f"refs pickle {path} names the Python global {e.args[0]}, which could run code when loaded; the published refs "
+            "hold only lists, dicts, strings and numbers, so this file is refused. If you trust its source, allow it with "
+            "ReferConfig(trust_pickle=True) (--trust-refs-pickle in the example scripts)"
+        ) from None
     except Exception as e:
         raise ValueError(f"could not read refs pickle {path}: {type(e).__name__}: {e}") from e
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
@@ -236,7 +267,7 @@ class ReferDataset(Dataset):
         self.transform = InputTransform(config.image_size, config.resize_mode)
 
         refs_path, instances_path = config.refs_path, config.instances_path
-        all_refs = _load_refs(refs_path)
+        all_refs = _load_refs(refs_path, config.trust_pickle)
         instances = _load_instances(instances_path)
 
         self.refs: list[dict] = []  # the split's refs, in pickle order
