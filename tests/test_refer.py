@@ -6,8 +6,10 @@ import json
 import os
 import pickle
 import shlex
+import struct
 import shutil
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -97,9 +99,8 @@ UMD_REFS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refer")
+def write_refer_root(root):
+    """The fixture dataset in the refer layout under ``root``: refcoco (unc) and refcocog (umd), three JPEGs."""
     image_root = root / "images" / "mscoco" / "images" / "train2014"
     image_root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -121,6 +122,20 @@ def root(tmp_path_factory):
         with open(root / dataset / refs_name, "wb") as f:
             pickle.dump(refs, f)
     return root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_refer_root(tmp_path_factory.mktemp("refer"))
+
+
+def png_claiming(path, width: int, height: int) -> None:
+    """A few-byte PNG whose header claims width x height RGB pixels (a decompression bomb's shape; never decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 def ann_of(ds, index):
@@ -340,6 +355,35 @@ def test_missing_and_corrupt_images(root, tmp_path):
         ds[0]
     with pytest.raises(ValueError, match=rf"could not decode image .*{file_name(3)}"):
         ds[len(ds) - 1]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_by_name_before_decoding(root, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from masksd.data import images
+
+    r = copy_root(root, tmp_path)
+    bomb = r / "images" / "mscoco" / "images" / "train2014" / file_name(3)
+    width, height = 10_000, 9_000  # 90 M pixels: over the limit, under twice it (where PIL itself only warns)
+    assert images.MAX_IMAGE_PIXELS < width * height < 2 * images.MAX_IMAGE_PIXELS
+    png_claiming(bomb, width, height)
+    ds = ReferDataset(SubsetConfig(str(r), "refcoco", "testB"))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", None)  # PIL's own check off: masksd's limit does not depend on it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one named error, no DecompressionBombWarning on the way
+        with pytest.raises(ValueError, match=rf"image .*{file_name(3)} is refused: 10000x9000 = 90,000,000 pixels, over masksd\.data\.images\.MAX_IMAGE_PIXELS = 89,478,485"):
+            ds[0]
+    png_claiming(bomb, 100_000, 100_000)  # far over: PIL's own DecompressionBombError, under the same named error
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS)
+    with pytest.raises(ValueError, match=rf"image .*{file_name(3)} is refused: .*over masksd\.data\.images\.MAX_IMAGE_PIXELS"):
+        ds[0]
+    # the limit is inclusive: a 40x60 image passes at 2,400 and is refused at 2,399
+    ds = ReferDataset(SubsetConfig(str(r), "refcoco", "train", mode="eval"))
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 2_400)
+    assert ds[0]["target"].shape == (40, 60)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 2_399)
+    with pytest.raises(ValueError, match=rf"{file_name(1)} is refused: 60x40 = 2,400 pixels, over .*= 2,399"):
+        ds[0]
 
 
 def test_image_size_disagreeing_with_instances(root, tmp_path):

@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple, get_args
 import numpy as np
 from torch.utils.data import Dataset
 
+from masksd.data.images import read_rgb
 from masksd.data.transforms import RESIZE_MODES, InputTransform, ResizeMode
 
 __all__ = [
@@ -340,19 +341,12 @@ class ReferDataset(Dataset):
         return os.path.join(self.config.image_root, self.images[image_id]["file_name"])
 
     def load_image(self, image_id: int) -> np.ndarray:
-        """The image as uint8 RGB (H0, W0, 3); errors name the file."""
-        try:
-            from PIL import Image, UnidentifiedImageError
-        except ImportError as e:
-            raise ImportError(_MISSING_DEPS) from e
+        """The image as uint8 RGB (H0, W0, 3), read by :func:`masksd.data.images.read_rgb` (which refuses images
+        over ``MAX_IMAGE_PIXELS`` and says how other modes become RGB); errors name the file."""
         path = self.image_path(image_id)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image for image_id {image_id} not found: {path} (image_root={self.config.image_root})")
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise ValueError(f"could not decode image {path}: {type(e).__name__}: {e}") from e
+        image = read_rgb(path)
         info = self.images[image_id]
         if image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image {path} is {image.shape[0]}x{image.shape[1]} but {self.config.instances_path} says {info['height']}x{info['width']}")
