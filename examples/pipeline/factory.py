@@ -41,6 +41,7 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
             mode="train" if train else "eval",
             seed=cfg.seed,
             text_key=cfg.text_key,
+            trust_pickle=cfg.trust_refs_pickle,
         )
     )
 
