@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from examples.cris import CRIS, CRISConfig
-from examples.pipeline.checkpoint import load_checkpoint
+from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
 from masksd import MaskSD
@@ -77,12 +77,22 @@ def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
 
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[CRIS, dict[str, Any]]:
     """The trained CRIS segmenter (main branch only) from a training checkpoint, in eval mode,
-    and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``."""
+    and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``; a checkpoint of
+    another model (another family, such as a CLIP pretraining run, or weights that do not fit the
+    architecture it records) raises one ValueError naming both and the number of mismatched tensors."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if "cris_config" not in checkpoint:
-        raise ValueError(f"checkpoint {path} holds no cris_config: not written by examples/train_cris_masksd.py")
-    segmenter = CRIS(dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config"))
-    prefix = "segmenter."
-    state = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
-    segmenter.load_state_dict(state)
-    return segmenter.to(device).eval(), checkpoint.get("config", {})
+    run = checkpoint.get("config", {})
+    try:
+        cfg = TrainConfig.from_dict(run, source="")  # silently: another family's config has other keys
+    except (TypeError, ValueError):
+        cfg = None
+    if "cris_config" in checkpoint:
+        cris = dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config")
+    elif cfg is not None:  # not written by train_cris_masksd.py: rebuild what its config names, so the error can count
+        cris = replace(cris_config(cfg), pretrained=None)
+    else:
+        raise ValueError(f"checkpoint {path} holds {describe_model(checkpoint)} and no cris_config: not written by examples/train_cris_masksd.py")
+    model = MaskSD(CRIS(cris), (cfg or TrainConfig()).masksd_config())  # the whole state is checked, not only the segmenter's
+    expected = {"family": type(model).__name__, "cris_config": asdict(cris)}
+    load_weights(model, checkpoint, path, expected, "evaluate.py / predict.py")
+    return model.segmenter.to(device).eval(), run

@@ -67,7 +67,7 @@ class _Run(TrainingLoop):
         compile_segmenter(self.model.segmenter)
 
     def checkpoint_extra(self) -> dict:
-        return {"cris_config": checkpoint_cris_config(self.segmenter)}
+        return {"cris_config": checkpoint_cris_config(self.model.segmenter)}  # also called while resuming, before self.segmenter is set
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["image"].to(self.device, non_blocking=True)
