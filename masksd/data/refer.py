@@ -184,22 +184,91 @@ class ReferConfig:
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """A COCO ``segmentation`` as a bool (height, width) mask.
 
-    Accepts a list of polygons (flat ``[x0, y0, x1, y1, ...]`` lists; the parts are
-    merged), an uncompressed RLE (``counts`` a list of ints) or a compressed RLE
-    (``counts`` a str or bytes).
+    Accepts a list of polygons (flat ``[x0, y0, x1, y1, ...]`` lists of at least 3 points; the
+    parts are merged), an uncompressed RLE (``counts`` a list of ints) or a compressed RLE
+    (``counts`` a str or bytes). Everything is checked before pycocotools sees it, since its C code
+    trusts its input: polygon coordinates must be finite numbers within one image size of the image
+    (the parts of a polygon past the image's edge are cut at the edge, as COCO's API does), an RLE's
+    ``size`` must be ``[height, width]`` and its counts non-negative and summing to height x width.
+    Raises ``ValueError`` naming the field.
     """
     mask_utils = _coco_mask()
     if isinstance(segmentation, list):
-        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
-            raise ValueError("polygon segmentation must be a non-empty list of [x0, y0, x1, y1, ...] lists with at least 3 points")
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        if not segmentation:
+            raise ValueError("polygon segmentation is an empty list (expected [[x0, y0, x1, y1, ...], ...])")
+        for i, polygon in enumerate(segmentation):
+            _check_polygon(polygon, i, height, width)
+        rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in segmentation], height, width))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            raise ValueError(f"RLE size {list(segmentation['size'])} does not match the image's [height, width] [{height}, {width}]")
-        rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list) else segmentation
+        size = segmentation["size"]
+        if not isinstance(size, (list, tuple)) or [v for v in size] != [height, width] or not all(_is_int(v) for v in size):
+            raise ValueError(f"RLE size {size!r} does not match the image's [height, width] [{height}, {width}]")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts):
+                raise ValueError("uncompressed RLE counts must be non-negative ints")
+            rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        elif isinstance(counts, (str, bytes)):
+            counts = _rle_string_counts(counts)
+            rle = {"size": [height, width], "counts": segmentation["counts"]}
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        else:
+            raise ValueError(f"RLE counts must be a list of ints or a compressed str, got {type(counts).__name__}")
+        if sum(counts) != height * width:
+            raise ValueError(f"RLE counts cover {sum(counts)} pixels, not the image's {height}x{width} = {height * width}")
     else:
         raise ValueError(f"segmentation must be a polygon list or an RLE dict with 'counts' and 'size', got {type(segmentation).__name__}")
     return mask_utils.decode(rle).astype(bool)  # (H, W)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_polygon(polygon, i: int, height: int, width: int) -> None:
+    if not isinstance(polygon, list):
+        raise ValueError(f"polygon {i} must be a [x0, y0, x1, y1, ...] list, got {type(polygon).__name__}")
+    if len(polygon) % 2 or len(polygon) < 6:
+        raise ValueError(f"polygon {i} has {len(polygon)} coordinates; expected an even count of at least 6 (3 points)")
+    for j, v in enumerate(polygon):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
+            raise ValueError(f"polygon {i} coordinate {j} must be a finite number, got {v!r}")
+        side = width if j % 2 == 0 else height
+        if not -side <= v <= 2 * side:  # far outside is a corrupt file (and makes pycocotools allocate without bound)
+            raise ValueError(f"polygon {i} coordinate {j} = {v} lies more than the image's {'width' if j % 2 == 0 else 'height'} {side} outside it")
+
+
+def _rle_string_counts(counts: str | bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString, checked): 6 bits per
+    character from '0', 5 of value and a continuation bit, counts after the second as deltas."""
+    if isinstance(counts, str):
+        if not counts.isascii():
+            raise ValueError("compressed RLE counts must be ASCII")
+        counts = counts.encode("ascii")
+    if not counts:
+        raise ValueError("compressed RLE counts are empty")
+    out: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p == len(counts):
+                raise ValueError("compressed RLE counts end inside a number (truncated)")
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE counts hold {chr(counts[p])!r}, outside the code's '0'..'o'")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        if x < 0:
+            raise ValueError(f"compressed RLE counts decode to a negative run ({x})")
+        out.append(x)
+    return out
 
 
 class _RefusedGlobal(Exception):
@@ -231,9 +300,48 @@ def _load_refs(path: str, trust_pickle: bool = False) -> list[dict]:
         ) from None
     except Exception as e:
         raise ValueError(f"could not read refs pickle {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+    if not isinstance(refs, list):
         raise ValueError(f"refs pickle {path} must hold a list of dicts, got {type(refs).__name__}")
     return refs
+
+
+_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+
+
+def _check_refs(refs: list, path: str, splits: tuple[str, ...]) -> None:
+    """Every ref of the file (not only the split's): a dict with int ids, a split of the partition, a
+    sentence list; ref_ids unique. A file failing this is not the partition it is named for."""
+    first: dict[int, int] = {}
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            raise ValueError(f"ref #{i} in {path} must be a dict, got {type(ref).__name__}")
+        missing = set(_REF_KEYS) - ref.keys()
+        if missing:
+            raise ValueError(f"ref #{i} in {path} lacks keys {sorted(missing)}")
+        for key in ("ref_id", "ann_id", "image_id"):
+            if not _is_int(ref[key]):
+                raise ValueError(f"ref #{i} in {path}: {key} must be an int, got {ref[key]!r}")
+        if not isinstance(ref["split"], str) or ref["split"] not in splits:
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: split must be one of {list(splits)} (this partition's), got {ref['split']!r}")
+        if not isinstance(ref["sentences"], list):
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: sentences must be a list, got {type(ref['sentences']).__name__}")
+        if ref["ref_id"] in first:
+            raise ValueError(f"ref_id {ref['ref_id']} appears twice in {path} (refs #{first[ref['ref_id']]} and #{i})")
+        first[ref["ref_id"]] = i
+
+
+def _check_sentences(ref: dict, path: str, text_key: str) -> None:
+    """A ref of the split read: at least one sentence, each a dict whose ``text_key`` is a non-blank str."""
+    if not ref["sentences"]:
+        raise ValueError(f"ref_id {ref['ref_id']} in {path} has no sentences")
+    for j, sentence in enumerate(ref["sentences"]):
+        if not isinstance(sentence, dict) or text_key not in sentence:
+            raise ValueError(f"ref_id {ref['ref_id']} in {path} has a sentence without the text_key field {text_key!r} (sentence #{j})")
+        text = sentence[text_key]
+        if not isinstance(text, str):
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: sentence #{j}'s {text_key!r} must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: sentence #{j}'s {text_key!r} is empty or whitespace ({text!r})")
 
 
 def _load_instances(path: str) -> dict:
@@ -246,7 +354,39 @@ def _load_instances(path: str) -> dict:
         raise ValueError(f"could not parse {path} as JSON: {e}") from e
     if not isinstance(instances, dict) or not {"images", "annotations"} <= instances.keys():
         raise ValueError(f"{path} must be a COCO-style dict with 'images' and 'annotations'")
+    for key in ("images", "annotations"):
+        if not isinstance(instances[key], list):
+            raise ValueError(f"{path}: {key!r} must be a list, got {type(instances[key]).__name__}")
     return instances
+
+
+def _index(entries: list, section: str, noun: str, path: str, keep: set[int]) -> dict[int, dict]:
+    """{id: entry} of the entries of ``instances[section]`` whose id is in ``keep``; every entry must be a
+    dict with a unique int ``id`` (the index is built from all of them)."""
+    out: dict[int, dict] = {}
+    first: dict[int, int] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+            got = entry.get("id") if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"{section}[{i}] in {path} must be a dict with an int 'id', got {got!r}")
+        if entry["id"] in first:
+            raise ValueError(f"{path}: {noun} id {entry['id']} appears twice ({section}[{first[entry['id']]}] and {section}[{i}])")
+        first[entry["id"]] = i
+        if entry["id"] in keep:
+            out[entry["id"]] = entry
+    return out
+
+
+def _check_image(image: dict, path: str) -> None:
+    """An image entry that a ref uses: a relative ``file_name`` inside image_root, positive int height and width."""
+    name = image.get("file_name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"image id {image['id']} in {path}: file_name must be a non-empty str, got {name!r}")
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"image id {image['id']} in {path}: file_name {name!r} must be a path inside image_root")
+    for key in ("height", "width"):
+        if not _is_int(image.get(key)) or image[key] < 1:
+            raise ValueError(f"image id {image['id']} in {path}: {key} must be a positive int, got {image.get(key)!r}")
 
 
 class ReferDataset(Dataset):
@@ -271,18 +411,10 @@ class ReferDataset(Dataset):
         all_refs = _load_refs(refs_path, config.trust_pickle)
         instances = _load_instances(instances_path)
 
-        self.refs: list[dict] = []  # the split's refs, in pickle order
-        for i, ref in enumerate(all_refs):
-            missing = {"ref_id", "ann_id", "image_id", "split", "sentences"} - ref.keys()
-            if missing:
-                raise ValueError(f"ref #{i} in {refs_path} lacks keys {sorted(missing)}")
-            if ref["split"] != config.split:
-                continue
-            if not ref["sentences"]:
-                raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has no sentences")
-            if not all(config.text_key in sentence for sentence in ref["sentences"]):
-                raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has a sentence without the text_key field {config.text_key!r}")
-            self.refs.append(ref)
+        _check_refs(all_refs, refs_path, SPLITS[(config.dataset, config.split_by)])
+        self.refs: list[dict] = [ref for ref in all_refs if ref["split"] == config.split]  # in pickle order
+        for ref in self.refs:
+            _check_sentences(ref, refs_path, config.text_key)
         if not self.refs:
             present = sorted({r["split"] for r in all_refs})
             raise ValueError(f"no refs with split {config.split!r} in {refs_path}; the file has splits {present}")
@@ -291,14 +423,25 @@ class ReferDataset(Dataset):
 
         # keep only the images and annotations this split refers to
         ann_ids = {r["ann_id"] for r in self.refs}
-        self.annotations: dict[int, dict] = {a["id"]: a for a in instances["annotations"] if a["id"] in ann_ids}
+        self.annotations: dict[int, dict] = _index(instances["annotations"], "annotations", "annotation", instances_path, ann_ids)
         image_ids = {r["image_id"] for r in self.refs}
-        self.images: dict[int, dict] = {im["id"]: im for im in instances["images"] if im["id"] in image_ids}
+        self.images: dict[int, dict] = _index(instances["images"], "images", "image", instances_path, image_ids)
+        for image in self.images.values():
+            _check_image(image, instances_path)
         for ref in self.refs:
-            if ref["ann_id"] not in self.annotations:
+            ann = self.annotations.get(ref["ann_id"])
+            if ann is None:
                 raise ValueError(f"ref_id {ref['ref_id']} points to ann_id {ref['ann_id']}, which is not in {instances_path}")
             if ref["image_id"] not in self.images:
                 raise ValueError(f"ref_id {ref['ref_id']} points to image_id {ref['image_id']}, which is not in {instances_path}")
+            missing = {"image_id", "segmentation"} - ann.keys()
+            if missing:
+                raise ValueError(f"annotation id {ann['id']} (ann_id of ref_id {ref['ref_id']}) in {instances_path} lacks keys {sorted(missing)}")
+            if ann["image_id"] != ref["image_id"]:
+                raise ValueError(
+                    f"ref_id {ref['ref_id']} in {refs_path} has image_id {ref['image_id']}, but its ann_id {ref['ann_id']} "
+                    f"has image_id {ann['image_id']!r} in {instances_path}"
+                )
 
         # per item: (position in refs, position in its sentences, or -1 to draw one at random)
         if config.mode == "train":
