@@ -437,7 +437,7 @@ class ReferDataset(Dataset):
             missing = {"image_id", "segmentation"} - ann.keys()
             if missing:
                 raise ValueError(f"annotation id {ann['id']} (ann_id of ref_id {ref['ref_id']}) in {instances_path} lacks keys {sorted(missing)}")
-            if ann["image_id"] != ref["image_id"]:
+            if not _is_int(ann["image_id"]) or ann["image_id"] != ref["image_id"]:
                 raise ValueError(
                     f"ref_id {ref['ref_id']} in {refs_path} has image_id {ref['image_id']}, but its ann_id {ref['ann_id']} "
                     f"has image_id {ann['image_id']!r} in {instances_path}"
