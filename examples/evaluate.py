@@ -19,6 +19,7 @@ from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
+from examples.pipeline.cli import field_help  # noqa: E402
 from examples.pipeline.config import DATASETS, TrainConfig  # noqa: E402
 from examples.pipeline.distributed import Device  # noqa: E402
 from examples.pipeline.evaluation import Amp  # noqa: E402
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", help="default: the run's")
     parser.add_argument("--text-key", choices=get_args(TextKey), help="refer sentence field, raw or sent (default: the run's)")
     parser.add_argument("--image-root", help="default: the run's")
+    parser.add_argument("--trust-refs-pickle", action="store_true",  # never the run's: trust is given per file, per call
+                        help=field_help(TrainConfig, "trust_refs_pickle").replace("%", "%%"))
     parser.add_argument("--threshold", type=float, default=TrainConfig().eval_threshold, help="sigmoid threshold (default: %(default)s)")
     parser.add_argument("--restore", choices=RESTORE_METHODS,
                         help="how predictions go back to the image size: bilinear or cris (CRIS's bicubic + warpAffine); default: the run's")
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {k: v for k, v in {"dataset": args.dataset, "split_by": args.split_by, "data_root": args.data_root,
                                    "image_root": args.image_root, "workers": args.workers, "text_key": args.text_key,
                                    "restore": args.restore}.items() if v is not None}
+    overrides["trust_refs_pickle"] = args.trust_refs_pickle
     if "dataset" in overrides and "split_by" not in overrides:
         overrides["split_by"] = None  # the new dataset's default, not the run's
     cfg = replace(TrainConfig.from_dict(run, source=str(args.checkpoint)), **overrides)

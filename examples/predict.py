@@ -38,20 +38,19 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from examples.pipeline.factory import load_segmenter
     from examples.pipeline.distributed import resolve_device
-    from masksd.data import InputTransform, restore
+    from masksd.data import InputTransform, read_rgb, restore
 
     image_path = Path(args.image)
     if not image_path.is_file():
         parser.error(f"--image not found: {image_path}")
     try:
-        with Image.open(image_path) as im:
-            rgb = np.asarray(im.convert("RGB"))  # (H0, W0, 3) uint8
-    except (OSError, UnidentifiedImageError) as error:
-        parser.error(f"--image {image_path} could not be decoded: {error}")
+        rgb = read_rgb(image_path)  # (H0, W0, 3) uint8; refuses images over MAX_IMAGE_PIXELS, as the dataset does
+    except ValueError as error:
+        parser.error(f"--image: {error}")
 
     device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)

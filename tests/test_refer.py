@@ -1,15 +1,17 @@
 """ReferDataset against a tiny dataset written in the exact refer format."""
 
+import collections
 import functools
 import json
 import os
 import pickle
+import shlex
+import struct
 import shutil
 import warnings
+import zlib
 
 import numpy as np
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
@@ -97,13 +99,8 @@ UMD_REFS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return write_refer_root(tmp_path_factory.mktemp("refer"))
-
-
-def write_refer_root(root: Path) -> Path:
-    """refcoco (unc) and refcocog (umd) in the refer layout under ``root``, with their COCO images."""
+def write_refer_root(root):
+    """The fixture dataset in the refer layout under ``root``: refcoco (unc) and refcocog (umd), three JPEGs."""
     image_root = root / "images" / "mscoco" / "images" / "train2014"
     image_root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -125,6 +122,20 @@ def write_refer_root(root: Path) -> Path:
         with open(root / dataset / refs_name, "wb") as f:
             pickle.dump(refs, f)
     return root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_refer_root(tmp_path_factory.mktemp("refer"))
+
+
+def png_claiming(path, width: int, height: int) -> None:
+    """A few-byte PNG whose header claims width x height RGB pixels (a decompression bomb's shape; never decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 def ann_of(ds, index):
@@ -223,6 +234,84 @@ def test_python2_style_pickle_with_utf8_str_loads(tmp_path):
     assert _load_refs(str(path)) == [{"raw": "café"}]
 
 
+class _TouchOnLoad:
+    """Unpickling this runs a shell command that creates ``path``: what a hostile refs mirror could ship."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.path)}",)
+
+
+def test_a_refs_pickle_that_would_run_code_is_refused_and_runs_nothing(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    marker = tmp_path / "pwned"
+    refs_path = r / "refcoco" / "refs(unc).p"
+    with open(refs_path, "wb") as f:
+        pickle.dump([*UNC_REFS, _TouchOnLoad(marker)], f, protocol=2)
+    with pytest.raises(ValueError) as error:
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
+    message = str(error.value)
+    assert str(refs_path) in message and f"names the Python global {os.system.__module__}.system" in message
+    assert "ReferConfig(trust_pickle=True)" in message and "--trust-refs-pickle" in message
+    assert not marker.exists()
+    # the payload is real: the full unpickler that trust_pickle allows runs it (and os.system's 0 is then no ref)
+    with pytest.raises(ValueError, match=rf"ref #{len(UNC_REFS)} in .*refs\(unc\)\.p must be a dict, got int"):
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val", trust_pickle=True))
+    assert marker.exists()
+
+
+def test_every_global_is_refused_by_name_and_trust_pickle_allows_it(root, tmp_path):
+    r = copy_root(root, tmp_path)
+    refs_path = r / "refcoco" / "refs(unc).p"
+    with open(refs_path, "wb") as f:  # harmless globals, still refused: the reader allows none
+        pickle.dump([collections.OrderedDict(ref) for ref in UNC_REFS], f)
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p names the Python global collections\.OrderedDict"):
+        ReferDataset(SubsetConfig(str(r), "refcoco", "val"))
+    trusted = ReferDataset(SubsetConfig(str(r), "refcoco", "val", trust_pickle=True))
+    assert trusted.refs == [ref for ref in UNC_REFS if ref["split"] == "val"]
+    # a Python 2 copy_reg reconstructor, as written in the file (not Python 3's copyreg)
+    refs_path.write_bytes(b"\x80\x02ccopy_reg\n_reconstructor\nq\x00.")
+    with pytest.raises(ValueError, match=r"names the Python global copy_reg\._reconstructor"):
+        _load_refs(str(refs_path))
+    with pytest.raises(TypeError, match="trust_pickle must be True or False, got 'yes'"):
+        ReferConfig(str(root), trust_pickle="yes")
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_the_fixture_refs_load_exactly_at_every_pickle_protocol(tmp_path, protocol):
+    path = tmp_path / "refs(unc).p"
+    with open(path, "wb") as f:
+        pickle.dump(UNC_REFS, f, protocol=protocol)
+    assert _load_refs(str(path)) == UNC_REFS
+
+
+def test_a_python2_refs_pickle_with_memo_longs_and_floats_loads_exactly(tmp_path):
+    # protocol 2 as Python 2's cPickle writes a ref: str as SHORT_BINSTRING of UTF-8 bytes, unicode as
+    # BINUNICODE, repeated strings through the memo (BINPUT/BINGET), a long (LONG1), a float (BINFLOAT)
+    def s(text, memo):  # SHORT_BINSTRING + BINPUT
+        raw = text.encode("utf-8")
+        return b"U" + bytes([len(raw)]) + raw + b"q" + bytes([memo])
+
+    data = (
+        b"\x80\x02]q\x00}q\x01("
+        + s("ref_id", 2) + b"K\x07"
+        + s("split", 3) + s("val", 4)
+        + s("sentences", 5) + b"]q\x06(}q\x07(" + s("raw", 8) + s("Caf\u00e9 on the left", 9) + s("sent", 10)
+        + b"X\x05\x00\x00\x00caf\xc3\xa9q\x0b" + b"u}q\x0c(h\x08" + s("the other", 13) + b"h\x0a" + s("other", 14) + b"ue"
+        + s("ann_id", 15) + b"\x8a\x05\x00\xe4\x0bT\x02"
+        + s("bbox", 16) + b"]q\x11(G@\x04\x00\x00\x00\x00\x00\x00K\x03e"
+        + b"ua."
+    )
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(data)
+    assert _load_refs(str(path)) == [{
+        "ref_id": 7, "split": "val", "ann_id": 10_000_000_000, "bbox": [2.5, 3],
+        "sentences": [{"raw": "Café on the left", "sent": "café"}, {"raw": "the other", "sent": "other"}],
+    }]
+
+
 # ---- errors name the file or the argument ----------------------------------------------------
 
 def copy_root(root, tmp_path):
@@ -266,6 +355,35 @@ def test_missing_and_corrupt_images(root, tmp_path):
         ds[0]
     with pytest.raises(ValueError, match=rf"could not decode image .*{file_name(3)}"):
         ds[len(ds) - 1]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_by_name_before_decoding(root, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from masksd.data import images
+
+    r = copy_root(root, tmp_path)
+    bomb = r / "images" / "mscoco" / "images" / "train2014" / file_name(3)
+    width, height = 10_000, 9_000  # 90 M pixels: over the limit, under twice it (where PIL itself only warns)
+    assert images.MAX_IMAGE_PIXELS < width * height < 2 * images.MAX_IMAGE_PIXELS
+    png_claiming(bomb, width, height)
+    ds = ReferDataset(SubsetConfig(str(r), "refcoco", "testB"))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", None)  # PIL's own check off: masksd's limit does not depend on it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one named error, no DecompressionBombWarning on the way
+        with pytest.raises(ValueError, match=rf"image .*{file_name(3)} is refused: 10000x9000 = 90,000,000 pixels, over masksd\.data\.images\.MAX_IMAGE_PIXELS = 89,478,485"):
+            ds[0]
+    png_claiming(bomb, 100_000, 100_000)  # far over: PIL's own DecompressionBombError, under the same named error
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS)
+    with pytest.raises(ValueError, match=rf"image .*{file_name(3)} is refused: .*over masksd\.data\.images\.MAX_IMAGE_PIXELS"):
+        ds[0]
+    # the limit is inclusive: a 40x60 image passes at 2,400 and is refused at 2,399
+    ds = ReferDataset(SubsetConfig(str(r), "refcoco", "train", mode="eval"))
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 2_400)
+    assert ds[0]["target"].shape == (40, 60)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 2_399)
+    with pytest.raises(ValueError, match=rf"{file_name(1)} is refused: 60x40 = 2,400 pixels, over .*= 2,399"):
+        ds[0]
 
 
 def test_image_size_disagreeing_with_instances(root, tmp_path):

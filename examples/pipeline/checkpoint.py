@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, ``weights_only`` loads, and the RNG states an exact resume needs."""
+"""Checkpoints: atomic writes, ``weights_only`` loads, weights checked against the model they load into,
+and the RNG states an exact resume needs."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["save_atomic", "load_checkpoint", "rng_state", "set_rng_state", "latest_checkpoint"]
+from examples.cris.config import VARIANTS
+
+__all__ = ["save_atomic", "load_checkpoint", "load_weights", "describe_model", "rng_state", "set_rng_state", "latest_checkpoint"]
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -44,6 +48,56 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"checkpoint {path} is not a masksd training checkpoint (no 'model' entry)")
     return checkpoint
+
+
+def describe_model(entries: Mapping[str, Any]) -> str:
+    """In words, the model that a checkpoint's entries (or the ones a run would write) describe: its
+    ``family`` (the class the training loop trained, e.g. MaskSD or CLIPPretrainer) and its CRIS
+    architecture (``cris_config``, else the ``config``'s ``model`` and ``image_size``), with the name of
+    the :data:`~examples.cris.config.VARIANTS` entry it is, if any."""
+    family = entries.get("family")
+    cris = entries.get("cris_config") or {}
+    config = entries.get("config") or {}
+    if cris:
+        variant = next((f"variant {name!r} " for name, fields in VARIANTS.items()
+                        if all(cris.get(k) == v for k, v in fields.items() if k != "pretrained")), "")
+        segmenter = f"CRIS {variant}({cris.get('model_name')}, {cris.get('image_size')} px)"
+        return f"{family} around {segmenter}" if family else segmenter
+    clipseg = entries.get("clipseg_config") or {}
+    if clipseg:
+        segmenter = f"CLIPSeg ({clipseg.get('pretrained') or 'random tiny'}, {clipseg.get('image_size')} px)"
+        return f"{family} around {segmenter}" if family else segmenter
+    if isinstance(config, Mapping) and "model" in config:
+        segmenter = f"{config['model']} at {config.get('image_size')} px"
+        return f"{family} ({segmenter})" if family else f"a model of {segmenter}"
+    return f"{family} (architecture not recorded)" if family else "a model whose family and architecture are not recorded"
+
+
+def load_weights(module: nn.Module, checkpoint: Mapping[str, Any], path: str | Path, expected: Mapping[str, Any], purpose: str) -> None:
+    """``module.load_state_dict(checkpoint["model"])``, unless the checkpoint holds another model: another
+    ``family`` than ``expected``'s (the entries the loader would write itself, see :func:`describe_model`),
+    or tensors ``module`` lacks, lacks itself, or holds at another shape. Then one ValueError names the
+    file, both models (for ``purpose``, e.g. "--resume") and how many tensors do not match, with a few of
+    them, instead of load_state_dict's list of every key."""
+    state, own = checkpoint["model"], module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    families = checkpoint.get("family"), expected.get("family")
+    if not (missing or unexpected or reshaped) and (None in families or families[0] == families[1]):
+        module.load_state_dict(state)
+        return
+    examples = [f"{k} (missing)" for k in missing[:2]] + [f"{k} (unexpected)" for k in unexpected[:2]] + [
+        f"{k} {tuple(getattr(state[k], 'shape', ()))} in the file, {tuple(own[k].shape)} here" for k in reshaped[:2]]
+    found, wanted = describe_model(checkpoint), describe_model(expected)
+    models = (f"holds weights that do not fit the model it records, {found}" if found == wanted
+              else f"holds {found}, but {purpose} needs {wanted}")
+    raise ValueError(
+        f"checkpoint {path} {models}: "
+        f"{len(missing) + len(unexpected) + len(reshaped)} of {len(own.keys() | state.keys())} tensors do not match "
+        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape"
+        + (f"; e.g. {', '.join(examples)})" if examples else ")")
+    )
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["add_dataclass_arguments", "check_choices", "dataclass_from_args", "dataclass_from_dict", "flatten", "unflatten"]
+__all__ = ["add_dataclass_arguments", "check_choices", "dataclass_from_args", "dataclass_from_dict", "field_help", "flatten", "unflatten"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,15 @@ def _flags(cls: type, dest: str = "", prefix: str = "", parent_help: str = "") -
             yield _Flag(path, prefix.rstrip("-"), parent_help or help_text, hints[f.name])
         else:
             yield _Flag(path, f"{prefix}{f.name}".replace("_", "-"), help_text, hints[f.name])
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of field ``name`` of dataclass ``cls`` (``masksd.config.documented``), for a script that
+    adds that one flag by hand."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata["help"]
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
 
 
 def check_choices(config: Any) -> None:

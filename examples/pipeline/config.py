@@ -104,6 +104,7 @@ class TrainConfig(LoopConfig):
     train_split: str = documented("train", help="Split to train on.")
     eval_split: str = documented("val", runtime=True, help="Split validated during training and evaluated at the end (synthetic: val, test or compositional).")
     text_key: TextKey = documented(ReferConfig.text_key, help="Refer sentence field: raw (as typed) or sent (lower-cased and tokenised, what CRIS reads; the paper presets use it).")
+    trust_refs_pickle: bool = documented(ReferConfig.trust_pickle, runtime=True, help="Read the refs pickle with Python's full unpickler, which runs whatever code the file names; without this flag a refs file that names any Python global (the published ones name none) is refused. Only for a file from a source you trust.")
     resize: ResizeMode = documented(ReferConfig.resize_mode, help="How images are fitted to the square input: letterbox (keep aspect, pad; CRIS) or resize (stretch).")
     synthetic_train_size: int = documented(16000, help="Scenes per synthetic training epoch.")
     synthetic_eval_size: int = documented(500, runtime=True, help="Synthetic scenes evaluated.")

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from examples.clipseg import CLIPSEG
 from examples.cris import CRIS, CRISConfig
 from examples.cris.config import SHIPPED_WEIGHTS
-from examples.pipeline.checkpoint import load_checkpoint
+from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
 from masksd import MaskSD, bare_state_dict
@@ -49,6 +49,7 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
             mode="train" if train else "eval",
             seed=cfg.seed,
             text_key=cfg.text_key,
+            trust_pickle=cfg.trust_refs_pickle,
         )
     )
 
@@ -116,16 +117,29 @@ def checkpoint_architecture(segmenter: Segmenter) -> dict[str, Any]:
 
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
     """The trained segmenter (main branch only: CRIS or CLIPSeg) from a training checkpoint, in eval mode,
-    and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``."""
+    and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``; a checkpoint of
+    another model (another family, such as a CLIP pretraining run, or weights that do not fit the
+    architecture it records) raises one ValueError naming both and the number of mismatched tensors."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if "cris_config" in checkpoint:
-        segmenter = CRIS(dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config"))
-    elif "clipseg_config" in checkpoint:
+    run = checkpoint.get("config", {})
+    try:
+        cfg = TrainConfig.from_dict(run, source="")  # silently: another family's config has other keys
+    except (TypeError, ValueError):
+        cfg = None
+    if "clipseg_config" in checkpoint:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 
         config = dataclass_from_dict(CLIPSegRISConfig, checkpoint["clipseg_config"], source=f"{path} clipseg_config")
         segmenter = CLIPSegRIS(config, hf_config=checkpoint["hf_config"])  # the tokenizer from config.pretrained
+        architecture = {"clipseg_config": asdict(config)}
     else:
-        raise ValueError(f"checkpoint {path} holds neither cris_config nor clipseg_config: not written by examples/train_cris_masksd.py")
-    segmenter.load_state_dict(bare_state_dict(checkpoint["model"]))
-    return segmenter.to(device).eval(), checkpoint.get("config", {})
+        if "cris_config" in checkpoint:
+            cris = dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config")
+        elif cfg is not None:  # not written by train_cris_masksd.py: rebuild what its config names, so the error can count
+            cris = replace(cris_config(cfg), pretrained=None)
+        else:
+            raise ValueError(f"checkpoint {path} holds {describe_model(checkpoint)} and no cris_config: not written by examples/train_cris_masksd.py")
+        segmenter, architecture = CRIS(cris), {"cris_config": asdict(cris)}
+    model = MaskSD(segmenter, (cfg or TrainConfig()).masksd_config())  # the whole state is checked, not only the segmenter's
+    load_weights(model, checkpoint, path, {"family": type(model).__name__, **architecture}, "evaluate.py / predict.py")
+    return model.segmenter.to(device).eval(), run

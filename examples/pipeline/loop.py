@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from examples.pipeline.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_atomic, set_rng_state
+from examples.pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_weights, rng_state, save_atomic, set_rng_state
 from examples.pipeline.cli import flatten
 from examples.pipeline.config import LoopConfig, runtime_fields
 from examples.pipeline.distributed import Dist
@@ -160,6 +160,11 @@ class TrainingLoop:
         self.model.compile()
 
     # --------------------------------------------------------------- checkpoints
+    def _identity(self) -> dict:
+        """What a checkpoint says about the model it holds: its family (the model's class, so that another
+        script's checkpoint is named as such), the run's config and the subclass's extra entries."""
+        return {"family": type(self.model).__name__, "config": asdict(self.cfg), **self.checkpoint_extra()}
+
     def _state(self) -> dict:
         return {
             "model": self.model.state_dict(),
@@ -169,8 +174,7 @@ class TrainingLoop:
             "rng": self._rng_states(),
             "step": self.step,
             "best": dict(self.best),
-            "config": asdict(self.cfg),
-            **self.checkpoint_extra(),
+            **self._identity(),
         }
 
     def _rng_states(self) -> list[dict]:
@@ -197,6 +201,7 @@ class TrainingLoop:
         if path is None:
             return False
         state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; load_state_dict copies the rest
+        load_weights(self.model, state, path, self._identity(), "--resume into this run")  # another model: one error, first
         saved, now = flatten(state.get("config", {})), flatten(self.cfg)
         runtime = runtime_fields(type(self.cfg))
         changed = sorted(k for k in saved.keys() | now.keys() if k not in runtime and saved.get(k) != now.get(k))
@@ -208,7 +213,6 @@ class TrainingLoop:
                 f"checkpoint {path} was written by {len(states)} ranks; resuming it exactly needs the same "
                 f"number of ranks, got {self.env.world_size}"
             )
-        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -68,7 +68,7 @@ class _Run(TrainingLoop):
         compile_segmenter(self.model.segmenter)
 
     def checkpoint_extra(self) -> dict:
-        return checkpoint_architecture(self.segmenter)
+        return checkpoint_architecture(self.model.segmenter)  # also called while resuming, before self.segmenter is set
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["image"].to(self.device, non_blocking=True)

@@ -15,6 +15,7 @@ Every dataset here returns the same sample dict, so a trainer can use either:
 """
 
 from masksd.data.collate import SAMPLE_KEYS, collate
+from masksd.data.images import MAX_IMAGE_PIXELS, read_rgb
 from masksd.data.refer import (
     DEFAULT_SPLIT_BY, SPLIT_COUNTS, SPLITS, ReferConfig, ReferDataset, ReferDatasetName, SplitBy, SplitCounts,
     SplitCountWarning, TextKey, decode_segmentation,
@@ -28,6 +29,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_SPLIT_BY",
+    "MAX_IMAGE_PIXELS",
     "RESIZE_MODES",
     "RESTORE_METHODS",
     "SAMPLE_KEYS",
@@ -50,5 +52,6 @@ __all__ = [
     "TextKey",
     "collate",
     "decode_segmentation",
+    "read_rgb",
     "restore",
 ]

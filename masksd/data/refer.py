@@ -14,6 +14,10 @@ ann_id, image_id, split, sentences`` (dicts with ``sent_id, sent, raw, tokens``)
 ``images`` (``id, file_name, height, width``) and ``annotations`` (``id,
 image_id, segmentation``: polygons, compressed RLE or uncompressed RLE).
 
+The refs pickle is read without running code: the published files hold only lists, dicts,
+strings and numbers, so every Python global a file names (a class, a function, a ``copy_reg``
+reconstructor) is refused unless ``ReferConfig(trust_pickle=True)``.
+
 The index (pickle and json) is read once at construction; images and masks are
 read and decoded per item. Needs ``pillow`` and ``pycocotools``.
 """
@@ -30,6 +34,7 @@ from typing import Literal, NamedTuple, get_args
 import numpy as np
 from torch.utils.data import Dataset
 
+from masksd.data.images import read_rgb
 from masksd.data.transforms import RESIZE_MODES, InputTransform, ResizeMode
 
 __all__ = [
@@ -135,6 +140,11 @@ class ReferConfig:
     """Warn (:class:`SplitCountWarning`, a ``UserWarning``) when the split's refs and sentences differ from
     the published :data:`SPLIT_COUNTS` (a refs file of another partition, a truncated download); False
     for a deliberate subset such as a cut-down refs file."""
+    trust_pickle: bool = False
+    """Read the refs pickle with Python's full unpickler, which runs whatever code the file names. False
+    (the default) builds only lists, dicts, tuples, strings, numbers and None, and refuses a file that names
+    any Python global (class, function, ``copy_reg`` reconstructor) with a ``ValueError`` naming it. Set True
+    only for a file from a source you trust."""
 
     def __post_init__(self) -> None:
         if self.split_by is None and self.dataset in DEFAULT_SPLIT_BY:
@@ -155,6 +165,8 @@ class ReferConfig:
             raise ValueError(f"text_key must be one of {get_args(TextKey)}, got {self.text_key!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if not isinstance(self.trust_pickle, bool):
+            raise TypeError(f"trust_pickle must be True or False, got {self.trust_pickle!r}")
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
         if self.image_root is None:
@@ -172,36 +184,164 @@ class ReferConfig:
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """A COCO ``segmentation`` as a bool (height, width) mask.
 
-    Accepts a list of polygons (flat ``[x0, y0, x1, y1, ...]`` lists; the parts are
-    merged), an uncompressed RLE (``counts`` a list of ints) or a compressed RLE
-    (``counts`` a str or bytes).
+    Accepts a list of polygons (flat ``[x0, y0, x1, y1, ...]`` lists of at least 3 points; the
+    parts are merged), an uncompressed RLE (``counts`` a list of ints) or a compressed RLE
+    (``counts`` a str or bytes). Everything is checked before pycocotools sees it, since its C code
+    trusts its input: polygon coordinates must be finite numbers within one image size of the image
+    (the parts of a polygon past the image's edge are cut at the edge, as COCO's API does), an RLE's
+    ``size`` must be ``[height, width]`` and its counts non-negative and summing to height x width.
+    Raises ``ValueError`` naming the field.
     """
     mask_utils = _coco_mask()
     if isinstance(segmentation, list):
-        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
-            raise ValueError("polygon segmentation must be a non-empty list of [x0, y0, x1, y1, ...] lists with at least 3 points")
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        if not segmentation:
+            raise ValueError("polygon segmentation is an empty list (expected [[x0, y0, x1, y1, ...], ...])")
+        for i, polygon in enumerate(segmentation):
+            _check_polygon(polygon, i, height, width)
+        rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in segmentation], height, width))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            raise ValueError(f"RLE size {list(segmentation['size'])} does not match the image's [height, width] [{height}, {width}]")
-        rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list) else segmentation
+        size = segmentation["size"]
+        if not isinstance(size, (list, tuple)) or [v for v in size] != [height, width] or not all(_is_int(v) for v in size):
+            raise ValueError(f"RLE size {size!r} does not match the image's [height, width] [{height}, {width}]")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts):
+                raise ValueError("uncompressed RLE counts must be non-negative ints")
+            rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        elif isinstance(counts, (str, bytes)):
+            counts = _rle_string_counts(counts)
+            rle = {"size": [height, width], "counts": segmentation["counts"]}
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        else:
+            raise ValueError(f"RLE counts must be a list of ints or a compressed str, got {type(counts).__name__}")
+        if sum(counts) != height * width:
+            raise ValueError(f"RLE counts cover {sum(counts)} pixels, not the image's {height}x{width} = {height * width}")
     else:
         raise ValueError(f"segmentation must be a polygon list or an RLE dict with 'counts' and 'size', got {type(segmentation).__name__}")
     return mask_utils.decode(rle).astype(bool)  # (H, W)
 
 
-def _load_refs(path: str) -> list[dict]:
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_polygon(polygon, i: int, height: int, width: int) -> None:
+    if not isinstance(polygon, list):
+        raise ValueError(f"polygon {i} must be a [x0, y0, x1, y1, ...] list, got {type(polygon).__name__}")
+    if len(polygon) % 2 or len(polygon) < 6:
+        raise ValueError(f"polygon {i} has {len(polygon)} coordinates; expected an even count of at least 6 (3 points)")
+    for j, v in enumerate(polygon):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
+            raise ValueError(f"polygon {i} coordinate {j} must be a finite number, got {v!r}")
+        side = width if j % 2 == 0 else height
+        if not -side <= v <= 2 * side:  # far outside is a corrupt file (and makes pycocotools allocate without bound)
+            raise ValueError(f"polygon {i} coordinate {j} = {v} lies more than the image's {'width' if j % 2 == 0 else 'height'} {side} outside it")
+
+
+def _rle_string_counts(counts: str | bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString, checked): 6 bits per
+    character from '0', 5 of value and a continuation bit, counts after the second as deltas."""
+    if isinstance(counts, str):
+        if not counts.isascii():
+            raise ValueError("compressed RLE counts must be ASCII")
+        counts = counts.encode("ascii")
+    if not counts:
+        raise ValueError("compressed RLE counts are empty")
+    out: list[int] = []
+    p = 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p == len(counts):
+                raise ValueError("compressed RLE counts end inside a number (truncated)")
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE counts hold {chr(counts[p])!r}, outside the code's '0'..'o'")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        if x < 0:
+            raise ValueError(f"compressed RLE counts decode to a negative run ({x})")
+        out.append(x)
+    return out
+
+
+class _RefusedGlobal(Exception):
+    """A refs pickle named a Python global; the argument is its ``module.name``."""
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Builds what pickle's own opcodes make (lists, dicts, tuples, sets, str, bytes, numbers, bools, None)
+    and refuses every global a file names: classes, functions and ``copy_reg`` reconstructors are how a
+    pickle runs code, and the published refs name none."""
+
+    def find_class(self, module: str, name: str):
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
+def _load_refs(path: str, trust_pickle: bool = False) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"refs file not found: {path} (expected the refer repo's data layout <root>/<dataset>/refs(<split_by>).p)")
+    unpickler = pickle.Unpickler if trust_pickle else _NoGlobalsUnpickler
     try:
         with open(path, "rb") as f:
             # the published refs are Python 2 pickles whose str objects hold UTF-8 bytes
-            refs = pickle.load(f, encoding="utf-8")
+            refs = unpickler(f, encoding="utf-8").load()
+    except _RefusedGlobal as e:
+        raise ValueError(
+            f"refs pickle {path} names the Python global {e.args[0]}, which could run code when loaded; the published refs "
+            "hold only lists, dicts, strings and numbers, so this file is refused. If you trust its source, allow it with "
+            "ReferConfig(trust_pickle=True) (--trust-refs-pickle in the example scripts)"
+        ) from None
     except Exception as e:
         raise ValueError(f"could not read refs pickle {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+    if not isinstance(refs, list):
         raise ValueError(f"refs pickle {path} must hold a list of dicts, got {type(refs).__name__}")
     return refs
+
+
+_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+
+
+def _check_refs(refs: list, path: str, splits: tuple[str, ...]) -> None:
+    """Every ref of the file (not only the split's): a dict with int ids, a split of the partition, a
+    sentence list; ref_ids unique. A file failing this is not the partition it is named for."""
+    first: dict[int, int] = {}
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            raise ValueError(f"ref #{i} in {path} must be a dict, got {type(ref).__name__}")
+        missing = set(_REF_KEYS) - ref.keys()
+        if missing:
+            raise ValueError(f"ref #{i} in {path} lacks keys {sorted(missing)}")
+        for key in ("ref_id", "ann_id", "image_id"):
+            if not _is_int(ref[key]):
+                raise ValueError(f"ref #{i} in {path}: {key} must be an int, got {ref[key]!r}")
+        if not isinstance(ref["split"], str) or ref["split"] not in splits:
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: split must be one of {list(splits)} (this partition's), got {ref['split']!r}")
+        if not isinstance(ref["sentences"], list):
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: sentences must be a list, got {type(ref['sentences']).__name__}")
+        if ref["ref_id"] in first:
+            raise ValueError(f"ref_id {ref['ref_id']} appears twice in {path} (refs #{first[ref['ref_id']]} and #{i})")
+        first[ref["ref_id"]] = i
+
+
+def _check_sentences(ref: dict, path: str, text_key: str) -> None:
+    """A ref of the split read: at least one sentence, each a dict whose ``text_key`` is a non-blank str."""
+    if not ref["sentences"]:
+        raise ValueError(f"ref_id {ref['ref_id']} in {path} has no sentences")
+    for j, sentence in enumerate(ref["sentences"]):
+        if not isinstance(sentence, dict) or text_key not in sentence:
+            raise ValueError(f"ref_id {ref['ref_id']} in {path} has a sentence without the text_key field {text_key!r} (sentence #{j})")
+        text = sentence[text_key]
+        if not isinstance(text, str):
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: sentence #{j}'s {text_key!r} must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"ref_id {ref['ref_id']} in {path}: sentence #{j}'s {text_key!r} is empty or whitespace ({text!r})")
 
 
 def _load_instances(path: str) -> dict:
@@ -214,7 +354,39 @@ def _load_instances(path: str) -> dict:
         raise ValueError(f"could not parse {path} as JSON: {e}") from e
     if not isinstance(instances, dict) or not {"images", "annotations"} <= instances.keys():
         raise ValueError(f"{path} must be a COCO-style dict with 'images' and 'annotations'")
+    for key in ("images", "annotations"):
+        if not isinstance(instances[key], list):
+            raise ValueError(f"{path}: {key!r} must be a list, got {type(instances[key]).__name__}")
     return instances
+
+
+def _index(entries: list, section: str, noun: str, path: str, keep: set[int]) -> dict[int, dict]:
+    """{id: entry} of the entries of ``instances[section]`` whose id is in ``keep``; every entry must be a
+    dict with a unique int ``id`` (the index is built from all of them)."""
+    out: dict[int, dict] = {}
+    first: dict[int, int] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+            got = entry.get("id") if isinstance(entry, dict) else type(entry).__name__
+            raise ValueError(f"{section}[{i}] in {path} must be a dict with an int 'id', got {got!r}")
+        if entry["id"] in first:
+            raise ValueError(f"{path}: {noun} id {entry['id']} appears twice ({section}[{first[entry['id']]}] and {section}[{i}])")
+        first[entry["id"]] = i
+        if entry["id"] in keep:
+            out[entry["id"]] = entry
+    return out
+
+
+def _check_image(image: dict, path: str) -> None:
+    """An image entry that a ref uses: a relative ``file_name`` inside image_root, positive int height and width."""
+    name = image.get("file_name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"image id {image['id']} in {path}: file_name must be a non-empty str, got {name!r}")
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"image id {image['id']} in {path}: file_name {name!r} must be a path inside image_root")
+    for key in ("height", "width"):
+        if not _is_int(image.get(key)) or image[key] < 1:
+            raise ValueError(f"image id {image['id']} in {path}: {key} must be a positive int, got {image.get(key)!r}")
 
 
 class ReferDataset(Dataset):
@@ -236,21 +408,13 @@ class ReferDataset(Dataset):
         self.transform = InputTransform(config.image_size, config.resize_mode)
 
         refs_path, instances_path = config.refs_path, config.instances_path
-        all_refs = _load_refs(refs_path)
+        all_refs = _load_refs(refs_path, config.trust_pickle)
         instances = _load_instances(instances_path)
 
-        self.refs: list[dict] = []  # the split's refs, in pickle order
-        for i, ref in enumerate(all_refs):
-            missing = {"ref_id", "ann_id", "image_id", "split", "sentences"} - ref.keys()
-            if missing:
-                raise ValueError(f"ref #{i} in {refs_path} lacks keys {sorted(missing)}")
-            if ref["split"] != config.split:
-                continue
-            if not ref["sentences"]:
-                raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has no sentences")
-            if not all(config.text_key in sentence for sentence in ref["sentences"]):
-                raise ValueError(f"ref_id {ref['ref_id']} in {refs_path} has a sentence without the text_key field {config.text_key!r}")
-            self.refs.append(ref)
+        _check_refs(all_refs, refs_path, SPLITS[(config.dataset, config.split_by)])
+        self.refs: list[dict] = [ref for ref in all_refs if ref["split"] == config.split]  # in pickle order
+        for ref in self.refs:
+            _check_sentences(ref, refs_path, config.text_key)
         if not self.refs:
             present = sorted({r["split"] for r in all_refs})
             raise ValueError(f"no refs with split {config.split!r} in {refs_path}; the file has splits {present}")
@@ -259,14 +423,25 @@ class ReferDataset(Dataset):
 
         # keep only the images and annotations this split refers to
         ann_ids = {r["ann_id"] for r in self.refs}
-        self.annotations: dict[int, dict] = {a["id"]: a for a in instances["annotations"] if a["id"] in ann_ids}
+        self.annotations: dict[int, dict] = _index(instances["annotations"], "annotations", "annotation", instances_path, ann_ids)
         image_ids = {r["image_id"] for r in self.refs}
-        self.images: dict[int, dict] = {im["id"]: im for im in instances["images"] if im["id"] in image_ids}
+        self.images: dict[int, dict] = _index(instances["images"], "images", "image", instances_path, image_ids)
+        for image in self.images.values():
+            _check_image(image, instances_path)
         for ref in self.refs:
-            if ref["ann_id"] not in self.annotations:
+            ann = self.annotations.get(ref["ann_id"])
+            if ann is None:
                 raise ValueError(f"ref_id {ref['ref_id']} points to ann_id {ref['ann_id']}, which is not in {instances_path}")
             if ref["image_id"] not in self.images:
                 raise ValueError(f"ref_id {ref['ref_id']} points to image_id {ref['image_id']}, which is not in {instances_path}")
+            missing = {"image_id", "segmentation"} - ann.keys()
+            if missing:
+                raise ValueError(f"annotation id {ann['id']} (ann_id of ref_id {ref['ref_id']}) in {instances_path} lacks keys {sorted(missing)}")
+            if not _is_int(ann["image_id"]) or ann["image_id"] != ref["image_id"]:
+                raise ValueError(
+                    f"ref_id {ref['ref_id']} in {refs_path} has image_id {ref['image_id']}, but its ann_id {ref['ann_id']} "
+                    f"has image_id {ann['image_id']!r} in {instances_path}"
+                )
 
         # per item: (position in refs, position in its sentences, or -1 to draw one at random)
         if config.mode == "train":
@@ -309,19 +484,12 @@ class ReferDataset(Dataset):
         return os.path.join(self.config.image_root, self.images[image_id]["file_name"])
 
     def load_image(self, image_id: int) -> np.ndarray:
-        """The image as uint8 RGB (H0, W0, 3); errors name the file."""
-        try:
-            from PIL import Image, UnidentifiedImageError
-        except ImportError as e:
-            raise ImportError(_MISSING_DEPS) from e
+        """The image as uint8 RGB (H0, W0, 3), read by :func:`masksd.data.images.read_rgb` (which refuses images
+        over ``MAX_IMAGE_PIXELS`` and says how other modes become RGB); errors name the file."""
         path = self.image_path(image_id)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image for image_id {image_id} not found: {path} (image_root={self.config.image_root})")
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise ValueError(f"could not decode image {path}: {type(e).__name__}: {e}") from e
+        image = read_rgb(path)
         info = self.images[image_id]
         if image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image {path} is {image.shape[0]}x{image.shape[1]} but {self.config.instances_path} says {info['height']}x{info['width']}")
