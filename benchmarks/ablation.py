@@ -24,7 +24,6 @@ before and after fine-tuning. Writes benchmarks/results/ablation_<tag>.{md,json,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -37,6 +36,7 @@ from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import RESULTS, markdown_table, write_results
+from examples.pipeline.cli import ScriptParser, run_script
 
 METRICS = ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")
 GUIDANCE = ("lmvsd_auc", "lmvsd_kept", "lmvsd_top1", "vmlsd_precision")
@@ -315,7 +315,7 @@ def plot(summary: dict, split: str, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=sorted(ROWS), default="pretrained")
     parser.add_argument("--only", nargs="+", help="row names to run (default: every row of the mode)")
     parser.add_argument("--extra", action="store_true", help="also the sweep rows (target kind, α, K, λ, min_masked)")
@@ -404,4 +404,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -11,7 +11,6 @@ matmuls, convolutions and attention (no norms, activations or resampling).
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from torch import nn
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import TABLE_VII, count_flops, machine, machine_line
+from examples.pipeline.cli import ScriptParser, run_script
 from examples.cris.config import CRISConfig
 from examples.cris.model import CRIS
 from masksd import MaskSD
@@ -173,7 +173,7 @@ def _gap(ours: float, paper: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=CRISConfig.variant("vitb-480").model_name, help="open_clip model config (ViT-B-16, ViT-L-14)")
     parser.add_argument("--size", type=int, default=CRISConfig.variant("vitb-480").image_size, help="input image size in pixels")
     parser.add_argument("--max-words", type=int, default=CRISConfig.max_words, help="text positions (22 for G-Ref)")
@@ -188,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -12,7 +12,6 @@ benchmarks/results/data_throughput.{md,json} with the command and the machine.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import markdown_table, write_results
+from examples.pipeline.cli import ScriptParser, run_script
 from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
 
@@ -53,7 +53,7 @@ def single_threaded(measure):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 480], help="image sizes S to measure")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="report the best of this many runs")
@@ -92,4 +92,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,19 +13,19 @@ its training data. Writes benchmarks/results/generalisation_gap_<tag>.{md,json}.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from ablation import run_folder, score
 from common import markdown_table, write_results
+from examples.pipeline.cli import ScriptParser, run_script
 
 SPLITS = ("train", "val", "compositional")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag", default="pretrained", help="the ablation's --tag")
     parser.add_argument("--work", default="runs/ablation", help="the ablation's --work folder")
     parser.add_argument("--rows", nargs="+", default=["baseline", "CM-MaskSD"])
@@ -68,4 +68,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -57,6 +57,7 @@ import torch._dynamo
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import ROOT, RESULTS, markdown_table, write_results
+from examples.pipeline.cli import ScriptParser, run_script
 from examples.cris import CRIS, CRISConfig
 from examples.pipeline.distributed import Device, resolve_device
 from examples.pipeline.factory import compile_segmenter
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{WORKER} needs the report path, then examples/train_cris_masksd.py's flags")
         torchrun_worker(Path(argv[1]), argv[2:])
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=get_args(Device), default="auto")
     parser.add_argument("--tiny", action="store_true", help="every section on the tiny model, batch 4: the CPU test of this script")
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for gpu_check[_tiny].{md,json} (default: benchmarks/results)")
@@ -664,4 +665,4 @@ def run_check(device: torch.device, plan: Plan, args: argparse.Namespace, argv: 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

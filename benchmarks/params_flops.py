@@ -12,13 +12,13 @@ drawn; their positions do not change the count). Writes benchmarks/results/param
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import TABLE_VII, count_flops, markdown_table, write_results
+from examples.pipeline.cli import ScriptParser, run_script
 from cris_summary import PAPER, PAPER_MASKSD_PARAMS_M
 from examples.cris import CRIS, CRISConfig
 from masksd import MaskSD, MaskSDConfig
@@ -90,7 +90,7 @@ NOTES_VIT_B_480 = """- FLOPs count 2 per multiply-add; the paper's 165.96 "FLOPs
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=CRISConfig.variant("vitb-480").model_name)
     parser.add_argument("--size", type=int, default=CRISConfig.variant("vitb-480").image_size)
     parser.add_argument("--tiny", action="store_true", help="the tiny CPU model instead")
@@ -106,4 +106,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,6 +19,7 @@ import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import markdown_table, write_results
+from examples.pipeline.cli import run_script
 from masksd.data import SyntheticConfig, SyntheticReferDataset
 from masksd.data.synthetic import RELATIONS
 from masksd.guidance import patch_targets
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,7 +15,6 @@ Writes benchmarks/results/train_step_<device>_<model>_<size>.{md,json}.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -27,6 +26,7 @@ import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import TABLE_VII, count_flops, markdown_table, write_results
+from examples.pipeline.cli import ScriptParser, run_script
 from examples.cris import CRIS, CRISConfig
 from examples.pipeline.distributed import Device, resolve_device
 from examples.pipeline.evaluation import Amp, autocast
@@ -226,7 +226,7 @@ def step_figures(timing: Timing, batch: int, flops: int, peak_flops: float | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=CRISConfig.tiny().model_name, help="masksd-tiny (default), ViT-B-16 or ViT-L-14")
     parser.add_argument("--size", type=int, help="image size (default: the model's first CRIS variant: 64 tiny, 480 ViT-B-16, 532 ViT-L-14)")
     parser.add_argument("--batch", type=int, default=32)
@@ -290,4 +290,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,6 +23,7 @@ import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import markdown_table, write_results
+from examples.pipeline.cli import run_script
 from examples.cris import CRIS, CRISConfig
 from masksd.config import PAPER_BRANCHES
 from masksd.correlation import topk_counts
@@ -73,4 +74,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

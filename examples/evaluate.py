@@ -10,7 +10,6 @@ The data settings default to the checkpoint's own; e.g.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import replace
@@ -19,7 +18,7 @@ from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
-from examples.pipeline.cli import field_help  # noqa: E402
+from examples.pipeline.cli import ScriptParser, field_help, run_script  # noqa: E402
 from examples.pipeline.config import DATASETS, TrainConfig  # noqa: E402
 from examples.pipeline.distributed import Device  # noqa: E402
 from examples.pipeline.evaluation import Amp  # noqa: E402
@@ -27,7 +26,7 @@ from masksd.data import RESTORE_METHODS, SplitBy, TextKey  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
     parser.add_argument("--split", help="split to evaluate (default: the run's eval split)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the run's")
@@ -100,4 +99,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -8,20 +8,20 @@ Writes <output-dir>/<image stem>_mask.png (the binary mask at the image's size) 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
+from examples.pipeline.cli import ScriptParser, run_script  # noqa: E402
 from examples.pipeline.config import TrainConfig  # noqa: E402
 from examples.pipeline.distributed import Device  # noqa: E402
 from masksd.data import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
     parser.add_argument("--image", required=True, help="an image file (JPEG, PNG, ...)")
     parser.add_argument("--text", required=True, help="the referring expression")
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

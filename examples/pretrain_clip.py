@@ -11,19 +11,18 @@ after), eval_log.csv (the same every --eval-every steps), train_log.csv and last
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
-from examples.pipeline.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
+from examples.pipeline.cli import ScriptParser, add_dataclass_arguments, dataclass_from_args, run_script  # noqa: E402
 from examples.pipeline.pretrain import PretrainConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     add_dataclass_arguments(parser, PretrainConfig)
     args = parser.parse_args(argv)
     try:
@@ -42,4 +41,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
-from examples.pipeline.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
+from examples.pipeline.cli import ScriptParser, add_dataclass_arguments, dataclass_from_args, run_script  # noqa: E402
 from examples.pipeline.config import PRESETS, TrainConfig  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     first.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     known, _ = first.parse_known_args(argv)
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="paper settings to start from; later flags override")
     add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(**PRESETS[known.preset])
@@ -54,4 +54,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

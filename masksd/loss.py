@@ -40,10 +40,18 @@ def _check_logits(name: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape (B, 1, h, w), got {tuple(logits.shape)}")
 
 
-def _resize(target: torch.Tensor, size: torch.Size, soft: bool) -> torch.Tensor:
-    """Resize a (B, 1, H, W) target to ``size``: bilinear for soft probabilities, nearest for binary masks."""
+def _resize(target: torch.Tensor, size: torch.Size, soft: bool, name: str = "ground_truth") -> torch.Tensor:
+    """Resize a (B, 1, H, W) target to ``size``: bilinear for soft probabilities, nearest for binary masks.
+    A target of another aspect ratio than the logits is refused (ValueError naming both shapes): a
+    resize would stretch it silently."""
     if target.shape[-2:] == size:
         return target
+    height, width = target.shape[-2:]
+    if height * size[1] != width * size[0]:
+        raise ValueError(
+            f"{name} of size {height}x{width} has another aspect ratio than the logits' {size[0]}x{size[1]}: "
+            f"resize or letterbox the mask with its image (masksd.data.InputTransform) instead of stretching it"
+        )
     if soft:
         return F.interpolate(target, size=size, mode="bilinear", align_corners=False)
     return F.interpolate(target, size=size, mode="nearest")
@@ -119,5 +127,5 @@ class SelfDistillLoss(nn.Module):
             target = torch.sigmoid(teacher_logits.float())  # (B, 1, h', w')
             if self.target == "hard":
                 target = (target > self.threshold).float()
-            target = _resize(target, student_logits.shape[-2:], soft=self.target == "soft")
+            target = _resize(target, student_logits.shape[-2:], soft=self.target == "soft", name="teacher_logits")
         return self.weight * F.binary_cross_entropy_with_logits(student_logits, target.to(student_logits.dtype))

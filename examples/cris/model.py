@@ -202,6 +202,11 @@ class CRIS(SegmenterAdapter):
         """Inference: (B, 1, 4g, 4g) mask logits, after :meth:`check_inputs` (MaskSD's training step
         calls the pieces directly and checks values only on request)."""
         self.check_inputs(images, token_ids)
+        if torch.is_tensor(images) and images.dim() == 4 and images.shape[0] != token_ids.shape[0]:
+            raise ValueError(
+                f"images and token_ids must hold one text per image: got {images.shape[0]} images and "
+                f"{token_ids.shape[0]} texts"
+            )
         return super().forward(images, token_ids)
 
     def check_inputs(self, images: torch.Tensor, token_ids: torch.Tensor) -> None:

@@ -4,8 +4,10 @@ and the RNG states an exact resume needs."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,8 +45,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # pickle errors, truncated zip archives, non-tensor objects
-        raise ValueError(f"checkpoint {path} could not be loaded with weights_only=True: {error}") from error
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):  # torch's advice to load with weights_only=False is not ours
+            raise ValueError(
+                f"checkpoint {path} holds Python objects that weights_only=True refuses (not a masksd checkpoint, "
+                f"or one written by other code): {_refused_global(error)}"
+            ) from error
+        raise ValueError(f"checkpoint {path} ({path.stat().st_size} bytes) is not a file torch.save wrote") from error
+    except (RuntimeError, EOFError, KeyError, OSError, zipfile.BadZipFile) as error:  # a truncated zip, another format
+        raise ValueError(
+            f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a file torch.save wrote "
+            f"(a partial download or copy?)" + (f": {str(error).split('. ')[0]}" if isinstance(error, RuntimeError) else "")
+        ) from error
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"checkpoint {path} is not a masksd training checkpoint (no 'model' entry)")
     return checkpoint
@@ -98,6 +110,12 @@ def load_weights(module: nn.Module, checkpoint: Mapping[str, Any], path: str | P
         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape"
         + (f"; e.g. {', '.join(examples)})" if examples else ")")
     )
+
+
+def _refused_global(error: BaseException) -> str:
+    """The line of torch's weights_only refusal that names what it refused ("Unsupported global: ...")."""
+    lines = [line.strip() for line in str(error).splitlines() if "Unsupported" in line or "global" in line.lower()]
+    return lines[0][:200] if lines else str(error).splitlines()[0][:200]
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

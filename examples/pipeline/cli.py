@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["add_dataclass_arguments", "check_choices", "dataclass_from_args", "dataclass_from_dict", "field_help", "flatten", "unflatten"]
+__all__ = ["ScriptParser", "USER_ERRORS", "add_dataclass_arguments", "one_line", "run_script", "check_choices", "dataclass_from_args", "dataclass_from_dict", "field_help", "flatten", "unflatten"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,3 +151,46 @@ def dataclass_from_dict(cls: type[T], values: dict[str, Any], *, source: str = "
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+USER_ERRORS = (ValueError, OSError, ImportError)
+"""What a script's user can cause and fix (a bad value, a missing or corrupt file, a missing extra): one
+line, exit status 2. Anything else (a TypeError, a RuntimeError) is a bug and keeps its traceback."""
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """argparse for the scripts: a usage error is one line on stderr (exit status 2), and ``--debug``
+    (added to every script) makes :func:`run_script` show the traceback of an error instead."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show an error's traceback instead of one line")
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def run_script(main: typing.Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
+    """Run a script's ``main(argv)`` and return what it returns: a user error (:data:`USER_ERRORS`) becomes
+    one line on stderr that names what was wrong, and exit status 2; with ``--debug`` the error
+    propagates with its traceback."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        if "--debug" in argv:
+            raise
+        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "masksd"
+        print(f"{prog}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (a FileNotFoundError from open() names its file too)."""
+    text = str(error) or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return " ".join(text.split())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,31 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tupl
         cfg = TrainConfig.from_dict(run, source="")  # silently: another family's config has other keys
     except (TypeError, ValueError):
         cfg = None
+    with weights_follow():
+        model, architecture = _segmenter_for(checkpoint, cfg, path)
+    load_weights(model, checkpoint, path, {"family": type(model).__name__, **architecture}, "evaluate.py / predict.py")
+    return model.segmenter.to(device).eval(), run
+
+
+@contextlib.contextmanager
+def weights_follow() -> Iterator[None]:
+    """Within the block, open_clip's warning that a model built without pretrained weights is initialised
+    randomly is dropped: the caller loads a checkpoint's weights into it next."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    drop, root = _Drop(), logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _segmenter_for(checkpoint: dict[str, Any], cfg: TrainConfig | None, path: str | Path) -> tuple[MaskSD, dict[str, Any]]:
+    """MaskSD around the segmenter a checkpoint records (CRIS or CLIPSeg), and the architecture entries it expects."""
     if "clipseg_config" in checkpoint:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 
@@ -140,6 +168,4 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tupl
         else:
             raise ValueError(f"checkpoint {path} holds {describe_model(checkpoint)} and no cris_config: not written by examples/train_cris_masksd.py")
         segmenter, architecture = CRIS(cris), {"cris_config": asdict(cris)}
-    model = MaskSD(segmenter, (cfg or TrainConfig()).masksd_config())  # the whole state is checked, not only the segmenter's
-    load_weights(model, checkpoint, path, {"family": type(model).__name__, **architecture}, "evaluate.py / predict.py")
-    return model.segmenter.to(device).eval(), run
+    return MaskSD(segmenter, (cfg or TrainConfig()).masksd_config()), architecture  # the whole state is checked

@@ -20,7 +20,7 @@ from examples.pipeline.sampling import ShardSampler
 from masksd import MaskSD
 from masksd.data import collate
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "TrainResult", "check_norm_batch"]
 
 
 @dataclass
@@ -49,6 +49,18 @@ def train(cfg: TrainConfig, evaluate_at_end: bool = True) -> TrainResult:
         return _Run(cfg, env).run(evaluate_at_end)
 
 
+def check_norm_batch(model: torch.nn.Module, batch_size: int, world_size: int) -> None:
+    """Raise a ValueError naming --batch-size unless each device gets at least 2 samples when the model has
+    BatchNorm (CRIS's neck and projector do): BatchNorm cannot normalise a batch of one in training."""
+    per_device = batch_size // world_size
+    if per_device < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(
+            f"--batch-size {batch_size} over {world_size} rank(s) gives {per_device} sample(s) per device, but the "
+            f"segmenter has BatchNorm (CRIS's neck and projector), which needs at least 2 per device in training: "
+            f"use --batch-size {2 * world_size} or more"
+        )
+
+
 class _Run(TrainingLoop):
     """MaskSD around the CRIS-style segmenter: the loop's step is MaskSD's training forward."""
 
@@ -58,6 +70,7 @@ class _Run(TrainingLoop):
     def __init__(self, cfg: TrainConfig, env: Dist):
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
+        check_norm_batch(model, cfg.batch_size, env.world_size)
         eval_unit = "step" if cfg.dataset == "synthetic" else "epoch"
         super().__init__(cfg, env, model, build_dataset(cfg, cfg.train_split, train=True), backbone_prefixes(model.segmenter), eval_unit)
         self.segmenter = self.model.segmenter
