@@ -18,11 +18,10 @@ from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
+from examples.pipeline.choices import Amp, Device  # noqa: E402
 from examples.pipeline.cli import ScriptParser, field_help, run_script  # noqa: E402
 from examples.pipeline.config import DATASETS, TrainConfig  # noqa: E402
-from examples.pipeline.distributed import Device  # noqa: E402
-from examples.pipeline.evaluation import Amp  # noqa: E402
-from masksd.data import RESTORE_METHODS, SplitBy, TextKey  # noqa: E402
+from masksd.data.config import RESTORE_METHODS, SplitBy, TextKey  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,10 +14,10 @@ from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
+from examples.pipeline.choices import Device  # noqa: E402
 from examples.pipeline.cli import ScriptParser, run_script  # noqa: E402
 from examples.pipeline.config import TrainConfig  # noqa: E402
-from examples.pipeline.distributed import Device  # noqa: E402
-from masksd.data import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
+from masksd.data.config import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:

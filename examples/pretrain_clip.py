@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from examples.pipeline.cli import ScriptParser, add_dataclass_arguments, dataclass_from_args, run_script  # noqa: E402
-from examples.pipeline.pretrain import PretrainConfig  # noqa: E402
+from examples.pipeline.config import PretrainConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:

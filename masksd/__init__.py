@@ -4,14 +4,7 @@ Wrap any segmenter that implements :class:`MaskableSegmenter` in :class:`MaskSD`
 train with the returned loss, evaluate with ``.eval()`` at the bare model's cost.
 """
 
-from masksd.adapter import Embeddings, Features, MaskableSegmenter, SegmenterAdapter
-from masksd.correlation import CorrelationFilter
-from masksd.guidance import GuidanceMeter, correlation_scores, patch_targets
-from masksd.loss import SelfDistillLoss, segmentation_loss
-from masksd.masking import GuidedMasker
-from masksd.config import BranchConfig, MaskSDConfig
-from masksd.wrapper import MaskSD, MaskSDOutput, bare_state_dict
-from masksd.verify import SegmenterCheckError, VerifyReport, verify_segmenter
+from masksd._lazy import lazy_exports
 
 __all__ = [
     "BranchConfig",
@@ -35,3 +28,25 @@ __all__ = [
     "verify_segmenter",
 ]
 __version__ = "0.1.0"
+
+__getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported on first use
+    "Embeddings": "masksd.adapter",
+    "Features": "masksd.adapter",
+    "MaskableSegmenter": "masksd.adapter",
+    "SegmenterAdapter": "masksd.adapter",
+    "CorrelationFilter": "masksd.correlation",
+    "GuidanceMeter": "masksd.guidance",
+    "correlation_scores": "masksd.guidance",
+    "patch_targets": "masksd.guidance",
+    "SelfDistillLoss": "masksd.loss",
+    "segmentation_loss": "masksd.loss",
+    "GuidedMasker": "masksd.masking",
+    "BranchConfig": "masksd.config",
+    "MaskSDConfig": "masksd.config",
+    "MaskSD": "masksd.wrapper",
+    "MaskSDOutput": "masksd.wrapper",
+    "bare_state_dict": "masksd.wrapper",
+    "SegmenterCheckError": "masksd.verify",
+    "VerifyReport": "masksd.verify",
+    "verify_segmenter": "masksd.verify",
+})

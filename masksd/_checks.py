@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are checked: masksd.config stays importable without it
+    import torch
 
 
 def check_fraction(name: str, value: float, *, low_open: bool) -> None:
@@ -34,6 +36,8 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def check_tensor(name: str, x: object, *, dims: int | tuple[int, ...], floating: bool = False) -> None:
     """Raise TypeError/ValueError unless ``x`` is a tensor of the given rank(s) (and float dtype)."""
+    import torch
+
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     allowed = (dims,) if isinstance(dims, int) else dims
@@ -46,6 +50,8 @@ def check_tensor(name: str, x: object, *, dims: int | tuple[int, ...], floating:
 
 def check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Return ``mask`` (or an all-True mask when None) after checking it is bool with ``shape``."""
+    import torch
+
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     if not torch.is_tensor(mask) or mask.dtype != torch.bool:

@@ -123,3 +123,23 @@ def test_a_ground_truth_of_another_aspect_ratio_is_refused_not_stretched():
     with pytest.raises(ValueError, match="ground_truth of size 64x48 has another aspect ratio than the logits' 16x16"):
         segmentation_loss(logits, torch.zeros(2, 1, 64, 48))
     assert torch.isfinite(segmentation_loss(logits, torch.zeros(2, 1, 64, 64)))  # same ratio: resized as before
+
+
+@pytest.mark.parametrize("script", ["train_cris_masksd.py", "evaluate.py", "predict.py", "pretrain_clip.py"])
+def test_help_imports_neither_torch_nor_open_clip(script):
+    """--help is built from the torch-free configs, so it prints at once (torch's import alone takes ~2 s here)."""
+    code = (
+        "import contextlib, io, runpy, sys\n"
+        f"sys.argv = [{script!r}, '--help']\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        f"        runpy.run_path({str(ROOT / 'examples' / script)!r}, run_name='__main__')\n"
+        "    except SystemExit as exit_:\n"
+        "        assert exit_.code in (0, None)\n"
+        "assert '--debug' in out.getvalue(), out.getvalue()[:200]\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

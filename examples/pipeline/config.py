@@ -12,14 +12,12 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from examples.cris.config import VARIANTS, CRISConfig, DeepLevel
+from examples.pipeline.choices import Amp, Device
 from examples.pipeline.cli import check_choices, dataclass_from_dict, flatten, unflatten
-from examples.pipeline.distributed import Device
-from examples.pipeline.evaluation import Amp
-from masksd import MaskSDConfig
-from masksd.config import documented
-from masksd.data import DEFAULT_SPLIT_BY, ReferConfig, ReferDatasetName, ResizeMode, RestoreMethod, SplitBy, TextKey
+from masksd.config import MaskSDConfig, documented
+from masksd.data.config import DEFAULT_SPLIT_BY, ReferConfig, ReferDatasetName, ResizeMode, RestoreMethod, SplitBy, TextKey
 
-__all__ = ["LoopConfig", "TrainConfig", "PRESETS", "DATASETS", "DatasetName", "preset", "runtime_fields"]
+__all__ = ["LoopConfig", "PretrainConfig", "TrainConfig", "PRESETS", "DATASETS", "DatasetName", "preset", "runtime_fields"]
 
 DatasetName = Literal["synthetic", ReferDatasetName]
 """The built-in synthetic referring scenes, or a refer dataset read from files."""
@@ -201,3 +199,45 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
         raise ValueError(f"unknown TrainConfig fields: {unknown}; known: {sorted(values)}")
     values.update({**PRESETS[name], **overrides})
     return dataclass_from_dict(TrainConfig, unflatten(values))
+
+
+_TINY = VARIANTS["tiny"]
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    """Defaults: region-aligned pretraining of the tiny CLIP (a few minutes on 2 CPU cores)."""
+
+    # overrides of the loop's defaults
+    epochs: int = documented(1, help="Training epochs over synthetic_train_size scenes.")
+    warmup_epochs: float = documented(0.05, help="Linear warm-up, in epochs (may be fractional).")
+    batch_size: int = documented(128, help="Global batch size: the contrastive negatives of each pair.")
+    lr: float = documented(1e-3, help="Peak learning rate.")
+    weight_decay: float = documented(0.0, help="Adam L2 weight decay.")
+    output: str = documented("runs/pretrain", runtime=True, help="Run folder: clip.pt (the open_clip weights), last.pt, best.pt, logs, report.json.")
+    eval_every: int = documented(250, runtime=True, help="Measure guidance and retrieval every N steps (eval_log.csv); 0: only at the end.")
+
+    # model and data
+    model: str = documented(_TINY["model_name"], help="open_clip model config to pretrain (masksd-tiny).")
+    pretrained: str | None = documented(None, help="Initial weights: none (random), an open_clip tag or a checkpoint path.")
+    image_size: int = documented(_TINY["image_size"], help="Input size in pixels (the synthetic scenes are rendered at it).")
+    max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT.")
+    synthetic_train_size: int = documented(64000, help="Scenes per pretraining epoch (train split).")
+    synthetic_eval_size: int = documented(512, runtime=True, help="Synthetic val scenes for the guidance and retrieval measurements.")
+
+    # losses
+    region_weight: float = documented(1.0, help="Weight of the region-text ClipLoss (referent's mask-pooled patch tokens vs its expression); 0: global ClipLoss only.")
+    region_negatives: Literal["batch", "background"] = documented("background", help="What each expression's region must beat: batch (the other samples' regions, plain ClipLoss) or background (also every sample's rest of the image, pooled the same way).")
+    export: Literal["last", "best"] = documented("last", help="Which weights clip.pt holds: the last step's, or best.pt's (highest LMVSD guidance AUC).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.region_weight) and self.region_weight >= 0):
+            raise ValueError(f"region_weight must be a finite number >= 0, got {self.region_weight}")
+        for name in ("synthetic_train_size", "synthetic_eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def cris_config(self) -> CRISConfig:
+        """The CRIS segmenter whose backbone is pretrained (its decode head is not used)."""
+        return CRISConfig.for_model(self.model, pretrained=self.pretrained, image_size=self.image_size, max_words=self.max_words)

@@ -6,16 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Literal, get_args
+from typing import Iterator, get_args
 
 import torch
 import torch.distributed as dist
 
+from examples.pipeline.choices import Device  # re-exported
+
 __all__ = ["Device", "Dist", "process_group", "init_distributed", "cleanup_distributed", "resolve_device", "launched_by_torchrun"]
-
-Device = Literal["auto", "cuda", "cpu"]
-"""Where to run: auto (CUDA when available), cuda or cpu."""
-
 
 @dataclass(frozen=True)
 class Dist:

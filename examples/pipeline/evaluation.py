@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from tqdm import tqdm
 
+from examples.pipeline.choices import Amp  # re-exported
 from masksd.data import RESTORE_METHODS, RestoreMethod
 from masksd.data import restore as restore_prediction
 from masksd.metrics import RISMetrics
 
 __all__ = ["Amp", "evaluate", "autocast"]
-
-Amp = Literal["none", "bf16", "fp16"]
-"""Autocast precision on top of fp32 weights: none, bf16, or fp16 (training adds a gradient scaler)."""
-
 
 def autocast(device: torch.device, amp: Amp) -> contextlib.AbstractContextManager:
     """torch.autocast for ``amp`` in {"bf16", "fp16"}; a no-op for "none"."""

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import open_clip
 import torch
@@ -29,61 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from examples.cris import CRIS, CRISConfig
-from examples.cris.config import VARIANTS
+from examples.cris import CRIS
 from examples.pipeline.checkpoint import load_checkpoint, save_atomic
-from examples.pipeline.config import LoopConfig
+from examples.pipeline.config import PretrainConfig  # re-exported: defined with the other script configs
 from examples.pipeline.distributed import Dist, process_group
 from examples.pipeline.evaluation import autocast
 from examples.pipeline.guidance import measure_guidance
 from examples.pipeline.loop import TrainingLoop, seed_everything
 from examples.pipeline.sampling import ShardSampler
-from masksd.config import documented
 from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
 __all__ = ["CLIPPretrainer", "PretrainConfig", "background_contrast", "pretrain", "export_clip", "retrieval_at_1"]
-
-_TINY = VARIANTS["tiny"]
-
-
-@dataclass
-class PretrainConfig(LoopConfig):
-    """Defaults: region-aligned pretraining of the tiny CLIP (a few minutes on 2 CPU cores)."""
-
-    # overrides of the loop's defaults
-    epochs: int = documented(1, help="Training epochs over synthetic_train_size scenes.")
-    warmup_epochs: float = documented(0.05, help="Linear warm-up, in epochs (may be fractional).")
-    batch_size: int = documented(128, help="Global batch size: the contrastive negatives of each pair.")
-    lr: float = documented(1e-3, help="Peak learning rate.")
-    weight_decay: float = documented(0.0, help="Adam L2 weight decay.")
-    output: str = documented("runs/pretrain", runtime=True, help="Run folder: clip.pt (the open_clip weights), last.pt, best.pt, logs, report.json.")
-    eval_every: int = documented(250, runtime=True, help="Measure guidance and retrieval every N steps (eval_log.csv); 0: only at the end.")
-
-    # model and data
-    model: str = documented(_TINY["model_name"], help="open_clip model config to pretrain (masksd-tiny).")
-    pretrained: str | None = documented(None, help="Initial weights: none (random), an open_clip tag or a checkpoint path.")
-    image_size: int = documented(_TINY["image_size"], help="Input size in pixels (the synthetic scenes are rendered at it).")
-    max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT.")
-    synthetic_train_size: int = documented(64000, help="Scenes per pretraining epoch (train split).")
-    synthetic_eval_size: int = documented(512, runtime=True, help="Synthetic val scenes for the guidance and retrieval measurements.")
-
-    # losses
-    region_weight: float = documented(1.0, help="Weight of the region-text ClipLoss (referent's mask-pooled patch tokens vs its expression); 0: global ClipLoss only.")
-    region_negatives: Literal["batch", "background"] = documented("background", help="What each expression's region must beat: batch (the other samples' regions, plain ClipLoss) or background (also every sample's rest of the image, pooled the same way).")
-    export: Literal["last", "best"] = documented("last", help="Which weights clip.pt holds: the last step's, or best.pt's (highest LMVSD guidance AUC).")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (math.isfinite(self.region_weight) and self.region_weight >= 0):
-            raise ValueError(f"region_weight must be a finite number >= 0, got {self.region_weight}")
-        for name in ("synthetic_train_size", "synthetic_eval_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def cris_config(self) -> CRISConfig:
-        """The CRIS segmenter whose backbone is pretrained (its decode head is not used)."""
-        return CRISConfig.for_model(self.model, pretrained=self.pretrained, image_size=self.image_size, max_words=self.max_words)
-
 
 class CLIPPretrainer(nn.Module):
     """A CRIS segmenter's CLIP backbone with a learnable temperature, trained contrastively.

@@ -14,16 +14,7 @@ Every dataset here returns the same sample dict, so a trainer can use either:
 :func:`collate` batches them for a ``DataLoader``.
 """
 
-from masksd.data.collate import SAMPLE_KEYS, collate
-from masksd.data.images import MAX_IMAGE_PIXELS, read_rgb
-from masksd.data.refer import (
-    DEFAULT_SPLIT_BY, SPLIT_COUNTS, SPLITS, ReferConfig, ReferDataset, ReferDatasetName, SplitBy, SplitCounts,
-    SplitCountWarning, TextKey, decode_segmentation,
-)
-from masksd.data.synthetic import Scene, SceneObject, SyntheticConfig, SyntheticReferDataset
-from masksd.data.transforms import (
-    CLIP_MEAN, CLIP_STD, RESIZE_MODES, RESTORE_METHODS, Frame, InputTransform, ResizeMode, RestoreMethod, restore,
-)
+from masksd._lazy import lazy_exports
 
 __all__ = [
     "CLIP_MEAN",
@@ -55,3 +46,34 @@ __all__ = [
     "read_rgb",
     "restore",
 ]
+
+__getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported on first use
+    "SAMPLE_KEYS": "masksd.data.collate",
+    "collate": "masksd.data.collate",
+    "MAX_IMAGE_PIXELS": "masksd.data.images",
+    "read_rgb": "masksd.data.images",
+    "DEFAULT_SPLIT_BY": "masksd.data.config",
+    "SPLIT_COUNTS": "masksd.data.config",
+    "SPLITS": "masksd.data.config",
+    "ReferConfig": "masksd.data.config",
+    "ReferDataset": "masksd.data.refer",
+    "ReferDatasetName": "masksd.data.config",
+    "SplitBy": "masksd.data.config",
+    "SplitCounts": "masksd.data.config",
+    "SplitCountWarning": "masksd.data.config",
+    "TextKey": "masksd.data.config",
+    "decode_segmentation": "masksd.data.refer",
+    "Scene": "masksd.data.synthetic",
+    "SceneObject": "masksd.data.synthetic",
+    "SyntheticConfig": "masksd.data.synthetic",
+    "SyntheticReferDataset": "masksd.data.synthetic",
+    "CLIP_MEAN": "masksd.data.transforms",
+    "CLIP_STD": "masksd.data.transforms",
+    "RESIZE_MODES": "masksd.data.config",
+    "RESTORE_METHODS": "masksd.data.config",
+    "Frame": "masksd.data.transforms",
+    "InputTransform": "masksd.data.transforms",
+    "ResizeMode": "masksd.data.config",
+    "RestoreMethod": "masksd.data.config",
+    "restore": "masksd.data.transforms",
+})

@@ -26,11 +26,12 @@ The paper (and CRIS) threshold the restored sigmoid probabilities at 0.35.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from masksd.data.config import RESIZE_MODES, RESTORE_METHODS, ResizeMode, RestoreMethod  # re-exported here
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "RESTORE_METHODS", "Frame", "InputTransform", "ResizeMode", "RestoreMethod",
@@ -39,13 +40,6 @@ __all__ = [
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ResizeMode = Literal["letterbox", "resize"]
-"""How an image is fitted to the S×S input (see the module docstring)."""
-RESIZE_MODES = get_args(ResizeMode)
-
-RestoreMethod = Literal["bilinear", "cris"]
-"""How :func:`restore` maps a prediction back to the original image size (see the module docstring)."""
-RESTORE_METHODS: tuple[str, ...] = get_args(RestoreMethod)
 
 # the normalised value of every uint8 level per channel: (x / 255 - mean) / std
 _LEVELS = ((np.arange(256)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None]) / np.array(CLIP_STD)[:, None]).astype(np.float32)  # (3, 256)

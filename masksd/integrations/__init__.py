@@ -10,20 +10,13 @@ Nothing here imports open_clip or transformers until a class that needs it is us
 extra named in the error (``pip install "masksd[open_clip]"`` or ``"masksd[transformers]"``).
 """
 
+from masksd._lazy import lazy_exports
 from masksd.integrations.towers import ImageContext, TextContext, Towers, TowerSegmenter
 
 __all__ = ["CLIPSegSegmenter", "HFCLIPTowers", "ImageContext", "OpenCLIPTowers", "TextContext", "TowerSegmenter", "Towers"]
 
-_LAZY = {
+__getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported on first use
     "OpenCLIPTowers": "masksd.integrations.openclip",
     "HFCLIPTowers": "masksd.integrations.hfclip",
     "CLIPSegSegmenter": "masksd.integrations.clipseg",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'masksd.integrations' has no attribute {name!r}")
+})
