@@ -140,23 +140,30 @@ class FeatureMapMasker(nn.Module):
         Returns ``(masked maps, applied (B, N) bool)``: ``applied`` marks the tokens whose positions now
         hold the learnable values (the same draw :class:`GuidedMasker` makes for these candidates).
         """
-        if isinstance(maps, torch.Tensor) or len(maps) != len(self.shapes):
-            raise ValueError(f"maps must be {len(self.shapes)} tensors (B, C, h, w), one per level of {self.shapes}")
         height, width = self.grid
         if not torch.is_tensor(candidates) or candidates.dim() != 2:
             got = f"shape {tuple(candidates.shape)}" if torch.is_tensor(candidates) else type(candidates).__name__
             raise ValueError(f"candidates must be a (B, N={height * width}) bool tensor, got {got}")
-        batch = candidates.shape[0]
-        candidates = check_mask("candidates", candidates, (batch, height * width), candidates.device)
-        for level, (x, shape) in enumerate(zip(maps, self.shapes)):
-            check_tensor(f"maps[{level}]", x, dims=4, floating=True)
-            if tuple(x.shape) != (batch, *shape):
-                raise ValueError(f"maps[{level}] must have shape (B, C, h, w)={(batch, *shape)}, got {tuple(x.shape)}")
+        candidates = check_mask("candidates", candidates, (candidates.shape[0], height * width), candidates.device)
+        self._check_maps(maps, candidates.shape[0])
         applied = choose_masked(candidates, self.ratio, self.min_count, generator)  # (B, N)
+        return self.replace(maps, applied), applied
 
-        on_grid = applied.view(batch, 1, height, width).float()  # (B, 1, h0, w0)
+    def replace(self, maps: Sequence[torch.Tensor], applied: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The maps with the positions of the (B, N) bool ``applied`` tokens, resized to each level, holding the values."""
+        batch = applied.shape[0]
+        self._check_maps(maps, batch)
+        on_grid = applied.view(batch, 1, *self.grid).float()  # (B, 1, h0, w0)
         masked = []
         for x, values in zip(maps, self.maps):
             where = F.interpolate(on_grid, size=x.shape[-2:], mode="nearest").bool()  # (B, 1, h, w)
             masked.append(torch.where(where, values.to(x.dtype), x))  # (B, C, h, w)
-        return tuple(masked), applied
+        return tuple(masked)
+
+    def _check_maps(self, maps: Sequence[torch.Tensor], batch: int) -> None:
+        if isinstance(maps, torch.Tensor) or len(maps) != len(self.shapes):
+            raise ValueError(f"maps must be {len(self.shapes)} tensors (B, C, h, w), one per level of {self.shapes}")
+        for level, (x, shape) in enumerate(zip(maps, self.shapes)):
+            check_tensor(f"maps[{level}]", x, dims=4, floating=True)
+            if tuple(x.shape) != (batch, *shape):
+                raise ValueError(f"maps[{level}] must have shape (B, C, h, w)={(batch, *shape)}, got {tuple(x.shape)}")

@@ -26,7 +26,7 @@ from masksd.adapter import (
 from masksd.config import BranchConfig, MaskSDConfig
 from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, check_mask_values, segmentation_loss
-from masksd.masking import FeatureMapMasker, GuidedMasker
+from masksd.masking import FeatureMapMasker, GuidedMasker, choose_masked
 
 __all__ = ["MaskSDOutput", "MaskSD", "DistillBranch", "bare_state_dict", "check_segmenter", "encode_pair", "frozen_norm_stats"]
 
@@ -108,24 +108,26 @@ class DistillBranch(nn.Module):
         tokens, applied = self.masker.mask(embedded.tokens, selected, generator=generator)
         return replace(embedded, tokens=tokens), applied
 
-    def perturb_maps(
+    def choose_positions(
         self,
-        maps: tuple[torch.Tensor, ...],
         candidates: torch.Tensor | None,
         query: torch.Tensor,
         features: Features,
         generator: torch.Generator | None,
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """The features site: replace, in the decode head's (B, C, h, w) ``maps``, the positions of the
-        image tokens whose features correlate most with ``query`` (B, D) (``candidates``: the image
-        embeddings' (B, N) mask or None) by the branch's learnable values.
-
-        Returns the maps and the (B, N) bool mask of replaced tokens.
-        """
+    ) -> torch.Tensor:
+        """The features site's draw: the (B, N) bool image tokens whose positions :meth:`replace_maps` fills,
+        chosen among those the filter keeps for ``query`` (B, D) (``candidates``: the image embeddings'
+        (B, N) mask or None); none without masking. The same draw as :meth:`perturb` makes."""
         selected = self.filter.select(query, features.tokens, candidates)  # (B, N)
         if self.masker is None:
-            return maps, torch.zeros_like(selected)
-        return self.masker.mask(maps, selected, generator=generator)
+            return torch.zeros_like(selected)
+        return choose_masked(selected, self.masker.ratio, self.masker.min_count, generator)
+
+    def replace_maps(self, maps: object, applied: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The decode head's (B, C, h, w) ``maps`` (checked against the layout) with the ``applied`` tokens'
+        positions holding the branch's learnable values (unchanged without masking)."""
+        maps = check_feature_maps(maps, self.layout, applied.shape[0], "segmenter.decode_head.feature_maps")
+        return maps if self.masker is None else self.masker.replace(maps, applied)
 
 
 class MaskSD(nn.Module):
@@ -202,16 +204,20 @@ class MaskSD(nn.Module):
         if "lmvsd" in self.branches and self.branches["lmvsd"].site == "features":  # masked maps; nothing re-encoded
             branch = self.branches["lmvsd"]
             head = self._head(branch)
-            maps = check_feature_maps(head.feature_maps(visual), branch.layout, batch, "segmenter.decode_head.feature_maps")
-            masked, out.image_masked = branch.perturb_maps(maps, image_embedded.candidates, text.pooled, visual, generator)
-            student = self._run_branch(lambda m: head.decode_maps(m, visual, text), masked, batch)
+            out.image_masked = branch.choose_positions(image_embedded.candidates, text.pooled, visual, generator)
+            # the maps are recomputed inside the branch's pass: its BatchNorm and checkpointing settings cover them;
+            # head and branch bound now, as a checkpoint recomputes after the names below are rebound
+            decode = lambda a, head=head, branch=branch: head.decode_maps(  # noqa: E731
+                branch.replace_maps(head.feature_maps(visual), a), visual, text
+            )
+            student = self._run_branch(decode, out.image_masked, batch)
             out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.lmvsd_loss
         elif "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused
             branch = self.branches["lmvsd"]
             masked, out.image_masked = branch.perturb(image_embedded, text.pooled, visual, generator)
             head = self._head(branch)
-            student = self._run_branch(lambda m: head(seg.encode_image(m), text), masked, batch)
+            student = self._run_branch(lambda m, head=head: head(seg.encode_image(m), text), masked, batch)  # head bound now
             out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.lmvsd_loss
 
@@ -281,10 +287,7 @@ class MaskSD(nn.Module):
         image_embedded, text_embedded, visual, text = self._encode(images, texts)
         image_masked = text_masked = None
         if "lmvsd" in self.branches and self.branches["lmvsd"].site == "features":
-            branch = self.branches["lmvsd"]
-            maps = check_feature_maps(self._head(branch).feature_maps(visual), branch.layout, visual.tokens.shape[0],
-                                      "segmenter.decode_head.feature_maps")
-            image_masked = branch.perturb_maps(maps, image_embedded.candidates, text.pooled, visual, generator)[1]
+            image_masked = self.branches["lmvsd"].choose_positions(image_embedded.candidates, text.pooled, visual, generator)
         elif "lmvsd" in self.branches:
             image_masked = self.branches["lmvsd"].perturb(image_embedded, text.pooled, visual, generator)[1]
         if "vmlsd" in self.branches:

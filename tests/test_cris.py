@@ -527,3 +527,21 @@ def test_features_site_replaces_the_chosen_patches_in_every_level_and_masked_tok
         assert torch.equal(y[~where], x[~where]) and torch.equal(y[where], v.detach().expand_as(x)[where])
     image_masked, _ = wrapped.masked_tokens(images, ids, generator=torch.Generator().manual_seed(2))
     assert torch.equal(image_masked, out.image_masked)
+
+
+def test_features_site_with_checkpointed_branches_gives_the_same_loss_and_gradients():
+    results = {}
+    for checkpointed in (False, True):
+        model = tiny(seed=3)
+        torch.manual_seed(5)  # the same maps
+        wrapped = MaskSD(model, MaskSDConfig(lmvsd=FEATURES, checkpoint_branches=checkpointed)).train()
+        images, ids, truth = batch(model)
+        torch.manual_seed(1)
+        out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        results[checkpointed] = (out.loss.detach(), {n: p.grad for n, p in wrapped.named_parameters() if p.grad is not None})
+    (loss_a, grads_a), (loss_b, grads_b) = results[False], results[True]
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert {f"branches.lmvsd.masker.maps.{i}" for i in range(3)} <= grads_a.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -525,3 +525,27 @@ def test_maskris_preset_is_random_masking_at_half_weight_with_a_detached_soft_ta
     assert {k: getattr(m.vmlsd, k) for k in MASKRIS_BRANCHES["vmlsd"]} == MASKRIS_BRANCHES["vmlsd"]
     assert MaskSDConfig.maskris(share_weights=False).share_weights is False
     assert MaskSDConfig.maskris(lmvsd=BranchConfig(enabled=False)).lmvsd.ratio == 0.25  # a whole field replaced
+
+
+def test_checkpointed_branches_with_separate_heads_recompute_each_branch_with_its_own_head(batch):
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    segmenter = ToyViT()
+    start = copy.deepcopy(segmenter.state_dict())
+    results = {}
+    for checkpointed in (False, True):
+        segmenter.load_state_dict(start)
+        torch.manual_seed(5)  # the same mask tokens and head copies
+        model = MaskSD(segmenter, MaskSDConfig(share_weights=False, checkpoint_branches=checkpointed))
+        with torch.no_grad():  # heads that have trained apart (as copies they start equal)
+            for p in model.branches["vmlsd"].head.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        model.training = True  # no dropout
+        out = model(images, ids, masks, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        results[checkpointed] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert results[False].keys() == results[True].keys()
+    for name in results[False]:
+        torch.testing.assert_close(results[True][name], results[False][name], rtol=1e-5, atol=1e-6, msg=name)
