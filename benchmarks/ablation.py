@@ -3,6 +3,7 @@
     python benchmarks/ablation.py --mode pretrained       # the paper's regime in miniature (7 rows x 5 seeds, ~7 min a run on 2 CPU cores)
     python benchmarks/ablation.py --mode scratch          # the tiny model from random init (masksd 0.1's setting)
     python benchmarks/ablation.py --mode pretrained --split test --only baseline CM-MaskSD --seeds 0 1 --tag choose
+    python benchmarks/ablation.py --mode pretrained --policies --only baseline CM-MaskSD "MaskRIS recipe" --tag policies
 
 Every run fine-tunes the tiny CRIS-style model with the demo's settings (``TrainConfig()``), from the
 CLIP weights its row names: ``region`` (region-aligned pretraining: the premise of CM-MaskSD holds),
@@ -37,6 +38,7 @@ from typing import Any
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import RESULTS, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
+from examples.pipeline.config import masksd_preset
 
 METRICS = ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")
 GUIDANCE = ("lmvsd_auc", "lmvsd_kept", "lmvsd_top1", "vmlsd_precision")
@@ -96,6 +98,18 @@ EXTRA_ROWS: dict[str, Row] = {
 """Sweep rows (--extra), all from the region-aligned weights: the knobs to try when the defaults do not help.
 The ramp (the branch losses grow from 0 over the first half of the steps) and the projected deep level
 (the decoder reads the tokens the filter ranks, ETRIS-style) go beyond the paper."""
+
+POLICY_ROWS: dict[str, Row] = {
+    "CM-MaskSD, teacher gradient flows": Row("region", "—", {"masksd.teacher_gradient": "flow"}),
+    "+LMVSD at the features site": Row("region", "VII", {**NO_VMLSD, "masksd.lmvsd.site": "features"}),
+    "CM-MaskSD, LMVSD at the features site": Row("region", "VII", {"masksd.lmvsd.site": "features"}),
+    "CM-MaskSD, LMVSD selects the bottom K": Row("region", "—", {"masksd.lmvsd.select": "bottom"}),
+    "MaskRIS recipe": Row("region", "—", masksd_preset("maskris")),
+}
+"""Policy rows (--policies; issue 18's ``--tag policies`` table), from the region-aligned weights: Eq. 9 with the
+gradient flowing through the teacher's soft target; LMVSD masking the pyramid's maps after the encoder (Table
+VII's +3 M reading), alone and with VMLSD; LMVSD masking the least sentence-correlated patches (AMLRIS's
+direction; VMLSD unchanged); MaskRIS's random 75 % / 15 % masking at λ 0.5 (``--masksd-preset maskris``)."""
 
 PREMISES = {"region": "masksd-tiny-synthetic", "global": "runs/pretrain-global/clip.pt", "scratch": None}
 """Default weights per premise: the shipped region-aligned checkpoint (by name) and the ClipLoss-only one that
@@ -319,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=sorted(ROWS), default="pretrained")
     parser.add_argument("--only", nargs="+", help="row names to run (default: every row of the mode)")
     parser.add_argument("--extra", action="store_true", help="also the sweep rows (target kind, α, K, λ, min_masked)")
+    parser.add_argument("--policies", action="store_true",
+                        help="also the policy rows (teacher gradient, features site, bottom-K selection, MaskRIS's recipe)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     from examples.pipeline.config import TrainConfig
 
@@ -343,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = dict(ROWS[args.mode])
     if args.extra:
         rows.update(EXTRA_ROWS)
+    if args.policies:
+        rows.update(POLICY_ROWS)
     if args.only:
         unknown = set(args.only) - set(rows)
         if unknown:

@@ -1,4 +1,5 @@
-"""Tables II and VII for our reference model: parameters, inference FLOPs and training FLOPs per step.
+"""Tables II and VII for our reference model: parameters, inference FLOPs and training FLOPs per step,
+and LMVSD at the features site (the pyramid's maps replaced after the encoder) beside its embedding site.
 
     python benchmarks/params_flops.py                       # ViT-B-16 @ 480, the paper's ablation setting
     python benchmarks/params_flops.py --tiny                # the tiny CPU model (seconds)
@@ -21,7 +22,14 @@ from common import TABLE_VII, count_flops, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from cris_summary import PAPER, PAPER_MASKSD_PARAMS_M
 from examples.cris import CRIS, CRISConfig
-from masksd import MaskSD, MaskSDConfig
+from masksd import BranchConfig, MaskSD, MaskSDConfig
+
+_FEATURES, _OFF = BranchConfig(site="features"), BranchConfig(enabled=False)
+FEATURE_SITE: dict[str, tuple[MaskSDConfig, str]] = {
+    "LMVSD at features, shared": (MaskSDConfig(lmvsd=_FEATURES, vmlsd=_OFF), "LMVSD, shared"),
+    "both, LMVSD at features, shared": (MaskSDConfig(lmvsd=_FEATURES), "both, shared"),
+}
+"""The features-site rows, each with the Table VII variant it is a reading of (whose paper figure it is shown beside)."""
 
 PAPER_GFLOPS = PAPER[("ViT-B-16", 480)]["gflops"]  # every row of Tables II and VII
 
@@ -55,11 +63,12 @@ def run(cris: CRISConfig) -> tuple[str, dict]:
     rows, data = [], {}
     baseline = None
     paper_params = PAPER_MASKSD_PARAMS_M.get((cris.model_name, cris.image_size), {})
-    for name, config in TABLE_VII.items():
+    variants = {name: (config, name) for name, config in TABLE_VII.items()} | FEATURE_SITE
+    for name, (config, paper_name) in variants.items():
         m = measure(segmenter, config)
         baseline = baseline or m
         data[name] = m
-        paper = paper_params.get(name)
+        paper = paper_params.get(paper_name)
         rows.append([
             name,
             f"{m['params'] / 1e6:.2f}",
@@ -80,12 +89,16 @@ NOTES = """
 - Inference FLOPs are the same for every variant: eval runs the bare segmenter (MaskSD adds nothing).
 - Training FLOPs per image of a step: the main branch plus each enabled branch's re-encoded modality and decode,
   forward and backward. Sharing the decode head does not change the count, only the parameters.
+- "at features": LMVSD replaces the selected positions of the pyramid's three maps (what the neck reads) with
+  per-position learnable values and decodes them: no second image encode, only the pyramid, neck, decoder and
+  projector again. Its paper columns are those of the Table VII variant it reads (LMVSD / both, shared).
 """
 NOTES_VIT_B_480 = """- FLOPs count 2 per multiply-add; the paper's 165.96 "FLOPs" matches our multiply-adds (half the
   inference column) within 6 %; see benchmarks/results/params_flops_summary.md for the per-part gap.
 - Parameters: CLIP ViT-B/16 (150.2 M) plus our 50.5 M decode head vs the paper's ~57 M; a separate
   head per branch adds exactly one copy of it. The paper's +3 M for shared LMVSD cannot be one
-  768-d mask token; ours adds exactly Cv + Ct numbers.
+  768-d mask token; ours adds exactly Cv + Ct numbers. The features site's maps add
+  512·60² + 1024·30² + 1024·15² = 2,995,200: Table VII's 3 M.
 """
 
 

@@ -1,7 +1,8 @@
 """Train the CRIS-style CLIP segmenter wrapped in MaskSD.
 
 With no arguments: the CPU demo (tiny model, synthetic scenes, a few minutes on 2 cores).
-Paper runs: ``--preset refcoco-vitb --data-root data`` (see ``--help`` for every flag);
+Paper runs: ``--preset refcoco-vitb --data-root data`` (see ``--help`` for every flag); MaskRIS's
+masking recipe instead of CM-MaskSD's: ``--masksd-preset maskris`` (combines with ``--preset``);
 several GPUs: ``torchrun --nproc_per_node=8 examples/train_cris_masksd.py --preset ...``.
 """
 
@@ -14,18 +15,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from examples.pipeline.cli import ScriptParser, add_dataclass_arguments, dataclass_from_args, run_script  # noqa: E402
-from examples.pipeline.config import PRESETS, TrainConfig  # noqa: E402
+from examples.pipeline.config import MASKSD_PRESETS, PRESETS, TrainConfig, masksd_preset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    first.add_argument("--masksd-preset", choices=sorted(MASKSD_PRESETS))
     known, _ = first.parse_known_args(argv)
 
     parser = ScriptParser(description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="paper settings to start from; later flags override")
+    parser.add_argument("--masksd-preset", choices=sorted(MASKSD_PRESETS),
+                        help="MaskSD recipe to start from (default: the paper's, or what --preset sets): maskris = random "
+                        "masking of 75%% of patches and 15%% of words at λ 0.5 (masksd.MaskSDConfig.maskris); later flags override")
     add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(**PRESETS[known.preset])
+    if known.masksd_preset:
+        parser.set_defaults(**masksd_preset(known.masksd_preset))
     args = parser.parse_args(argv)
     try:
         return dataclass_from_args(TrainConfig, args)

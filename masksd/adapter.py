@@ -10,18 +10,29 @@ output is the segmenter's own by construction.
     images --embed_image--> Embeddings --encode_image--> Features (visual) --+
                                                                              +--> decode_head --> (B, 1, h, w)
     texts  --embed_text---> Embeddings --encode_text---> Features (text) ----+
+
+Optionally (for LMVSD at ``site="features"``) the decode head splits in two around the visual maps
+it reads, and the segmenter says where those maps are (:class:`FeatureMapHead`,
+:class:`FeatureMapLayout`):
+
+    decode_head(visual, text) == decode_head.decode_maps(decode_head.feature_maps(visual), visual, text)
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["Embeddings", "Features", "MaskableSegmenter", "SegmenterAdapter", "check_decode_head", "check_embeddings", "check_features", "check_head_logits"]
+__all__ = [
+    "Embeddings", "FeatureMapHead", "FeatureMapLayout", "Features", "MaskableSegmenter", "SegmenterAdapter",
+    "check_decode_head", "check_embeddings", "check_feature_maps", "check_features", "check_head_logits",
+    "missing_feature_maps",
+]
 
 
 @dataclass
@@ -81,6 +92,55 @@ class MaskableSegmenter(Protocol):
     def encode_text(self, embedded: Embeddings) -> Features: ...
 
     def __call__(self, images: Any, texts: Any) -> torch.Tensor: ...
+
+
+class FeatureMapLayout(NamedTuple):
+    """Where a segmenter's decode head reads its visual maps: ``segmenter.feature_map_layout``."""
+
+    grid: tuple[int, int]
+    """(h, w) of the image token grid: the (B, N) patch tokens of ``embed_image`` in row-major order."""
+    shapes: tuple[tuple[int, int, int], ...]
+    """(C, h, w) of each map ``decode_head.feature_maps`` returns, in its order (batch dim left out)."""
+
+
+@runtime_checkable
+class FeatureMapHead(Protocol):
+    """The optional part of the protocol that LMVSD's ``site="features"`` needs: a decode head split
+    around the visual maps it reads, and, on the segmenter, ``feature_map_layout`` (a
+    :class:`FeatureMapLayout`). ``decode_maps(feature_maps(visual), visual, text)`` must equal
+    ``decode_head(visual, text)``."""
+
+    def feature_maps(self, visual: Features) -> tuple[torch.Tensor, ...]:
+        """The (B, C, h, w) maps, shaped as the layout says, that the rest of the head decodes."""
+        ...
+
+    def decode_maps(self, maps: Sequence[torch.Tensor], visual: Features, text: Features) -> torch.Tensor:
+        """(B, 1, h, w) mask logits from those maps (possibly replaced at some positions) and the features."""
+        ...
+
+
+def missing_feature_maps(segmenter: nn.Module) -> list[str]:
+    """What ``segmenter`` lacks of :class:`FeatureMapHead` (empty when it implements it)."""
+    missing = []
+    layout = getattr(segmenter, "feature_map_layout", None)
+    if not isinstance(layout, FeatureMapLayout):
+        missing.append("feature_map_layout (a masksd.adapter.FeatureMapLayout)")
+    head = getattr(segmenter, "decode_head", None)
+    missing += [f"decode_head.{name}" for name in ("feature_maps", "decode_maps") if not callable(getattr(head, name, None))]
+    return missing
+
+
+def check_feature_maps(maps: object, layout: FeatureMapLayout, batch: int, source: str) -> tuple[torch.Tensor, ...]:
+    """Return ``maps`` as a tuple if it holds one (batch, C, h, w) float tensor per ``layout.shapes`` entry,
+    else raise a ValueError naming ``source`` (shapes only: no value is read)."""
+    expected = tuple((batch, *shape) for shape in layout.shapes)
+    if isinstance(maps, (list, tuple)) and all(torch.is_tensor(m) and m.is_floating_point() for m in maps):
+        if tuple(tuple(m.shape) for m in maps) == expected:
+            return tuple(maps)
+        got = [tuple(m.shape) for m in maps]
+    else:
+        got = type(maps).__name__
+    raise ValueError(f"{source} must return float maps of shapes {list(expected)} (its segmenter's feature_map_layout), got {got}")
 
 
 class SegmenterAdapter(nn.Module):

@@ -16,11 +16,15 @@ from masksd._checks import check_choice, check_fraction, check_nonnegative, chec
 __all__ = [
     "BranchConfig",
     "BranchName",
+    "MASKRIS_BRANCHES",
     "MaskSDConfig",
     "NormStats",
     "PAPER_BRANCHES",
+    "Select",
+    "Site",
     "Supervision",
     "Target",
+    "TeacherGradient",
     "documented",
 ]
 
@@ -32,6 +36,14 @@ Target = Literal["soft", "hard"]
 """Distillation target: sigmoid of the main logits, or that probability thresholded."""
 NormStats = Literal["update", "freeze"]
 """What the masked branches do to BatchNorm running statistics: update them like the main branch, or leave them."""
+TeacherGradient = Literal["detach", "flow"]
+"""Whether the branch losses' gradient reaches the main prediction through the soft target: detach (no;
+ours and MaskRIS's) or flow (yes: Eq. 9 read literally, BCE differentiating its target M_seg)."""
+Select = Literal["top", "bottom"]
+"""Which candidate tokens correlation filtering keeps: the most correlated (the paper) or the least (AMLRIS's direction)."""
+Site = Literal["embedding", "features"]
+"""Where LMVSD masks: the patch embeddings before the image encoder (re-encoded), or the visual maps the
+decode head reads, after the encoder (per-position learnable values, no second encode)."""
 
 PAPER_BRANCHES: dict[str, dict[str, float]] = {
     "lmvsd": {"top_k": 0.5, "ratio": 0.25, "weight": 0.75, "min_masked": 0},  # Table III
@@ -41,6 +53,14 @@ PAPER_BRANCHES: dict[str, dict[str, float]] = {
 ours: the paper's VMLSD (α = 0.1, K = 0.5) would mask no word of a sentence under 9 words, i.e. of
 almost every RefCOCO expression (3.6 words on average), yet Table IV shows its α mattering, so its
 branch masked; at least one word per sentence is the reading that makes it mask (see the README)."""
+
+
+MASKRIS_BRANCHES: dict[str, dict[str, float]] = {
+    "lmvsd": {"top_k": 1.0, "ratio": 0.75, "weight": 0.5},  # MaskRIS: 75 % of the image, λ = 0.5
+    "vmlsd": {"top_k": 1.0, "ratio": 0.15, "weight": 0.5},  # MaskRIS: 15 % of the words, λ = 0.5
+}
+"""The ``maskris`` preset's K, α and λ per branch (:meth:`MaskSDConfig.maskris`); ``min_masked`` stays each
+branch's (at least one word, as for VMLSD)."""
 
 
 def documented(
@@ -66,6 +86,8 @@ class BranchConfig:
     ratio: float | None = documented(None, help="α: fraction of the kept tokens replaced by the mask token, in [0, 1].")
     weight: float | None = documented(None, help="λ: weight of this branch's loss in the total.")
     min_masked: int | None = documented(None, help="Mask at least this many selected tokens in every sample that has them, when α > 0 (0: round(α·kept) alone, which is 0 for short sentences).")
+    select: Select = documented("top", help="Which candidates correlation filtering keeps: top (the ceil(K·n) most correlated, the paper) or bottom (the least, AMLRIS's direction).")
+    site: Site = documented("embedding", help="Where the branch masks: embedding (the tokens before the encoder, which re-runs) or features (LMVSD only: the decode head's visual maps, with a learnable value per position and level; no second image encode).")
 
     @classmethod
     def lmvsd(cls, **overrides: Any) -> BranchConfig:
@@ -94,6 +116,10 @@ class BranchConfig:
         check_nonnegative(f"{branch}.weight", config.weight)
         if isinstance(config.min_masked, bool) or not isinstance(config.min_masked, int) or config.min_masked < 0:
             raise ValueError(f"{branch}.min_masked must be an int >= 0, got {config.min_masked!r}")
+        check_choice(f"{branch}.select", config.select, get_args(Select))
+        check_choice(f"{branch}.site", config.site, get_args(Site))
+        if branch == "vmlsd" and config.site != "embedding":
+            raise ValueError(f"vmlsd.site must be 'embedding' (words have no feature maps; site='features' is LMVSD's), got {config.site!r}")
         return config
 
     def require_resolved(self) -> None:
@@ -128,6 +154,9 @@ class MaskSDConfig:
         "soft", help="Distillation target: soft = sigmoid(main logits), hard = sigmoid(main logits) > threshold."
     )
     threshold: float = documented(0.5, help="Binarisation threshold of the hard target, in (0, 1).")
+    teacher_gradient: TeacherGradient = documented(
+        "detach", help="Gradient of the branch losses through their soft target sigmoid(main logits): detach (none reaches the main prediction) or flow (it does, as a literal BCE(M_branch, M_seg) of Eq. 9 would; needs supervision=distill and target=soft)."
+    )
     branch_norm_stats: NormStats = documented(
         "update", help="BatchNorm running statistics in the masked branches' passes: update (as the main pass does) or freeze (leave them as the main pass left them; batch statistics are still used)."
     )
@@ -144,6 +173,13 @@ class MaskSDConfig:
         check_choice("supervision", self.supervision, get_args(Supervision))
         check_choice("target", self.target, get_args(Target))
         check_open_fraction("threshold", self.threshold)
+        check_choice("teacher_gradient", self.teacher_gradient, get_args(TeacherGradient))
+        if self.teacher_gradient == "flow" and (self.supervision, self.target) != ("distill", "soft"):
+            raise ValueError(
+                "teacher_gradient='flow' needs supervision='distill' and target='soft' (a ground-truth target has no "
+                "teacher, and a thresholded one has no gradient), got "
+                f"supervision={self.supervision!r}, target={self.target!r}"
+            )
         check_choice("branch_norm_stats", self.branch_norm_stats, get_args(NormStats))
         if not isinstance(self.checkpoint_branches, bool):
             raise TypeError(f"checkpoint_branches must be True or False, got {self.checkpoint_branches!r}")
@@ -152,6 +188,20 @@ class MaskSDConfig:
     def baseline(cls, **overrides: Any) -> MaskSDConfig:
         """Both branches off: MaskSD trains the bare segmenter with its segmentation loss."""
         return cls(lmvsd=BranchConfig(enabled=False), vmlsd=BranchConfig(enabled=False), **overrides)
+
+    @classmethod
+    def maskris(cls, **overrides: Any) -> MaskSDConfig:
+        """MaskRIS's recipe in our branches: random masking (K = 1) of 75 % of the patches and 15 % of the
+        words, each branch distilled from the detached soft main prediction at λ = 0.5. Keyword overrides
+        replace whole fields. What still differs from MaskRIS (its 32-px pixel patches, its 80/10/10 word
+        replacement, its per-word draw) is in the README."""
+        values: dict[str, Any] = dict(
+            lmvsd=BranchConfig.lmvsd(**MASKRIS_BRANCHES["lmvsd"]),
+            vmlsd=BranchConfig.vmlsd(**MASKRIS_BRANCHES["vmlsd"]),
+            target="soft",
+            teacher_gradient="detach",
+        )
+        return cls(**{**values, **overrides})
 
     def branch(self, name: BranchName) -> BranchConfig:
         """The config of branch ``name``."""

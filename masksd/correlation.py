@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import nn
 
-from masksd._checks import check_fraction, check_mask, check_tensor
+from masksd._checks import check_choice, check_fraction, check_mask, check_tensor
+from masksd.config import Select
 
 __all__ = ["CorrelationFilter", "token_scores", "topk_counts"]
 
@@ -23,7 +26,8 @@ def topk_counts(fraction: float, n_valid: torch.Tensor) -> torch.Tensor:
 
 
 class CorrelationFilter(nn.Module):
-    """Selects, per sample, the top ``top_k`` fraction of valid tokens by their
+    """Selects, per sample, the ``top_k`` fraction of valid tokens with the highest
+    (``select="top"``, the paper) or lowest (``select="bottom"``, AMLRIS's direction)
     dot product with a query from the other modality.
 
     The score of token i is ``p_i = tokens_i · query``. Exactly
@@ -32,13 +36,15 @@ class CorrelationFilter(nn.Module):
     lower index. Selection is a discrete choice: no gradient flows through it.
     """
 
-    def __init__(self, top_k: float):
+    def __init__(self, top_k: float, select: Select = "top"):
         super().__init__()
         check_fraction("top_k", top_k, low_open=True)
+        check_choice("select", select, get_args(Select))
         self.top_k = float(top_k)
+        self.direction = select  # not `select`: that name is the method
 
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}"
+        return f"top_k={self.top_k}, select={self.direction!r}"
 
     @torch.no_grad()
     def select(self, query: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,13 +66,15 @@ class CorrelationFilter(nn.Module):
     def select_scores(self, scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """The same selection on precomputed scores: scores (B, N) float; valid (B, N) bool or None.
 
-        Returns a (B, N) bool tensor, True at the ``ceil(top_k * n_valid)`` best valid tokens.
+        Returns a (B, N) bool tensor, True at the ``ceil(top_k * n_valid)`` highest-scoring valid tokens
+        (lowest-scoring for ``select="bottom"``).
         """
         check_tensor("scores", scores, dims=2, floating=True)
         batch, length = scores.shape
         valid = check_mask("valid", valid, (batch, length), scores.device)
-        scores = scores.float().masked_fill(~valid, float("-inf"))
-        order = scores.argsort(dim=1, descending=True, stable=True)  # (B, N) token indices, best first
+        scores = scores.float() if self.direction == "top" else -scores.float()  # the least correlated rank first
+        scores = scores.masked_fill(~valid, float("-inf"))
+        order = scores.argsort(dim=1, descending=True, stable=True)  # (B, N) token indices, chosen first
         counts = topk_counts(self.top_k, valid.sum(dim=1))  # (B,)
         take = torch.arange(length, device=scores.device) < counts[:, None]  # (B, N) by rank
         return torch.zeros_like(valid).scatter(1, order, take)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import get_args
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masksd._checks import check_choice, check_nonnegative, check_open_fraction, check_tensor
-from masksd.config import Supervision, Target
+from masksd.config import Supervision, Target, TeacherGradient
 
 __all__ = ["SelfDistillLoss", "segmentation_loss", "as_mask_batch", "check_mask_values"]
 
@@ -71,12 +72,15 @@ def segmentation_loss(logits: torch.Tensor, ground_truth: torch.Tensor) -> torch
 class SelfDistillLoss(nn.Module):
     """``weight * BCE(student, target)`` averaged over pixels, where the target is
 
-    * ``supervision="distill"``, ``target="soft"``: sigmoid(teacher), detached;
+    * ``supervision="distill"``, ``target="soft"``: sigmoid(teacher), detached unless
+      ``teacher_gradient="flow"``;
     * ``supervision="distill"``, ``target="hard"``: sigmoid(teacher) > threshold, detached;
     * ``supervision="ground_truth"``: the ground-truth mask (the paper's Table VI ablation).
 
     A target of another size than the student is resized to it (bilinear for
-    the soft target, nearest for binary ones). No gradient reaches the teacher.
+    the soft target, nearest for binary ones). No gradient reaches the teacher, except
+    with ``teacher_gradient="flow"``, where the loss differentiates its soft target too (Eq. 9
+    read literally); that needs the soft distillation target, else a ValueError names it.
     """
 
     def __init__(
@@ -85,19 +89,29 @@ class SelfDistillLoss(nn.Module):
         target: Target = "soft",
         threshold: float = 0.5,
         supervision: Supervision = "distill",
+        teacher_gradient: TeacherGradient = "detach",
     ):
         super().__init__()
         check_nonnegative("weight", weight)
         check_choice("target", target, get_args(Target))
         check_choice("supervision", supervision, get_args(Supervision))
         check_open_fraction("threshold", threshold)
+        check_choice("teacher_gradient", teacher_gradient, get_args(TeacherGradient))
+        if teacher_gradient == "flow" and (supervision, target) != ("distill", "soft"):
+            raise ValueError(
+                f"teacher_gradient='flow' needs supervision='distill' and target='soft', got {supervision=!r}, {target=!r}"
+            )
         self.weight = float(weight)
         self.target = target
         self.threshold = float(threshold)
         self.supervision = supervision
+        self.teacher_gradient = teacher_gradient
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, target={self.target!r}, threshold={self.threshold}, supervision={self.supervision!r}"
+        return (
+            f"weight={self.weight}, target={self.target!r}, threshold={self.threshold}, "
+            f"supervision={self.supervision!r}, teacher_gradient={self.teacher_gradient!r}"
+        )
 
     def forward(
         self,
@@ -123,7 +137,7 @@ class SelfDistillLoss(nn.Module):
                 f"teacher_logits has batch size {teacher_logits.shape[0]}, "
                 f"student_logits has {student_logits.shape[0]}"
             )
-        with torch.no_grad():
+        with torch.no_grad() if self.teacher_gradient == "detach" else contextlib.nullcontext():
             target = torch.sigmoid(teacher_logits.float())  # (B, 1, h', w')
             if self.target == "hard":
                 target = (target > self.threshold).float()

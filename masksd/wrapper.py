@@ -12,11 +12,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from masksd.adapter import Embeddings, Features, check_decode_head, check_embeddings, check_features, check_head_logits
+from masksd.adapter import (
+    Embeddings,
+    FeatureMapLayout,
+    Features,
+    check_decode_head,
+    check_embeddings,
+    check_feature_maps,
+    check_features,
+    check_head_logits,
+    missing_feature_maps,
+)
 from masksd.config import BranchConfig, MaskSDConfig
 from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, check_mask_values, segmentation_loss
-from masksd.masking import GuidedMasker
+from masksd.masking import FeatureMapMasker, GuidedMasker, choose_masked
 
 __all__ = ["MaskSDOutput", "MaskSD", "DistillBranch", "bare_state_dict", "check_segmenter", "encode_pair", "frozen_norm_stats"]
 
@@ -47,15 +57,36 @@ class MaskSDOutput:
 
 
 class DistillBranch(nn.Module):
-    """Correlation filter, masker, loss and (when weights are not shared) decode head of one branch."""
+    """Correlation filter, masker, loss and (when weights are not shared) decode head of one branch.
 
-    def __init__(self, config: BranchConfig, dim: int, wrapper: MaskSDConfig, head: nn.Module | None):
+    At ``site="embedding"`` the masker is a :class:`GuidedMasker` (one mask token of size ``dim``); at
+    ``site="features"`` a :class:`FeatureMapMasker` of the maps ``layout`` describes (then required).
+    """
+
+    def __init__(
+        self,
+        config: BranchConfig,
+        dim: int,
+        wrapper: MaskSDConfig,
+        head: nn.Module | None,
+        layout: FeatureMapLayout | None = None,
+    ):
         super().__init__()
         config.require_resolved()
-        self.filter = CorrelationFilter(config.top_k)
-        self.masker = GuidedMasker(dim, config.ratio, config.min_masked) if wrapper.masking else None
+        self.site = config.site
+        if self.site == "features" and not isinstance(layout, FeatureMapLayout):
+            raise TypeError(f"site='features' needs the segmenter's FeatureMapLayout as layout, got {type(layout).__name__}")
+        self.layout = layout if self.site == "features" else None
+        self.filter = CorrelationFilter(config.top_k, config.select)
+        if not wrapper.masking:
+            self.masker = None
+        elif self.site == "features":
+            self.masker = FeatureMapMasker(layout.grid, layout.shapes, config.ratio, config.min_masked)
+        else:
+            self.masker = GuidedMasker(dim, config.ratio, config.min_masked)
         self.criterion = SelfDistillLoss(
-            config.weight, target=wrapper.target, threshold=wrapper.threshold, supervision=wrapper.supervision
+            config.weight, target=wrapper.target, threshold=wrapper.threshold, supervision=wrapper.supervision,
+            teacher_gradient=wrapper.teacher_gradient,
         )
         self.head = head
 
@@ -77,6 +108,27 @@ class DistillBranch(nn.Module):
         tokens, applied = self.masker.mask(embedded.tokens, selected, generator=generator)
         return replace(embedded, tokens=tokens), applied
 
+    def choose_positions(
+        self,
+        candidates: torch.Tensor | None,
+        query: torch.Tensor,
+        features: Features,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The features site's draw: the (B, N) bool image tokens whose positions :meth:`replace_maps` fills,
+        chosen among those the filter keeps for ``query`` (B, D) (``candidates``: the image embeddings'
+        (B, N) mask or None); none without masking. The same draw as :meth:`perturb` makes."""
+        selected = self.filter.select(query, features.tokens, candidates)  # (B, N)
+        if self.masker is None:
+            return torch.zeros_like(selected)
+        return choose_masked(selected, self.masker.ratio, self.masker.min_count, generator)
+
+    def replace_maps(self, maps: object, applied: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The decode head's (B, C, h, w) ``maps`` (checked against the layout) with the ``applied`` tokens'
+        positions holding the branch's learnable values (unchanged without masking)."""
+        maps = check_feature_maps(maps, self.layout, applied.shape[0], "segmenter.decode_head.feature_maps")
+        return maps if self.masker is None else self.masker.replace(maps, applied)
+
 
 class MaskSD(nn.Module):
     """Cross-modality masked self-distillation around a :class:`~masksd.adapter.MaskableSegmenter`.
@@ -86,6 +138,10 @@ class MaskSD(nn.Module):
     every unmasked feature: the image encoder runs twice (main, LMVSD), the
     text encoder twice (main, VMLSD), the decode head three times. Returns a
     :class:`MaskSDOutput`.
+
+    With ``lmvsd.site="features"`` LMVSD re-encodes nothing: it replaces the selected positions of the
+    decode head's visual maps (:class:`~masksd.adapter.FeatureMapHead`, which the segmenter must
+    implement; a TypeError says so at construction) and decodes them, so the image encoder runs once.
 
     Inference (``model.eval()``): ``forward(images, texts)`` returns exactly
     ``segmenter(images, texts)``; the branches cost nothing.
@@ -104,9 +160,20 @@ class MaskSD(nn.Module):
             ("lmvsd", config.lmvsd, segmenter.image_embed_dim),
             ("vmlsd", config.vmlsd, segmenter.text_embed_dim),
         ):
-            if branch.enabled:
-                head = None if config.share_weights else copy.deepcopy(segmenter.decode_head)
-                self.branches[name] = DistillBranch(branch, dim, config, head)
+            if not branch.enabled:
+                continue
+            layout = None
+            if branch.site == "features":
+                missing = missing_feature_maps(segmenter)
+                if missing:
+                    raise TypeError(
+                        f"{name}.site='features' needs a segmenter whose decode head exposes the visual maps it reads "
+                        f"(masksd.adapter.FeatureMapHead); {type(segmenter).__name__} lacks {missing}. "
+                        f"Use {name}.site='embedding' for it."
+                    )
+                layout = segmenter.feature_map_layout
+            head = None if config.share_weights else copy.deepcopy(segmenter.decode_head)
+            self.branches[name] = DistillBranch(branch, dim, config, head, layout)
 
     def forward(
         self,
@@ -134,11 +201,23 @@ class MaskSD(nn.Module):
         seg_loss = segmentation_loss(logits, ground_truth)
         out = MaskSDOutput(loss=seg_loss, seg_loss=seg_loss, logits=logits)
 
-        if "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused
+        if "lmvsd" in self.branches and self.branches["lmvsd"].site == "features":  # masked maps; nothing re-encoded
+            branch = self.branches["lmvsd"]
+            head = self._head(branch)
+            out.image_masked = branch.choose_positions(image_embedded.candidates, text.pooled, visual, generator)
+            # the maps are recomputed inside the branch's pass: its BatchNorm and checkpointing settings cover them;
+            # head and branch bound now, as a checkpoint recomputes after the names below are rebound
+            decode = lambda a, head=head, branch=branch: head.decode_maps(  # noqa: E731
+                branch.replace_maps(head.feature_maps(visual), a), visual, text
+            )
+            student = self._run_branch(decode, out.image_masked, batch)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.loss = out.loss + out.lmvsd_loss
+        elif "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused
             branch = self.branches["lmvsd"]
             masked, out.image_masked = branch.perturb(image_embedded, text.pooled, visual, generator)
             head = self._head(branch)
-            student = self._run_branch(lambda m: head(seg.encode_image(m), text), masked)
+            student = self._run_branch(lambda m, head=head: head(seg.encode_image(m), text), masked, batch)  # head bound now
             out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.lmvsd_loss
 
@@ -146,18 +225,19 @@ class MaskSD(nn.Module):
             branch = self.branches["vmlsd"]
             masked, out.text_masked = branch.perturb(text_embedded, visual.pooled, text, generator)
             head = self._head(branch)
-            student = self._run_branch(lambda m: head(visual, seg.encode_text(m)), masked)
+            student = self._run_branch(lambda m: head(visual, seg.encode_text(m)), masked, batch)
             out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
             out.loss = out.loss + out.vmlsd_loss
 
         return out
 
-    def _run_branch(self, decode: Callable[[Embeddings], torch.Tensor], masked: Embeddings) -> torch.Tensor:
+    def _run_branch(self, decode: Callable[[Any], torch.Tensor], masked: Any, batch: int) -> torch.Tensor:
         logits = self._decode_branch(decode, masked)
-        return check_head_logits(logits, "segmenter.decode_head", masked.tokens.shape[0])  # (B, 1, h, w)
+        return check_head_logits(logits, "segmenter.decode_head", batch)  # (B, 1, h, w)
 
-    def _decode_branch(self, decode: Callable[[Embeddings], torch.Tensor], masked: Embeddings) -> torch.Tensor:
-        """A masked branch's encoder pass and decode: ``decode(masked)`` -> (B, 1, h, w) logits, with
+    def _decode_branch(self, decode: Callable[[Any], torch.Tensor], masked: Any) -> torch.Tensor:
+        """A masked branch's encoder pass (none at the features site) and decode: ``decode(masked)`` ->
+        (B, 1, h, w) logits for masked embeddings or maps, with
         BatchNorm statistics left alone under ``branch_norm_stats="freeze"``, and recomputed in the
         backward pass (dropout replayed, statistics not updated twice) under ``checkpoint_branches``."""
         freeze = self.config.branch_norm_stats == "freeze"
@@ -206,7 +286,9 @@ class MaskSD(nn.Module):
         For inspection and figures; runs in the module's current train/eval mode."""
         image_embedded, text_embedded, visual, text = self._encode(images, texts)
         image_masked = text_masked = None
-        if "lmvsd" in self.branches:
+        if "lmvsd" in self.branches and self.branches["lmvsd"].site == "features":
+            image_masked = self.branches["lmvsd"].choose_positions(image_embedded.candidates, text.pooled, visual, generator)
+        elif "lmvsd" in self.branches:
             image_masked = self.branches["lmvsd"].perturb(image_embedded, text.pooled, visual, generator)[1]
         if "vmlsd" in self.branches:
             text_masked = self.branches["vmlsd"].perturb(text_embedded, visual.pooled, text, generator)[1]
@@ -276,8 +358,8 @@ def restored_norm_stats(module: nn.Module) -> Iterator[None]:
 
 def bare_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "segmenter.") -> dict[str, torch.Tensor]:
     """The bare segmenter's weights from a MaskSD state dict (``model.state_dict()``, or a training
-    checkpoint's ``"model"``): the entries under ``prefix``, without it. The branches' mask tokens and
-    separate heads are dropped: inference never uses them. Load the result with
+    checkpoint's ``"model"``): the entries under ``prefix``, without it. The branches' mask tokens (or
+    feature-site maps) and separate heads are dropped: inference never uses them. Load the result with
     ``segmenter.load_state_dict(...)``; ``prefix="segmenter.towers."`` gives the towers' own model keys."""
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a state dict (a mapping of names to tensors), got {type(state).__name__}")

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from examples.cris import CRIS, CRISConfig  # noqa: E402
-from masksd import MaskSDConfig  # noqa: E402
+from masksd import BranchConfig, MaskSDConfig  # noqa: E402
 
 
 def test_params_flops_rows_add_what_the_branches_add():
@@ -30,6 +30,15 @@ def test_params_flops_rows_add_what_the_branches_add():
     # both branches add exactly what each adds alone (the main branch is computed once)
     extra = rows["LMVSD, shared"]["training_flops"] + rows["VMLSD, shared"]["training_flops"] - 2 * base["training_flops"]
     assert rows["both, shared"]["training_flops"] - base["training_flops"] == pytest.approx(extra, rel=0.02)
+    # LMVSD at the features site: its maps are the parameters it adds, and it skips the second image encode
+    features, embedding = rows["LMVSD at features, shared"], rows["LMVSD, shared"]
+    assert features["params"] - base["params"] == 32 * 16**2 + 64 * 8**2 + 64 * 4**2  # the tiny pyramid's maps
+    assert features["inference_flops"] == base["inference_flops"]
+    assert base["training_flops"] < features["training_flops"] < embedding["training_flops"]
+    both = rows["both, LMVSD at features, shared"]
+    assert both["training_flops"] - features["training_flops"] == pytest.approx(
+        rows["VMLSD, shared"]["training_flops"] - base["training_flops"], rel=0.02
+    )
 
 
 def test_train_step_measures_every_variant(tmp_path, monkeypatch):
@@ -326,17 +335,41 @@ def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkey
 
 
 def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
-    from ablation import EXTRA_ROWS, ROWS, Settings, train_config
+    from ablation import EXTRA_ROWS, POLICY_ROWS, ROWS, Settings, train_config
 
     settings = Settings(steps=100, scenes=640, split="test", eval_scenes=10, lr=2e-3, backbone_lr_scale=1.0)
     premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
-    for rows in (*ROWS.values(), EXTRA_ROWS):
+    for rows in (*ROWS.values(), EXTRA_ROWS, POLICY_ROWS):
         for name, row in rows.items():
             cfg = train_config(row, 3, settings, tmp_path, premises)
             assert cfg.seed == 3 and cfg.max_steps == 100 and cfg.epochs == 5 and cfg.resume == "auto", name
             m = cfg.masksd_config()
             assert (not m.lmvsd.enabled and not m.vmlsd.enabled) == name.startswith("baseline"), name
     assert train_config(ROWS["pretrained"]["+LMVSD"], 0, settings, tmp_path, premises).masksd_config().vmlsd.enabled is False
+
+
+def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they_ran(tmp_path):
+    from ablation import EXTRA_ROWS, POLICY_ROWS, ROWS, Settings, run_folder, train_config
+
+    settings = Settings(steps=500, scenes=16000, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0)
+    premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
+    policy = {name: train_config(row, 0, settings, tmp_path, premises).masksd_config() for name, row in POLICY_ROWS.items()}
+    assert policy["CM-MaskSD, teacher gradient flows"] == MaskSDConfig(teacher_gradient="flow")
+    assert policy["+LMVSD at the features site"].lmvsd.site == "features" and not policy["+LMVSD at the features site"].vmlsd.enabled
+    assert policy["CM-MaskSD, LMVSD at the features site"] == MaskSDConfig(lmvsd=BranchConfig(site="features"))
+    assert policy["CM-MaskSD, LMVSD selects the bottom K"] == MaskSDConfig(lmvsd=BranchConfig(select="bottom"))
+    assert policy["MaskRIS recipe"] == MaskSDConfig.maskris()
+    # every stored row still exists under its name and folder, with the new switches where they were before them
+    stored = {name for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("ablation_*_runs.json")
+              for name in json.loads(path.read_text())["runs"]}
+    known = {name: row for rows in (*ROWS.values(), EXTRA_ROWS) for name, row in rows.items()}
+    assert stored and stored <= set(known) | set(POLICY_ROWS)
+    for name, row in known.items():
+        m = train_config(row, 0, settings, tmp_path, premises).masksd_config()
+        assert (m.teacher_gradient, m.lmvsd.select, m.vmlsd.select, m.lmvsd.site) == ("detach", "top", "top", "embedding"), name
+        assert not any(key.split(".")[-1] in {"teacher_gradient", "select", "site"} for key in row.overrides), name
+    folders = [run_folder(tmp_path, "t", name) for name in (*known, *POLICY_ROWS)]
+    assert len(set(folders)) == len(folders) and not set(POLICY_ROWS) & set(known)  # no policy row reuses a stored run
 
 
 def test_the_gpu_checks_torchrun_flags_train_from_random_init():

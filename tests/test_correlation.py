@@ -26,6 +26,29 @@ def batches(draw, max_b=4, max_n=24, max_c=8):
     return tokens, query, valid
 
 
+def oracle(scores: torch.Tensor, valid: torch.Tensor, fraction: Fraction, select: str) -> torch.Tensor:
+    """The selection written out per sample: sort valid indices by score (descending for top, ascending
+    for bottom), ties by index, and keep the first ceil(K·n)."""
+    out = torch.zeros_like(valid)
+    for b in range(scores.shape[0]):
+        indices = [i for i in range(scores.shape[1]) if valid[b, i]]
+        sign = -1.0 if select == "top" else 1.0
+        indices.sort(key=lambda i: (sign * float(scores[b, i]), i))
+        for i in indices[: expected_count(fraction, len(indices))]:
+            out[b, i] = True
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches(), st.integers(1, 20), st.sampled_from(["top", "bottom"]))
+def test_selection_equals_the_sorting_oracle(batch, twentieths, select):
+    tokens, query, valid = batch
+    fraction = Fraction(twentieths, 20)
+    selected = CorrelationFilter(float(fraction), select=select).select(query, tokens, valid)
+    scores = torch.einsum("bnc,bc->bn", tokens.float(), query.float())
+    assert torch.equal(selected, oracle(scores, valid, fraction, select))
+
+
 @settings(max_examples=150, deadline=None)
 @given(batches(), st.integers(1, 20))
 def test_selects_exact_count_of_best_valid_tokens(batch, twentieths):
@@ -82,6 +105,26 @@ def test_picks_highest_dot_products():
     tokens = torch.tensor([[[0.1, 0.0], [3.0, 0.0], [-1.0, 5.0], [2.0, 9.0]]])
     selected = CorrelationFilter(0.5).select(query, tokens)
     assert selected.tolist() == [[False, True, False, True]]
+
+
+def test_bottom_selects_the_least_correlated_candidates_on_hand_made_scores():
+    scores = torch.tensor([[0.3, -2.0, 5.0, 1.0, -1.0, 0.0], [4.0, 4.0, -3.0, -3.0, -3.0, 9.0]])
+    valid = torch.tensor([[True, False, True, True, True, True], [True, True, True, True, False, True]])
+    top = CorrelationFilter(0.5, select="top").select_scores(scores, valid)
+    bottom = CorrelationFilter(0.5, select="bottom").select_scores(scores, valid)
+    # row 0: 5 candidates (index 1, the lowest score, is padding) -> ceil(2.5) = 3
+    assert top[0].nonzero().flatten().tolist() == [0, 2, 3]  # 5.0, 1.0, 0.3
+    assert bottom[0].nonzero().flatten().tolist() == [0, 4, 5]  # -1.0, 0.0, 0.3; never the padded -2.0
+    # row 1: 5 candidates -> 3; ties go to the lower index in both directions
+    assert top[1].nonzero().flatten().tolist() == [0, 1, 5]  # 9.0, then the tied 4.0s
+    assert bottom[1].nonzero().flatten().tolist() == [0, 2, 3]  # the tied -3.0s at 2, 3 (4 is padding), then 4.0 at 0
+    assert torch.equal(CorrelationFilter(1.0, select="bottom").select_scores(scores, valid), valid)  # K = 1: every candidate
+    assert CorrelationFilter(0.01, select="bottom").select_scores(scores[:1])[0].nonzero().flatten().tolist() == [1]  # no mask: all count
+
+
+def test_select_must_be_top_or_bottom():
+    with pytest.raises(ValueError, match=r"select must be one of \('top', 'bottom'\), got 'least'"):
+        CorrelationFilter(0.5, select="least")
 
 
 @pytest.mark.parametrize("top_k", [0.0, -0.1, 1.01, float("nan")])

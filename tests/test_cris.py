@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from examples.cris import CRIS, TINY_CLIP, CRISConfig
 from examples.cris.backbone import create_clip, resolve_quick_gelu
-from masksd import BranchConfig, MaskSD, MaskSDConfig, segmentation_loss
+from masksd import BranchConfig, MaskSD, MaskSDConfig, bare_state_dict, segmentation_loss
 
 SOT, EOT = 49406, 49407
 SENTENCES = ["the red car on the left", "a man"]
@@ -280,6 +280,8 @@ ABLATIONS = {
     "no_masking": MaskSDConfig(masking=False),
     "ground_truth": MaskSDConfig(supervision="ground_truth"),
     "hard_target": MaskSDConfig(target="hard"),
+    "teacher_flow": MaskSDConfig(teacher_gradient="flow"),
+    "features_site": MaskSDConfig(lmvsd=BranchConfig(site="features")),
 }
 
 
@@ -340,7 +342,14 @@ def test_frozen_and_dropped_parameters():
     assert frozen == {"backbone.visual.proj", "backbone.visual.ln_post.weight", "backbone.visual.ln_post.bias"}
 
 
-@pytest.mark.parametrize("config", [MaskSDConfig(), MaskSDConfig(share_weights=False)], ids=["shared", "separate"])
+FEATURES = BranchConfig(site="features")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [MaskSDConfig(), MaskSDConfig(share_weights=False), MaskSDConfig(lmvsd=FEATURES), MaskSDConfig(lmvsd=FEATURES, share_weights=False)],
+    ids=["shared", "separate", "features", "features-separate"],
+)
 def test_every_trainable_parameter_gets_a_gradient_in_masksd(config):
     wrapped = MaskSD(tiny(), config).train()
     images, ids, truth = batch(wrapped.segmenter)
@@ -445,3 +454,94 @@ def test_projected_deep_level_feeds_the_decoder_the_tokens_the_filter_ranks():
     assert model.backbone.visual.proj.grad is not None and model.backbone.visual.proj.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="deep_level"):
         CRISConfig.tiny(deep_level="last")
+
+
+# --- LMVSD at the features site: the pyramid's maps, replaced after the encoder ---------------------
+
+
+def test_the_decode_head_split_is_its_forward_and_the_layout_its_maps():
+    model = tiny().eval()
+    images, ids, _ = batch(model)
+    with torch.no_grad():
+        visual = model.encode_image(model.embed_image(images))
+        text = model.encode_text(model.embed_text(ids))
+        maps = model.decode_head.feature_maps(visual)
+        assert torch.equal(model.decode_head.decode_maps(maps, visual, text), model.decode_head(visual, text))
+    layout = model.feature_map_layout
+    assert layout.grid == model.grid_size == (8, 8)
+    assert layout.shapes == tuple(tuple(m.shape[1:]) for m in maps) == ((32, 16, 16), (64, 8, 8), (64, 4, 4))
+    odd = tiny(image_size=72).eval()  # a 9x9 grid: the strided level rounds up
+    with torch.no_grad():
+        odd_maps = odd.decode_head.feature_maps(odd.encode_image(odd.embed_image(batch(odd)[0])))
+    assert odd.feature_map_layout.shapes == tuple(tuple(m.shape[1:]) for m in odd_maps) == ((32, 18, 18), (64, 9, 9), (64, 5, 5))
+
+
+def test_features_site_maps_at_vit_b16_480_are_table_vii_3m():
+    torch.manual_seed(0)
+    model = CRIS(CRISConfig.variant("vitb-480", pretrained=None))  # built, never run (counting only)
+    layout = model.feature_map_layout
+    assert layout.grid == (30, 30) and layout.shapes == ((512, 60, 60), (1024, 30, 30), (1024, 15, 15))
+    lmvsd_only = MaskSD(model, MaskSDConfig(lmvsd=FEATURES, vmlsd=BranchConfig(enabled=False)))
+    assert n_params(lmvsd_only) - n_params(model) == 512 * 60**2 + 1024 * 30**2 + 1024 * 15**2 == 2_995_200
+    both = MaskSD(model, MaskSDConfig(lmvsd=FEATURES))
+    assert n_params(both) - n_params(model) == 2_995_200 + model.text_embed_dim  # and VMLSD's 512-d token
+    assert {n for n, _ in lmvsd_only.named_parameters() if not n.startswith("segmenter.")} == {
+        f"branches.lmvsd.masker.maps.{i}" for i in range(3)
+    }
+
+
+def test_features_site_encodes_the_image_once_and_eval_is_the_bare_model():
+    from tests.test_wrapper import Spy
+
+    model = tiny()
+    wrapped = MaskSD(model, MaskSDConfig(lmvsd=FEATURES)).train()
+    spy = Spy(wrapped)
+    images, ids, truth = batch(model)
+    out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(0))
+    assert spy.calls["embed_image"] == 1 and spy.calls["encode_image"] == 1  # no second image encode
+    assert spy.calls["encode_text"] == 2  # VMLSD still re-encodes the text
+    assert out.image_masked.sum(dim=1).tolist() == [8, 8]  # the same counts as the embedding site
+    out.loss.backward()
+    for level, values in enumerate(wrapped.branches["lmvsd"].masker.maps):
+        assert values.grad is not None and values.grad.abs().sum() > 0, level
+    wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped(images, ids), model(images, ids))
+    assert bare_state_dict(wrapped.state_dict()).keys() == model.state_dict().keys()  # the maps stay behind
+
+
+def test_features_site_replaces_the_chosen_patches_in_every_level_and_masked_tokens_reports_them():
+    model = tiny()
+    wrapped = MaskSD(model, MaskSDConfig(lmvsd=FEATURES, vmlsd=BranchConfig(enabled=False)))
+    wrapped.eval()  # the training path without dropout
+    wrapped.training = True
+    seen = []
+    model.decode_head.neck.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))  # the maps it reads
+    images, ids, truth = batch(model)
+    out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(2))
+    (main_maps, branch_maps) = seen
+    values = wrapped.branches["lmvsd"].masker.maps
+    grid = out.image_masked.view(2, 1, 8, 8).float()
+    for x, y, v in zip(main_maps, branch_maps, values):
+        where = F.interpolate(grid, size=x.shape[-2:], mode="nearest").bool().expand_as(x)
+        assert torch.equal(y[~where], x[~where]) and torch.equal(y[where], v.detach().expand_as(x)[where])
+    image_masked, _ = wrapped.masked_tokens(images, ids, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(image_masked, out.image_masked)
+
+
+def test_features_site_with_checkpointed_branches_gives_the_same_loss_and_gradients():
+    results = {}
+    for checkpointed in (False, True):
+        model = tiny(seed=3)
+        torch.manual_seed(5)  # the same maps
+        wrapped = MaskSD(model, MaskSDConfig(lmvsd=FEATURES, checkpoint_branches=checkpointed)).train()
+        images, ids, truth = batch(model)
+        torch.manual_seed(1)
+        out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        results[checkpointed] = (out.loss.detach(), {n: p.grad for n, p in wrapped.named_parameters() if p.grad is not None})
+    (loss_a, grads_a), (loss_b, grads_b) = results[False], results[True]
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert {f"branches.lmvsd.masker.maps.{i}" for i in range(3)} <= grads_a.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -94,3 +94,31 @@ def test_bad_input_names_the_argument():
     ]:
         with pytest.raises(ValueError, match=name):
             SelfDistillLoss(**kwargs)
+
+
+def test_flowing_teacher_gradient_is_the_bce_derivative_through_the_soft_target():
+    student = torch.randn(2, 1, 6, 6)
+    teacher = torch.randn(2, 1, 6, 6, requires_grad=True)
+    loss = SelfDistillLoss(0.75, teacher_gradient="flow")(student, teacher)
+    expected = 0.75 * F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher.detach()))
+    assert torch.allclose(loss, expected)  # the value is the detached loss's
+    (grad,) = torch.autograd.grad(loss, teacher)
+    # d/dt of λ·mean(-(σ(t)·log σ(s) + (1-σ(t))·log(1-σ(s)))) = λ·(-s)·σ'(t) / n
+    p = torch.sigmoid(teacher.detach())
+    torch.testing.assert_close(grad, 0.75 * -student * p * (1 - p) / student.numel())
+
+
+def test_flowing_teacher_gradient_passes_the_bilinear_resize():
+    teacher = torch.randn(1, 1, 4, 4, requires_grad=True)
+    loss = SelfDistillLoss(1.0, teacher_gradient="flow")(torch.randn(1, 1, 8, 8), teacher)
+    (grad,) = torch.autograd.grad(loss, teacher)
+    assert (grad != 0).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"target": "hard"}, {"supervision": "ground_truth"}])
+def test_flowing_teacher_gradient_needs_the_soft_distillation_target(kwargs):
+    with pytest.raises(ValueError, match="teacher_gradient='flow' needs supervision='distill' and target='soft'"):
+        SelfDistillLoss(1.0, teacher_gradient="flow", **kwargs)
+    with pytest.raises(ValueError, match="teacher_gradient must be one of"):
+        SelfDistillLoss(1.0, teacher_gradient="stop")
+    SelfDistillLoss(1.0, teacher_gradient="detach", **kwargs)  # the detached target works with every supervision

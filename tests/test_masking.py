@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masksd import GuidedMasker
+from masksd.masking import FeatureMapMasker
 
 
 def expected_count(fraction: Fraction, n: int) -> int:
@@ -122,3 +123,69 @@ def test_the_paper_vmlsd_setting_masks_short_sentences_only_with_a_minimum():
     assert not GuidedMasker(4, 0.1, min_count=1).mask(torch.randn(1, 4, 4), torch.zeros(1, 4, dtype=torch.bool))[1].any()
     with pytest.raises(ValueError, match="min_count"):
         GuidedMasker(4, 0.1, min_count=-1)
+
+
+GRID, SHAPES = (4, 4), ((3, 8, 8), (5, 4, 4), (2, 2, 2))  # a CRIS-like pyramid: 2g, g, g/2
+
+
+def _maps(batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, *shape, generator=g) for shape in SHAPES)
+
+
+def test_feature_maps_are_replaced_at_the_chosen_tokens_resized_to_each_level():
+    masker = FeatureMapMasker(GRID, SHAPES, ratio=0.5)
+    candidates = torch.zeros(2, 16, dtype=torch.bool)
+    candidates[0, [0, 5, 10, 15]] = True  # the diagonal of the 4x4 grid
+    candidates[1, [3, 12]] = True
+    maps = _maps(2)
+    masked, applied = masker.mask(maps, candidates, generator=torch.Generator().manual_seed(3))
+    # the same draw as the embedding site's mask token would take
+    _, expected = GuidedMasker(1, 0.5).mask(torch.zeros(2, 16, 1), candidates, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(applied, expected) and applied.sum(dim=1).tolist() == [2, 1]
+    for level, (x, y, values) in enumerate(zip(maps, masked, masker.maps)):
+        scale = x.shape[-1] / GRID[1]
+        where = torch.zeros(2, *x.shape[-2:], dtype=torch.bool)
+        for b, token in applied.nonzero().tolist():  # nearest: output (i, j) reads token (floor(i / scale), floor(j / scale))
+            row, col = divmod(token, GRID[1])
+            for i in range(x.shape[-2]):
+                for j in range(x.shape[-1]):
+                    if int(i / scale) == row and int(j / scale) == col:
+                        where[b, i, j] = True
+        where = where[:, None].expand_as(x)
+        assert torch.equal(y[~where], x[~where]), level  # everything else bit-identical
+        assert torch.equal(y[where], values.detach().expand_as(x)[where]), level
+        assert where.any() or level == 2  # the coarsest level keeps every other token only
+
+
+def test_feature_map_values_are_initialised_like_the_mask_token_and_get_gradient():
+    masker = FeatureMapMasker((8, 8), ((64, 16, 16), (32, 8, 8)), ratio=1.0)
+    assert [tuple(v.shape) for v in masker.maps] == [(64, 16, 16), (32, 8, 8)]
+    assert sum(v.numel() for v in masker.parameters()) == 64 * 256 + 32 * 64
+    values = torch.cat([v.detach().flatten() for v in masker.maps])
+    assert values.abs().max() <= 0.04 + 1e-6 and 0.01 < values.std() < 0.03  # normal std 0.02 truncated at 2 std
+    maps = tuple(torch.randn(2, *v.shape, requires_grad=True) for v in masker.maps)
+    half = torch.zeros(2, 64, dtype=torch.bool)
+    half[:, :32] = True  # the top half of the grid
+    masked, applied = masker.mask(maps, half)
+    sum((m * torch.randn_like(m)).sum() for m in masked).backward()
+    for x, values in zip(maps, masker.maps):
+        h = x.shape[-2] // 2
+        assert (values.grad[:, :h] != 0).all() and (values.grad[:, h:] == 0).all()
+        assert (x.grad[:, :, :h] == 0).all() and (x.grad[:, :, h:] != 0).all()
+
+
+def test_feature_map_masker_names_bad_arguments():
+    with pytest.raises(ValueError, match="grid"):
+        FeatureMapMasker((4,), SHAPES, 0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        FeatureMapMasker(GRID, ((3, 8),), 0.5)
+    with pytest.raises(ValueError, match="ratio"):
+        FeatureMapMasker(GRID, SHAPES, 1.5)
+    masker = FeatureMapMasker(GRID, SHAPES, 0.5)
+    with pytest.raises(ValueError, match="maps must be 3 tensors"):
+        masker.mask(_maps(2)[:2], torch.ones(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"maps\[1\] must have shape"):
+        masker.mask((_maps(2)[0], torch.randn(2, 5, 3, 3), _maps(2)[2]), torch.ones(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="candidates must have shape"):
+        masker.mask(_maps(2), torch.ones(2, 15, dtype=torch.bool))

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from examples.pipeline.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from examples.pipeline.config import PRESETS, TrainConfig, preset
+from examples.pipeline.config import PRESETS, TrainConfig, masksd_preset, preset
 from examples.pipeline.optim import build_optimizer, warmup_cosine
 from examples.pipeline.sampling import EpochSampler, ShardSampler
+from masksd import MaskSDConfig
 from examples.train_cris_masksd import parse_args
 
 
@@ -42,6 +43,27 @@ def test_every_ablation_switch_is_a_flag():
     baseline = parse_args(["--baseline"]).masksd_config()
     assert not baseline.lmvsd.enabled and not baseline.vmlsd.enabled
     assert parse_args(["--pretrained", "none"]).pretrained is None
+
+
+def test_issue_18_switches_are_flags_and_the_maskris_recipe_a_masksd_preset():
+    cfg = parse_args(["--teacher-gradient", "flow", "--lmvsd-select", "bottom", "--lmvsd-site", "features", "--vmlsd-select", "bottom"])
+    m = cfg.masksd_config()
+    assert (m.teacher_gradient, m.lmvsd.select, m.lmvsd.site, m.vmlsd.select, m.vmlsd.site) == ("flow", "bottom", "features", "bottom", "embedding")
+    d = parse_args([]).masksd_config()
+    assert (d.teacher_gradient, d.lmvsd.select, d.lmvsd.site) == ("detach", "top", "embedding")
+    maskris = parse_args(["--masksd-preset", "maskris"])
+    assert maskris.masksd_config() == MaskSDConfig.maskris() and maskris.model == TrainConfig().model
+    assert masksd_preset("maskris") == {"masksd.lmvsd.top_k": 1.0, "masksd.lmvsd.ratio": 0.75, "masksd.lmvsd.weight": 0.5,
+                                        "masksd.vmlsd.top_k": 1.0, "masksd.vmlsd.ratio": 0.15, "masksd.vmlsd.weight": 0.5}
+    assert masksd_preset("paper") == {}
+    paper_run = parse_args(["--preset", "ablation-vitb", "--masksd-preset", "maskris", "--lmvsd-ratio", "0.5"])
+    assert paper_run.image_size == 480 and paper_run.masksd.lmvsd.ratio == 0.5 and paper_run.masksd.vmlsd.ratio == 0.15  # flags win
+    with pytest.raises(SystemExit):
+        parse_args(["--vmlsd-site", "features"])  # VMLSD has no feature maps
+    with pytest.raises(SystemExit):
+        parse_args(["--teacher-gradient", "flow", "--target", "hard"])
+    with pytest.raises(ValueError, match="masksd preset must be one of"):
+        masksd_preset("amlris")
 
 
 def test_bad_flags_exit_with_a_message_naming_them(capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masksd import BranchConfig, Embeddings, MaskSD, MaskSDConfig, MaskSDOutput
+from masksd import BranchConfig, Embeddings, MaskSD, MaskSDConfig, MaskSDOutput, segmentation_loss
 from tests.toys import ConvGRU, ToyViT, colour_task
 
 ABLATIONS = {
@@ -18,6 +18,8 @@ ABLATIONS = {
     "no_masking": MaskSDConfig(masking=False),
     "ground_truth": MaskSDConfig(supervision="ground_truth"),
     "hard_target": MaskSDConfig(target="hard", threshold=0.4),
+    "teacher_flow": MaskSDConfig(teacher_gradient="flow"),
+    "select_bottom": MaskSDConfig(lmvsd=BranchConfig(select="bottom"), vmlsd=BranchConfig(select="bottom")),
 }
 
 
@@ -433,3 +435,117 @@ def test_frozen_norm_stats_and_checkpointing_together(batch):
     assert torch.equal(loss_a, loss_b) and all(torch.equal(bn_a[k], bn_b[k]) for k in bn_a)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _main_logits_grad(model, batch, with_seg: bool):
+    """The gradient at the main logits of the whole loss (or of the branch losses alone)."""
+    images, ids, masks = batch
+    model.eval()
+    model.training = True  # the training path without dropout
+    out = model(images, ids, masks, generator=torch.Generator().manual_seed(0))
+    out.logits.retain_grad()
+    (out.loss if with_seg else out.lmvsd_loss + out.vmlsd_loss).backward()
+    return out, out.logits.grad
+
+
+@pytest.mark.parametrize("target", ["soft", "hard"])
+def test_detached_teacher_gives_the_main_logits_only_the_segmentation_gradient(target, batch):
+    torch.manual_seed(0)
+    model = MaskSD(ToyViT(), MaskSDConfig(target=target))
+    out, grad = _main_logits_grad(model, batch, with_seg=True)
+    (seg_only,) = torch.autograd.grad(segmentation_loss(out.logits, batch[2]), out.logits)
+    assert torch.equal(grad, seg_only)  # the branch losses add nothing at the main logits
+    _, branch_grad = _main_logits_grad(model, batch, with_seg=False)
+    assert branch_grad is None or (branch_grad == 0).all()
+
+
+def test_flowing_teacher_gives_the_main_logits_the_branch_losses_gradient(batch):
+    torch.manual_seed(0)
+    segmenter = ToyViT()
+    model = MaskSD(segmenter, MaskSDConfig(teacher_gradient="flow"))
+    seen = []  # the main, LMVSD and VMLSD logits, in call order
+    segmenter.decode_head.register_forward_hook(lambda _m, _a, logits: seen.append(logits.detach()))
+    out, grad = _main_logits_grad(model, batch, with_seg=False)
+    _, lm_student, vm_student = seen
+    # λ·d BCE(s, σ(t))/dt = λ·(-s)·σ'(t)/n per branch, s its student logits (same size as t here)
+    p = torch.sigmoid(out.logits.detach())
+    expected = sum(w * -s * p * (1 - p) / s.numel() for w, s in ((0.75, lm_student), (0.1, vm_student)))
+    assert (grad != 0).all()
+    torch.testing.assert_close(grad, expected)
+    # the whole loss: the segmentation gradient plus that
+    _, full = _main_logits_grad(model, batch, with_seg=True)
+    (seg_only,) = torch.autograd.grad(segmentation_loss(out.logits, batch[2]), out.logits)
+    torch.testing.assert_close(full, seg_only + expected)
+
+
+@pytest.mark.parametrize("kwargs", [{"target": "hard"}, {"supervision": "ground_truth"}])
+def test_a_flowing_teacher_without_a_soft_distillation_target_is_refused_by_name(kwargs):
+    with pytest.raises(ValueError, match="teacher_gradient='flow' needs supervision='distill' and target='soft'"):
+        MaskSDConfig(teacher_gradient="flow", **kwargs)
+    with pytest.raises(ValueError, match="teacher_gradient must be one of"):
+        MaskSDConfig(teacher_gradient="stop")
+
+
+def test_bottom_selection_masks_only_among_the_least_correlated_patches(batch):
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    model = MaskSD(ToyViT(), MaskSDConfig(lmvsd=BranchConfig(select="bottom", ratio=1.0)))
+    model.eval()
+    model.training = True
+    out = model(images, ids, masks)
+    seg = model.segmenter
+    visual = seg.encode_image(seg.embed_image(images))
+    text = seg.encode_text(seg.embed_text(ids))
+    scores = torch.einsum("bnd,bd->bn", visual.tokens, text.pooled)  # (B, 16)
+    lowest = scores.argsort(dim=1)[:, :8]  # K = 0.5 of 16, α = 1: exactly the 8 lowest-scoring patches
+    assert torch.equal(out.image_masked, torch.zeros_like(out.image_masked).scatter(1, lowest, True))
+    assert model.branches["lmvsd"].filter.direction == "bottom" and model.branches["vmlsd"].filter.direction == "top"
+    with pytest.raises(ValueError, match="lmvsd.select must be one of"):
+        MaskSDConfig(lmvsd=BranchConfig(select="random"))
+
+
+def test_the_features_site_needs_the_optional_protocol_and_vmlsd_refuses_it():
+    with pytest.raises(TypeError, match=r"lmvsd.site='features' needs .* ToyViT lacks .*feature_map_layout.*decode_head.feature_maps"):
+        MaskSD(ToyViT(), MaskSDConfig(lmvsd=BranchConfig(site="features")))
+    with pytest.raises(ValueError, match="vmlsd.site must be 'embedding'"):
+        MaskSDConfig(vmlsd=BranchConfig(site="features"))
+    with pytest.raises(ValueError, match="lmvsd.site must be one of"):
+        MaskSDConfig(lmvsd=BranchConfig(site="pixels"))
+    MaskSD(ToyViT(), MaskSDConfig(lmvsd=BranchConfig(site="features", enabled=False)))  # a branch that is off needs nothing
+
+
+def test_maskris_preset_is_random_masking_at_half_weight_with_a_detached_soft_target():
+    from masksd.config import MASKRIS_BRANCHES
+
+    m = MaskSDConfig.maskris()
+    assert (m.lmvsd.top_k, m.lmvsd.ratio, m.lmvsd.weight) == (1.0, 0.75, 0.5)
+    assert (m.vmlsd.top_k, m.vmlsd.ratio, m.vmlsd.weight) == (1.0, 0.15, 0.5)
+    assert (m.target, m.teacher_gradient, m.supervision, m.masking) == ("soft", "detach", "distill", True)
+    assert m.lmvsd.select == m.vmlsd.select == "top" and m.lmvsd.site == "embedding"
+    assert {k: getattr(m.vmlsd, k) for k in MASKRIS_BRANCHES["vmlsd"]} == MASKRIS_BRANCHES["vmlsd"]
+    assert MaskSDConfig.maskris(share_weights=False).share_weights is False
+    assert MaskSDConfig.maskris(lmvsd=BranchConfig(enabled=False)).lmvsd.ratio == 0.25  # a whole field replaced
+
+
+def test_checkpointed_branches_with_separate_heads_recompute_each_branch_with_its_own_head(batch):
+    images, ids, masks = batch
+    torch.manual_seed(0)
+    segmenter = ToyViT()
+    start = copy.deepcopy(segmenter.state_dict())
+    results = {}
+    for checkpointed in (False, True):
+        segmenter.load_state_dict(start)
+        torch.manual_seed(5)  # the same mask tokens and head copies
+        model = MaskSD(segmenter, MaskSDConfig(share_weights=False, checkpoint_branches=checkpointed))
+        with torch.no_grad():  # heads that have trained apart (as copies they start equal)
+            for p in model.branches["vmlsd"].head.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        model.training = True  # no dropout
+        out = model(images, ids, masks, generator=torch.Generator().manual_seed(4))
+        out.loss.backward()
+        results[checkpointed] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert results[False].keys() == results[True].keys()
+    for name in results[False]:
+        torch.testing.assert_close(results[True][name], results[False][name], rtol=1e-5, atol=1e-6, msg=name)

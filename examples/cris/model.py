@@ -13,6 +13,7 @@ from examples.cris.config import CLIP_CONTEXT_LENGTH, CRISConfig
 from examples.cris.decoder import Projector, VisionLanguageDecoder
 from examples.cris.neck import FusionNeck, ViTPyramid
 from masksd import Embeddings, Features, SegmenterAdapter
+from masksd.adapter import FeatureMapLayout
 from masksd.integrations import ImageContext, TextContext
 
 __all__ = ["CRIS", "DecodeHead", "TextContext"]  # TextContext: masksd.integrations's, re-exported
@@ -24,6 +25,9 @@ class DecodeHead(nn.Module):
     Called as ``head(visual, text)`` with :class:`masksd.Features`: ``visual.context`` is an
     :class:`~masksd.integrations.ImageContext` with the three (B, Cv, g, g) ViT levels, ``text.pooled``
     the (B, D) sentence state and ``text.context`` a :class:`~masksd.integrations.TextContext`. Returns (B, 1, 4g, 4g) mask logits (1/4 of the input for patch 16).
+
+    Split for MaskSD's features site (:class:`masksd.adapter.FeatureMapHead`): :meth:`feature_maps` is the
+    pyramid (the three maps the neck reads), :meth:`decode_maps` the rest; ``forward`` is the two in turn.
     """
 
     def __init__(self, image_width: int, text_dim: int, config: CRISConfig):
@@ -42,13 +46,21 @@ class DecodeHead(nn.Module):
         self.projector = Projector(config.decoder_dim, text_dim, config.projector_kernel)
 
     def forward(self, visual: Features, text: Features) -> torch.Tensor:
-        image, context = visual.context, text.context
+        return self.decode_maps(self.feature_maps(visual), visual, text)
+
+    def feature_maps(self, visual: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pyramid's maps (B, C_i, ...) at 2g, g and ceil(g/2): what the fusion neck reads."""
+        image = visual.context
         if not isinstance(image, ImageContext) or len(image.levels) != 3:
             raise TypeError(f"visual.context must be an ImageContext with the three ViT levels, got {type(image).__name__}")
-        levels = image.levels
+        return self.pyramid(image.levels)
+
+    def decode_maps(self, maps: Sequence[torch.Tensor], visual: Features, text: Features) -> torch.Tensor:
+        """(B, 1, 4g, 4g) mask logits from the three pyramid maps and the text (``visual`` is not read again)."""
+        context = text.context
         if not isinstance(context, TextContext):
             raise TypeError(f"text.context must be a TextContext, got {type(context).__name__}")
-        fused = self.neck(self.pyramid(levels), text.pooled)  # (B, dim, g, g)
+        fused = self.neck(maps, text.pooled)  # (B, dim, g, g)
         fused = self.decoder(fused, context.words, context.padding)
         return self.projector(fused, text.pooled)  # (B, 1, 4g, 4g)
 
@@ -87,6 +99,13 @@ class CRIS(SegmenterAdapter):
     def grid_size(self) -> tuple[int, int]:
         """(h, w) of the ViT's patch grid at ``config.image_size``."""
         return self.backbone.grid_size
+
+    @property
+    def feature_map_layout(self) -> FeatureMapLayout:
+        """The patch grid and the (C, h, w) of the pyramid's three maps, which MaskSD's features site replaces
+        (ViT-B-16 @ 480: 512 x 60², 1024 x 30², 1024 x 15²)."""
+        grid = tuple(self.grid_size)
+        return FeatureMapLayout(grid, self.decode_head.pyramid.output_shapes(grid))
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Referring expressions -> (B, max_words) long token ids (SOT, words, EOT, zero padding).

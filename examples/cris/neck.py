@@ -61,6 +61,16 @@ class ViTPyramid(nn.Module):
         self.same = nn.Conv2d(width, mid, kernel_size=1)
         self.down = nn.Conv2d(deep_width, high, kernel_size=3, stride=2, padding=1)
 
+    def output_shapes(self, grid: tuple[int, int]) -> tuple[tuple[int, int, int], ...]:
+        """(C, h, w) of the three maps :meth:`forward` returns for levels on a ``grid`` (h, w) patch grid."""
+        height, width = grid
+        half = lambda n: (n - 1) // 2 + 1  # noqa: E731  (3x3, stride 2, padding 1: ceil(n / 2))
+        return (
+            (self.up.out_channels, 2 * height, 2 * width),
+            (self.same.out_channels, height, width),
+            (self.down.out_channels, half(height), half(width)),
+        )
+
     def forward(self, levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """levels: three (B, width, g, g) maps, shallow to deep. Returns (B, C_i, ...) at 2g, g, ceil(g/2)."""
         shallow, middle, deep = (norm(x) for norm, x in zip(self.norms, levels))

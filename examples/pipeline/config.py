@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, get_args
+from typing import Any, Callable, Literal, get_args
 
 from examples.cris.config import VARIANTS, CRISConfig, DeepLevel
 from examples.pipeline.choices import Amp, Device
@@ -17,7 +17,10 @@ from examples.pipeline.cli import check_choices, dataclass_from_dict, flatten, u
 from masksd.config import MaskSDConfig, documented
 from masksd.data.config import DEFAULT_SPLIT_BY, ReferConfig, ReferDatasetName, ResizeMode, RestoreMethod, SplitBy, TextKey
 
-__all__ = ["LoopConfig", "PretrainConfig", "TrainConfig", "PRESETS", "DATASETS", "DatasetName", "preset", "runtime_fields"]
+__all__ = [
+    "LoopConfig", "PretrainConfig", "TrainConfig", "PRESETS", "MASKSD_PRESETS", "DATASETS", "DatasetName", "masksd_preset", "preset",
+    "runtime_fields",
+]
 
 DatasetName = Literal["synthetic", ReferDatasetName]
 """The built-in synthetic referring scenes, or a refer dataset read from files."""
@@ -186,6 +189,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """The paper's runs (§IV-B): ViT-B at 576 and ViT-L at 532 for Table I, ViT-B at 480 for the ablations.
 Keys are TrainConfig fields (dotted paths for nested ones, e.g. ``masksd.vmlsd.ratio``)."""
+
+
+MASKSD_PRESETS: dict[str, Callable[[], MaskSDConfig]] = {"paper": MaskSDConfig, "maskris": MaskSDConfig.maskris}
+"""MaskSD's named recipes (``--masksd-preset``), each the ``MaskSDConfig`` constructor that defines it: the paper's
+CM-MaskSD (the defaults) and MaskRIS's random masking (:meth:`MaskSDConfig.maskris`)."""
+
+
+def masksd_preset(name: str) -> dict[str, Any]:
+    """The TrainConfig overrides (``masksd.*`` dotted paths) of MaskSD recipe ``name``: the fields where it
+    differs from the paper's defaults; they combine with any run preset and flags override them."""
+    if name not in MASKSD_PRESETS:
+        raise ValueError(f"masksd preset must be one of {sorted(MASKSD_PRESETS)}, got {name!r}")
+    default, chosen = flatten(MaskSDConfig()), flatten(MASKSD_PRESETS[name]())
+    return {f"masksd.{k}": v for k, v in chosen.items() if v != default[k]}
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
