@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine description and writing results as Markdown + JSON."""
+"""What every benchmark shares: the machine description and writing results as Markdown + JSON (torch is
+imported where it is used, so that a script's ``--help`` needs none)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -39,6 +36,9 @@ TABLE_VII: dict[str, MaskSDConfig] = {
 def countable_attention() -> Iterator[None]:
     """Route attention through plain matmuls that FlopCounterMode sees: the fused fast paths
     (nn.MultiheadAttention's, SDPA's CPU kernel) are not counted."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -50,6 +50,8 @@ def countable_attention() -> Iterator[None]:
 
 def count_flops(run: Callable[[], object]) -> tuple[int, dict[str, int], object]:
     """FLOPs of ``run()`` (FlopCounterMode: 2 per multiply-add) in total and per module name, and what it returned."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False, depth=None)
     with countable_attention(), counter:
         result = run()
@@ -59,6 +61,8 @@ def count_flops(run: Callable[[], object]) -> tuple[int, dict[str, int], object]
 
 def machine() -> dict[str, Any]:
     """CPU/GPU, threads and library versions, for the results files."""
+    import torch  # here, not at the top: the scripts' --help needs no torch
+
     import open_clip
 
     cpu = platform.processor() or platform.machine()
