@@ -149,6 +149,14 @@ class Settings:
     backbone_lr_scale: float
 
 
+def current_numerics() -> dict[str, Any]:
+    """What decides how a CPU run rounds besides the code: torch's version, its CPU kernel set and thread count.
+    Runs pair exactly only when these agree (a stored table made elsewhere does not reproduce bit for bit)."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+
+
 def run_folder(work: str | Path, tag: str, name: str) -> Path:
     """Where a row's runs keep their checkpoints: ``<work>/<tag>/<row name>/<seed>/``."""
     return Path(work) / tag / name.replace(" ", "_").replace(",", "")
@@ -352,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help=f"also score the main branch on {demo.synthetic_eval_size} --split scenes every N steps of each run (eval_log.csv; "
                         "the report's curve table shows whether the baseline has plateaued); training is unchanged")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for every run (default 1, what the stored tables used): the thread count "
+                        "changes how reductions round, so runs pair exactly only at one count on one kind of machine")
     parser.add_argument("--report", action="store_true",
                         help="only write the tables from the runs stored so far (an interrupted or partial table)")
     args = parser.parse_args(argv)
@@ -381,11 +392,28 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{store} holds runs with other settings {saved.get('settings')}: pass another --tag or delete it")
     runs: dict[str, list[dict]] = saved.get("runs", {})
     initial: dict[str, dict] = saved.get("initial", {})
+    numerics = saved.get("numerics")
+    if not args.report:
+        import torch
+
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        here = current_numerics()
+        if numerics is not None and numerics != here:
+            parser.error(f"{store} holds runs made under other numerics {numerics}, this run's are {here}: runs would not "
+                         f"pair exactly; pass another --tag (and re-run its baseline), or run where {numerics} holds")
+        if numerics is None and runs:
+            parser.error(f"{store} predates the record of the numerics its runs were made under (another machine; re-running "
+                         f"its baseline seed 0 elsewhere changed val mIoU by up to 2.4, see benchmarks/results/reproducibility.md): "
+                         f"new runs would not pair with them exactly; pass another --tag, or --report to render it")
+        numerics = here
 
     def keep() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings.__dict__, "runs": runs, "initial": initial}, indent=1))
+        stored = {"settings": settings.__dict__, "numerics": numerics, "runs": runs, "initial": initial}
+        tmp.write_text(json.dumps({k: v for k, v in stored.items() if v is not None}, indent=1))
         tmp.replace(store)
 
     if args.report:

@@ -334,6 +334,37 @@ def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkey
         ablation.main(["--report", "--tag", "empty"])  # nothing stored
 
 
+def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(tmp_path, monkeypatch, capsys):
+    import ablation
+    import common
+    import torch
+
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(ablation, "initial_guidance", lambda *a: {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0})
+    metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
+    trained = []
+    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or {
+        "seed": seed, "steps": 500, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}})
+    threads = torch.get_num_threads()
+    try:
+        ablation.main(["--tag", "n", "--only", "baseline", "--seeds", "0"])
+        stored = json.loads((tmp_path / "ablation_n_runs.json").read_text())
+        assert stored["numerics"] == {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": 1}
+        with pytest.raises(SystemExit):  # the same store at another thread count: the runs would not pair
+            ablation.main(["--tag", "n", "--only", "baseline", "--seeds", "1", "--threads", "2"])
+        assert "other numerics" in capsys.readouterr().err
+        del stored["numerics"]  # a store from before numerics were recorded
+        (tmp_path / "ablation_n_runs.json").write_text(json.dumps(stored))
+        with pytest.raises(SystemExit):
+            ablation.main(["--tag", "n", "--only", "baseline", "--seeds", "1"])
+        assert "predates the record of the numerics" in capsys.readouterr().err
+        ablation.main(["--tag", "n", "--only", "baseline", "--report"])  # rendering it stays possible
+        assert trained == [0]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
     from ablation import EXTRA_ROWS, POLICY_ROWS, ROWS, Settings, train_config
 
