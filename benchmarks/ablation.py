@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import RESULTS, markdown_table, write_results
+from common import RESULTS, machine, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.pipeline.config import masksd_preset
 
@@ -154,7 +154,8 @@ def current_numerics() -> dict[str, Any]:
     Runs pair exactly only when these agree (a stored table made elsewhere does not reproduce bit for bit)."""
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+    return {"torch": torch.__version__, "cpu": machine()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def run_folder(work: str | Path, tag: str, name: str) -> Path:
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         if numerics is not None and numerics != here:
             parser.error(f"{store} holds runs made under other numerics {numerics}, this run's are {here}: runs would not "
                          f"pair exactly; pass another --tag (and re-run its baseline), or run where {numerics} holds")
-        if numerics is None and runs:
+        if numerics is None and (runs or initial):
             parser.error(f"{store} predates the record of the numerics its runs were made under (another machine; re-running "
                          f"its baseline seed 0 elsewhere changed val mIoU by up to 2.4, see benchmarks/results/reproducibility.md): "
                          f"new runs would not pair with them exactly; pass another --tag, or --report to render it")

@@ -16,7 +16,10 @@ def lazy_exports(namespace: dict[str, Any], modules: Mapping[str, str]) -> tuple
 
     def __getattr__(name: str) -> Any:
         if name not in modules:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+            try:  # a submodule, as an eager package would have bound it (``masksd.wrapper``)
+                return importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError:
+                raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
         value = getattr(importlib.import_module(modules[name]), name)
         namespace[name] = value
         return value

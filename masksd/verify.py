@@ -94,7 +94,7 @@ def verify_segmenter(
     report.checks.append(CheckResult("protocol", True, "attributes present, decode_head(visual, text) callable"))
     config = MaskSDConfig() if config is None else config
 
-    with _eval_mode(segmenter), torch.random.fork_rng(), torch.no_grad():
+    with _eval_mode(segmenter), _forked_rng(segmenter), torch.no_grad():
         try:
             image_embedded, text_embedded, visual, text = encode_pair(segmenter, images, texts)
         except (TypeError, ValueError) as error:
@@ -130,7 +130,7 @@ def verify_segmenter(
         report.checks.append(CheckResult("upstream", True, "one changed candidate embedding changes each encoder's output"))
         report.checks.append(_check_special_tokens(segmenter, texts, text_embedded))
 
-    with torch.random.fork_rng():  # MaskSD draws its mask tokens' initial values
+    with _forked_rng(segmenter):  # MaskSD draws its mask tokens' initial values
         report.checks.extend(_check_training_step(segmenter, images, texts, forward, config))
     return report
 
@@ -141,8 +141,11 @@ def _check_embedding_level(segmenter: nn.Module, images: Any, texts: Any, text_e
     checked = []
     pixels = _pixels(images)
     if pixels is not None:
-        flat = torch.full_like(pixels, float(pixels.float().mean()))  # every patch the same
-        tokens = segmenter.embed_image(_with_pixels(images, flat)).tokens[0]  # (N, C)
+        flat = torch.zeros_like(pixels)  # every patch the same, and equal to a zero-padded border
+        embedded = segmenter.embed_image(_with_pixels(images, flat))
+        tokens = embedded.tokens[0]  # (N, C)
+        if embedded.candidates is not None:  # a class or register token need not look like a patch
+            tokens = tokens[embedded.candidates[0]]
         if not _rows_equal(tokens):
             raise SegmenterCheckError(
                 "embedding_level", "embed_image gives different embeddings to identical patches: it adds a per-position term "
@@ -179,7 +182,9 @@ def _check_upstream(segmenter: nn.Module, embedded, features, modality: str) -> 
                                   "mark the real words (texts) as candidates; pass a batch with at least one word")
     position = int(candidates[row].int().argmax())
     tokens = embedded.tokens.clone()
-    tokens[row, position] = tokens[row, position] + tokens.std() + 1.0
+    # not a constant shift, which a LayerNorm (CLIP's ln_pre) would remove: a vector that varies over channels
+    wave = torch.linspace(-1.0, 1.0, tokens.shape[-1], device=tokens.device, dtype=tokens.dtype)
+    tokens[row, position] = tokens[row, position] + (tokens.std() + 1.0) * wave
     encode = segmenter.encode_image if modality == "image" else segmenter.encode_text
     changed = encode(replace(embedded, tokens=tokens))
     if torch.equal(changed.tokens, features.tokens) and torch.equal(changed.pooled, features.pooled):
@@ -235,14 +240,16 @@ def _check_training_step(segmenter: nn.Module, images: Any, texts: Any, logits: 
         if masked is None or not bool(masked.any()):
             results.append(CheckResult("mask_token_gradient", False, f"{name} masked no token in this batch"))
             continue
-        grad = branch.masker.mask_token.grad
-        if grad is None or not bool(grad.abs().sum() > 0):
+        grads = [p.grad for p in branch.masker.parameters()]  # the mask token, or the features site's maps
+        if any(g is None for g in grads) or not any(bool(g.abs().sum() > 0) for g in grads):
             encoder = "encode_image" if name == "lmvsd" else "encode_text"
+            where = "the decode head's feature_maps/decode_maps" if not hasattr(branch.masker, "mask_token") else encoder
             raise SegmenterCheckError(
-                "mask_token_gradient", f"the {name.upper()} mask token got {'no' if grad is None else 'a zero'} gradient: "
-                f"{encoder} does not pass gradients from its output back to its input tokens (torch.no_grad? a detach?)",
-                f"run {encoder} with gradients enabled; to keep an encoder's weights fixed use requires_grad_(False)")
-        results.append(CheckResult("mask_token_gradient", True, f"{name} mask token gradient norm {float(grad.norm()):.3g}"))
+                "mask_token_gradient", f"the {name.upper()} mask token got no gradient: {where} does not pass gradients "
+                f"from its output back to its input (torch.no_grad? a detach?)",
+                f"run {where} with gradients enabled; to keep weights fixed use requires_grad_(False)")
+        norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+        results.append(CheckResult("mask_token_gradient", True, f"{name} mask token gradient norm {norm:.3g}"))
     unused = [n for n, p in model.segmenter.named_parameters() if p.requires_grad and p.grad is None]
     if unused:
         raise SegmenterCheckError(
@@ -300,6 +307,13 @@ def _with_ids(texts: Any, ids: torch.Tensor) -> Any:
 def _shapes(image_embedded, visual, text_embedded, text) -> str:
     return (f"image {tuple(image_embedded.tokens.shape)} -> {tuple(visual.tokens.shape)}, "
             f"text {tuple(text_embedded.tokens.shape)} -> {tuple(text.tokens.shape)}, joint D={visual.pooled.shape[-1]}")
+
+
+def _forked_rng(module: nn.Module):
+    """torch's RNG state forked for the block, on the CPU and on the segmenter's own CUDA device only (not
+    every visible GPU, which would start a CUDA context on each)."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 @contextlib.contextmanager

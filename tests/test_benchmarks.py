@@ -350,7 +350,8 @@ def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(t
     try:
         ablation.main(["--tag", "n", "--only", "baseline", "--seeds", "0"])
         stored = json.loads((tmp_path / "ablation_n_runs.json").read_text())
-        assert stored["numerics"] == {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": 1}
+        assert stored["numerics"] == {**ablation.current_numerics(), "torch_threads": 1}
+        assert set(stored["numerics"]) == {"torch", "cpu", "cpu_capability", "torch_threads"}
         with pytest.raises(SystemExit):  # the same store at another thread count: the runs would not pair
             ablation.main(["--tag", "n", "--only", "baseline", "--seeds", "1", "--threads", "2"])
         assert "other numerics" in capsys.readouterr().err

@@ -363,3 +363,25 @@ def test_verify_reference_catches_a_split_that_is_off_by_rounding():
 
     with pytest.raises(SegmenterCheckError, match="check 'reference' failed: .*max abs difference"):
         verify_segmenter(segmenter, x, ids, reference=project_then_pool)
+
+
+def test_verify_passes_cris_at_the_features_site():
+    from examples.cris import CRIS, CRISConfig
+    from masksd import BranchConfig, MaskSDConfig
+
+    torch.manual_seed(0)
+    segmenter = CRIS(CRISConfig.tiny())
+    ids = segmenter.tokenize(["the red cube", "a small blue ball"])
+    report = verify_segmenter(segmenter, images(), ids, config=MaskSDConfig(lmvsd=BranchConfig(site="features")))
+    assert [c.name for c in report.checks if c.name == "mask_token_gradient" and c.passed] == ["mask_token_gradient"] * 2
+
+
+def test_lazy_packages_keep_their_submodules_and_functions_apart():
+    code = (
+        "import masksd, masksd.data.batching\n"
+        "from masksd.data import collate\n"
+        "assert callable(collate), collate\n"
+        "assert masksd.wrapper.MaskSD is masksd.MaskSD\n"  # a submodule, as an eager package binds it
+        "import pickle; from masksd import BranchConfig; pickle.loads(pickle.dumps(BranchConfig()))\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

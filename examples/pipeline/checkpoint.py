@@ -53,6 +53,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ) from error
         raise ValueError(f"checkpoint {path} ({path.stat().st_size} bytes) is not a file torch.save wrote") from error
     except (RuntimeError, EOFError, KeyError, OSError, zipfile.BadZipFile) as error:  # a truncated zip, another format
+        if isinstance(error, RuntimeError) and not any(m in str(error) for m in ("PytorchStreamReader", "zip archive", "central directory")):
+            raise  # a device or version error, not the file's
         raise ValueError(
             f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or not a file torch.save wrote "
             f"(a partial download or copy?)" + (f": {str(error).split('. ')[0]}" if isinstance(error, RuntimeError) else "")

@@ -15,6 +15,7 @@ import dataclasses
 import types
 import typing
 import warnings
+from pathlib import Path
 from typing import Any, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
@@ -164,6 +165,7 @@ class ScriptParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # run_script looks for --debug itself: no --deb standing in for it
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true", help="show an error's traceback instead of one line")
 
@@ -183,7 +185,7 @@ def run_script(main: typing.Callable[[list[str]], Any], argv: list[str] | None =
     except USER_ERRORS as error:
         if "--debug" in argv:
             raise
-        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "masksd"
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "masksd"
         print(f"{prog}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 

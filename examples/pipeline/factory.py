@@ -157,7 +157,13 @@ def _segmenter_for(checkpoint: dict[str, Any], cfg: TrainConfig | None, path: st
     if "clipseg_config" in checkpoint:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 
-        config = dataclass_from_dict(CLIPSegRISConfig, checkpoint["clipseg_config"], source=f"{path} clipseg_config")
+        try:
+            config = dataclass_from_dict(CLIPSegRISConfig, checkpoint["clipseg_config"], source=f"{path} clipseg_config")
+        except FileNotFoundError as error:  # the snapshot holds the tokenizer and the processor's normalisation
+            raise FileNotFoundError(
+                f"checkpoint {path} was trained from the CLIPSeg snapshot {checkpoint['clipseg_config'].get('pretrained')!r}, "
+                f"which is gone: its tokenizer and image normalisation are read from there again ({error})"
+            ) from None
         segmenter = CLIPSegRIS(config, hf_config=checkpoint["hf_config"])  # the tokenizer from config.pretrained
         architecture = {"clipseg_config": asdict(config)}
     else:

@@ -28,7 +28,7 @@ def measure_guidance(
 ) -> dict[str, float]:
     """Guidance of ``model`` (``MaskSD(CRIS(...))`` or a bare ``CRIS``) over ``loader``.
 
-    ``loader`` yields collated samples (``masksd.data.collate``: ``image`` (B, 3, S, S),
+    ``loader`` yields collated samples (``masksd.data.collate``, in ``masksd/data/batching.py``: ``image`` (B, 3, S, S),
     ``mask`` (B, 1, S, S), ``text``); ``tokenize`` is ``CRIS.tokenize``. Runs in eval mode
     (restored afterwards) under ``amp`` ("none", "bf16", "fp16") and returns
     :meth:`masksd.guidance.GuidanceMeter.compute` summed over DDP ranks:

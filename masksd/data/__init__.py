@@ -48,8 +48,8 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported on first use
-    "SAMPLE_KEYS": "masksd.data.collate",
-    "collate": "masksd.data.collate",
+    "SAMPLE_KEYS": "masksd.data.batching",
+    "collate": "masksd.data.batching",  # not a module of the same name: importing it would shadow the function
     "MAX_IMAGE_PIXELS": "masksd.data.images",
     "read_rgb": "masksd.data.images",
     "DEFAULT_SPLIT_BY": "masksd.data.config",

@@ -151,7 +151,8 @@ class OpenCLIPTowers(nn.Module):
             )
         if not 2 <= token_ids.shape[1] <= max_length:
             raise ValueError(f"token_ids must have 2..{max_length} columns (the text tower's context), got {token_ids.shape[1]}")
-        cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") else self.token_embedding.weight.dtype
+        # open_clip casts to its blocks' dtype; OpenAI's CLIP to conv1's (its fp16 conversion leaves the embedding fp32)
+        cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") else self.visual.conv1.weight.dtype
         positions = torch.arange(token_ids.shape[1], device=token_ids.device)
         special = torch.tensor(sorted(self.special_token_ids), dtype=torch.long, device=token_ids.device)
         candidates = (positions < self.pool_index(token_ids)[:, None]) & ~torch.isin(token_ids, special)  # (B, L)
