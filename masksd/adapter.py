@@ -178,13 +178,13 @@ def check_embeddings(embedded: Embeddings, dim: int, source: str) -> None:
         raise TypeError(f"{source} must return masksd.Embeddings, got {type(embedded).__name__}")
     tokens = embedded.tokens
     if not torch.is_tensor(tokens) or tokens.dim() != 3 or not tokens.is_floating_point():
-        raise ValueError(f"{source} must return float tokens of shape (B, N, C), got {_describe(tokens)}")
+        raise ValueError(f"{source} must return float tokens of shape (B, N, C), got {describe(tokens)}")
     if tokens.shape[-1] != dim:
         raise ValueError(f"{source} returned tokens with C={tokens.shape[-1]}, expected the declared embed dim {dim}")
     candidates = embedded.candidates
     if candidates is not None:
         if not torch.is_tensor(candidates) or candidates.dtype != torch.bool:
-            raise TypeError(f"{source} candidates must be a bool tensor (B, N), got {_describe(candidates)}")
+            raise TypeError(f"{source} candidates must be a bool tensor (B, N), got {describe(candidates)}")
         if candidates.shape != tokens.shape[:2]:
             raise ValueError(
                 f"{source} candidates have shape {tuple(candidates.shape)}, expected {tuple(tokens.shape[:2])}"
@@ -200,12 +200,12 @@ def check_features(features: Features, tokens_like: torch.Tensor, source: str) -
     if not torch.is_tensor(local) or local.dim() != 3 or local.shape[:2] != tokens_like.shape[:2]:
         raise ValueError(
             f"{source} must return local tokens (B, N, D) aligned with its input embeddings "
-            f"(B, N)={tuple(tokens_like.shape[:2])}, got {_describe(local)}"
+            f"(B, N)={tuple(tokens_like.shape[:2])}, got {describe(local)}"
         )
     if not torch.is_tensor(pooled) or pooled.shape != (local.shape[0], local.shape[2]):
         raise ValueError(
             f"{source} must return a pooled token of shape (B, D)={(local.shape[0], local.shape[2])}, "
-            f"got {_describe(pooled)}"
+            f"got {describe(pooled)}"
         )
 
 
@@ -237,7 +237,8 @@ def check_head_logits(logits: object, source: str = "decode_head", batch: int | 
     return logits
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """A value in an error message: a tensor by its shape and dtype, anything else by its type."""
     if torch.is_tensor(x):
         return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     return type(x).__name__

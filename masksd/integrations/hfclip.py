@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from masksd.adapter import Embeddings, Features
+from masksd.adapter import Embeddings, Features, describe
 from masksd.integrations.towers import ImageContext, TextContext
 
 __all__ = ["HFCLIPTowers", "PatchLayout", "TokenInputs", "require_transformers"]
@@ -371,9 +371,3 @@ def library_default(function: Callable[..., Any], name: str, fallback: Any) -> A
     """The default of argument ``name`` in the library's ``function`` (read, not restated here)."""
     parameter = inspect.signature(function).parameters.get(name)
     return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
-
-
-def describe(x: Any) -> str:
-    if torch.is_tensor(x):
-        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__

@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from masksd.adapter import Embeddings, Features
+from masksd.adapter import Embeddings, Features, describe
 from masksd.integrations.towers import ImageContext, TextContext
 
 __all__ = ["OpenCLIPTowers", "special_ids_of"]
@@ -102,7 +102,7 @@ class OpenCLIPTowers(nn.Module):
         """(B, 3, H, W) float images -> Embeddings: (B, N, Cv) patch embeddings before the class token
         and the position embedding; every patch a candidate; context = the (h, w) grid."""
         if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor (B, 3, H, W), got {_describe(images)}")
+            raise ValueError(f"images must be a float tensor (B, 3, H, W), got {describe(images)}")
         grid = (images.shape[2] // self.patch_size[0], images.shape[3] // self.patch_size[1])
         positions = self.visual.positional_embedding.shape[0] - 1
         if grid[0] * grid[1] != positions or images.shape[2] % self.patch_size[0] or images.shape[3] % self.patch_size[1]:
@@ -142,7 +142,7 @@ class OpenCLIPTowers(nn.Module):
         (B, L, Ct) token embeddings before the position embedding; candidates True at real words only
         (not a special id, not at or after the end-of-text token); context = the token ids."""
         if not torch.is_tensor(token_ids) or token_ids.dim() != 2 or token_ids.dtype != torch.long:
-            raise ValueError(f"token_ids must be a (B, L) long tensor from the model's tokenizer, got {_describe(token_ids)}")
+            raise ValueError(f"token_ids must be a (B, L) long tensor from the model's tokenizer, got {describe(token_ids)}")
         max_length = self.positional_embedding.shape[0]
         if self.layout == "openai" and token_ids.shape[1] != max_length:
             raise ValueError(
@@ -263,9 +263,3 @@ def _check_splittable(clip: nn.Module) -> str:
 
 def _batch_first(transformer: nn.Module) -> bool:
     return bool(getattr(transformer, "batch_first", False))  # OpenAI's transformers are sequence-first
-
-
-def _describe(x: Any) -> str:
-    if torch.is_tensor(x):
-        return f"shape {tuple(x.shape)}, dtype {x.dtype}"
-    return type(x).__name__
