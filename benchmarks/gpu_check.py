@@ -83,6 +83,10 @@ OOM_MESSAGES = ("out of memory", "ALLOC_FAILED")
 """What cuBLAS/cuDNN workspace allocations that fail near the limit say (plain RuntimeErrors)."""
 WORKER = "--torchrun-worker"
 """Hidden first argument: this script as the process torchrun starts in section 3."""
+COMPILE_HERE = "--compile-in-this-process"
+"""Hidden flag: run section 4 inline. Without it section 4 runs in a child process (this script with
+``--only compile`` and this flag), because inductor once segfaulted on the H200 after sections 1-3 had run
+in the same process (2026-12-04): a crash then costs that section, not the whole check's results."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,8 @@ class Plan:
     """torch.compile backend of section 4."""
     threads: int | None = None
     """torch CPU threads here and in the torchrun run; None leaves torch's default."""
+    tiny: bool = False
+    """The --tiny stand-in (passed on to section 4's process)."""
 
     @classmethod
     def gpu(cls, compile_backend: str | None = None) -> "Plan":
@@ -133,6 +139,7 @@ class Plan:
             warmup=1, rounds=1, amp="bf16" if device.type == "cuda" else "none", steps=3, eval_size=8, workers=0,
             compile_backend=compile_backend or "eager",  # dynamo's capture without codegen: inductor takes minutes on a CPU
             threads=1 if device.type == "cpu" else None,  # the tiny model gains nothing from more; a shared CPU loses a lot
+            tiny=True,
         )
 
     def train_args(self, device: torch.device, output: Path) -> list[str]:
@@ -277,8 +284,9 @@ class GpuCheck:
     """Runs the sections within their budgets, logging progress with timestamps; ``results`` holds each
     section's status, seconds, figures and error."""
 
-    def __init__(self, device: torch.device, plan: Plan, budget: float, argv: list[str]):
+    def __init__(self, device: torch.device, plan: Plan, budget: float, argv: list[str], compile_here: bool = False):
         self.device, self.plan = device, plan
+        self.compile_here = compile_here
         self.start = time.perf_counter()
         self.deadline = self.start + budget
         self.checkpointed, self.checkpoint_note = checkpoint_option()
@@ -294,7 +302,7 @@ class GpuCheck:
             "vit_l14": lambda end: self.measure_model(self.plan.large, self.plan.large_batches, end),
             "sync_debug": self.sync_debug,
             "torchrun": self.torchrun,
-            "compile": self.compile,
+            "compile": self.compile if self.compile_here else self.compile_in_child,
         }
         for name in RUN_ORDER:
             if name in sections:
@@ -422,6 +430,31 @@ class GpuCheck:
         }
 
     # --------------------------------------------------------------- section 4
+    def compile_in_child(self, end: float) -> dict[str, Any]:
+        """Section 4 in a child process (see COMPILE_HERE): its figures, or its error, a timeout or the
+        signal that killed it as this section's error."""
+        with tempfile.TemporaryDirectory(prefix="gpu_check_compile_") as tmp:
+            command = [sys.executable, str(Path(__file__).resolve()), "--only", "compile", COMPILE_HERE,
+                       "--device", self.device.type, "--output", tmp, "--compile-backend", self.plan.compile_backend,
+                       "--budget", f"{max(MIN_SECTION_S, end - time.perf_counter() - 2):.0f}"]
+            if self.plan.tiny:
+                command.append("--tiny")
+            self.log(f"compile: in its own process ({self.plan.compile_backend})")
+            returncode, output = _run_process(command, {**os.environ, "PYTHONFAULTHANDLER": "1"}, end - time.perf_counter())
+            for line in output.splitlines():
+                print(f"    | {line}", flush=True)
+            if returncode < 0:
+                raise RuntimeError(f"section 4's process died of {signal.Signals(-returncode).name}; its output ends:\n{output[-3000:]}")
+            reports = list(Path(tmp).glob("gpu_check*.json"))
+            if not reports:
+                raise RuntimeError(f"section 4's process exited with {returncode} and wrote no results; its output ends:\n{output[-3000:]}")
+            section = json.loads(reports[0].read_text())["sections"]["compile"]
+        if section["status"] == "timeout":
+            raise SectionTimeout(section["error"])
+        if section["status"] != "ok":
+            raise RuntimeError(f"section 4's process: {section['status']}: {section['error']}")
+        return section["figures"]
+
     def compile(self, end: float) -> dict[str, Any]:
         plan, name = self.plan, "CM-MaskSD"
         torch.manual_seed(0)
@@ -617,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these sections ({', '.join(RUN_ORDER)}); e.g. to redo one that failed")
     parser.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"),
                         help="torch.compile backend of section 4 (default: inductor; eager with --tiny)")
+    parser.add_argument(COMPILE_HERE, dest="compile_here", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -639,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_check(device: torch.device, plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
     """Run the sections, print the report, write it; 1 when a section failed, else 0."""
-    check = GpuCheck(device, plan, args.budget, argv)
+    check = GpuCheck(device, plan, args.budget, argv, compile_here=args.compile_here)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     check.log(f"gpu_check on {name}, {'tiny' if args.tiny else 'full'} mode, budget {args.budget:.0f} s")
     results = check.run(tuple(args.only or RUN_ORDER))

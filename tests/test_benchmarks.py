@@ -421,3 +421,16 @@ def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
     values = [float(i % 7) for i in range(18)]  # 17 df: not in the table, 15 df's quantile is used
     d = paired_difference(values, [0.0] * 18)
     assert (d["high"] - d["mean"]) == pytest.approx(T_95[15] * d["std"] / math.sqrt(18))
+
+
+def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
+    """Section 4 runs in its own process: when that process dies of a signal (inductor segfaulted once on the
+    H200), the section records the signal and the other sections' results are still written."""
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "_run_process", lambda command, env, timeout: (-11, "Fatal Python error: Segmentation fault"))
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "sync_debug", "compile", "--output", str(tmp_path)]) == 1
+    sections = json.loads((tmp_path / "gpu_check_tiny.json").read_text())["sections"]
+    assert sections["compile"]["status"] == "error"
+    assert "SIGSEGV" in sections["compile"]["error"] and "Segmentation fault" in sections["compile"]["error"]
+    assert sections["sync_debug"]["status"] == "not applicable"

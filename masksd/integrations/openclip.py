@@ -83,6 +83,11 @@ class OpenCLIPTowers(nn.Module):
                 raise ValueError("pass the model's tokenizer (or special_token_ids) so that SOT/EOT are never candidates")
             special_token_ids = special_ids_of(tokenizer)
         self.special_token_ids = frozenset(int(i) for i in special_token_ids)
+        # on the model's device, so that embed_text copies nothing from the host (gpu_check's sync finding)
+        self.register_buffer(
+            "_special", torch.tensor(sorted(self.special_token_ids), dtype=torch.long, device=self.token_embedding.weight.device),
+            persistent=False,
+        )
         if self.text_pool_type == "eos" and self.text_eos_id is None:
             raise ValueError("clip pools text at 'eos' but has no text_eos_id")
 
@@ -154,7 +159,7 @@ class OpenCLIPTowers(nn.Module):
         # open_clip casts to its blocks' dtype; OpenAI's CLIP to conv1's (its fp16 conversion leaves the embedding fp32)
         cast = self.transformer.get_cast_dtype() if hasattr(self.transformer, "get_cast_dtype") else self.visual.conv1.weight.dtype
         positions = torch.arange(token_ids.shape[1], device=token_ids.device)
-        special = torch.tensor(sorted(self.special_token_ids), dtype=torch.long, device=token_ids.device)
+        special = self._special.to(token_ids.device)  # (S,)
         candidates = (positions < self.pool_index(token_ids)[:, None]) & ~torch.isin(token_ids, special)  # (B, L)
         return Embeddings(self.token_embedding(token_ids).to(cast), candidates=candidates, context=token_ids)
 
