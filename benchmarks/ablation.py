@@ -147,6 +147,14 @@ class Settings:
     eval_scenes: int
     lr: float
     backbone_lr_scale: float
+    best_of: str | None = None
+    """The split whose validation during training (every --eval-every steps) picks each run's ``best.pt``; the run
+    is then scored from best.pt, on its own training scenes too (the generalisation gap). None: from the last step."""
+
+    def record(self) -> dict[str, Any]:
+        """What the runs file stores and compares: every field, less the unset ones (so that files written before
+        a field existed still match)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 def current_numerics() -> dict[str, Any]:
@@ -171,7 +179,7 @@ def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[
         "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
         max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=1, progress=False, overlays=0,
         eval_untrained=False, log_every=50, save_every=250, output=str(folder), resume="auto", eval_every=eval_every,
-        eval_split=s.split, **row.overrides,
+        eval_split=s.best_of or s.split, **row.overrides,
     )
 
 
@@ -215,13 +223,24 @@ def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, 
     start = time.perf_counter()
     result = train(cfg, evaluate_at_end=False)
     seconds = time.perf_counter() - start
+    chosen: dict[str, Any] = {}
+    if s.best_of is not None:  # score the weights that validated best on `best_of`, not the last step's
+        from examples.pipeline.checkpoint import load_checkpoint
+
+        best = load_checkpoint(folder / "best.pt")
+        result.model.load_state_dict(best["model"])
+        curve = read_curve(folder)
+        chosen = {"best_step": max(curve, key=curve.get) if curve else None}
     segmenter = result.model.segmenter
+    if s.best_of is not None:  # the run's own training scenes (the train stream of its seed)
+        chosen["train"] = score(segmenter, "train", min(s.scenes, s.eval_scenes), seed)
     return {
         "seed": seed, "steps": result.steps, "seconds": seconds,
         s.split: score(segmenter, s.split, s.eval_scenes),
         "compositional": score(segmenter, "compositional", s.eval_scenes),
         "guidance_after": guidance(result.model, s.split),
-        "curve": read_curve(folder),  # mIoU on cfg.synthetic_eval_size `split` scenes every --eval-every steps, if asked
+        "curve": read_curve(folder),  # mIoU on cfg.synthetic_eval_size scenes of `best_of or split` every --eval-every steps
+        **chosen,
     }
 
 
@@ -256,6 +275,10 @@ def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> 
                 part: paired_difference([r[part]["mIoU"] for r, _ in paired], [b[part]["mIoU"] for _, b in paired])
                 for part in (split, "compositional")
             }
+        if all("train" in r for r in done):  # scored from best.pt (Settings.best_of): the generalisation gap
+            entry["train"] = mean_std([r["train"]["mIoU"] for r in done])
+            entry["gap"] = mean_std([r["train"]["mIoU"] - r[split]["mIoU"] for r in done])
+            entry["best_step"] = [r["best_step"] for r in done]
         entry["seconds"] = statistics.mean(r["seconds"] for r in done)
         steps = set.intersection(*(set(r.get("curve", {})) for r in done))  # steps every seed logged
         entry["curve"] = {k: statistics.mean(r["curve"][k] for r in done) for k in sorted(steps, key=int)}
@@ -276,12 +299,18 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
 
     header = ["row", "weights", "paper table", f"{split} mIoU", "Δ vs baseline [95 % CI]", "oIoU", "Prec@0.5", "Prec@0.9",
               "compositional mIoU", "Δ compositional [95 % CI]", "seeds", "s / run"]
+    gapped = any("gap" in e for e in summary.values())
+    if gapped:
+        header[-2:-2] = ["train-scene mIoU", f"train − {split}", "best step"]
     lines = []
     for name, e in summary.items():
         vs, n = e.get("vs_baseline", {}), len(e["seeds"])
-        lines.append([name, e["premise"], rows[name].table, pm(e[split]["mIoU"], n), diff(vs.get(split)), pm(e[split]["oIoU"], n),
-                      pm(e[split]["Prec@0.5"], n), pm(e[split]["Prec@0.9"], n), pm(e["compositional"]["mIoU"], n),
-                      diff(vs.get("compositional")), len(e["seeds"]), f"{e['seconds']:.0f}"])
+        line = [name, e["premise"], rows[name].table, pm(e[split]["mIoU"], n), diff(vs.get(split)), pm(e[split]["oIoU"], n),
+                pm(e[split]["Prec@0.5"], n), pm(e[split]["Prec@0.9"], n), pm(e["compositional"]["mIoU"], n),
+                diff(vs.get("compositional")), len(e["seeds"]), f"{e['seconds']:.0f}"]
+        if gapped:
+            line[-2:-2] = ([pm(e["train"], n), pm(e["gap"], n), ", ".join(str(b) for b in e["best_step"])] if "gap" in e else ["—"] * 3)
+        lines.append(line)
     g_lines = []
     for premise, g in initial.items():
         for name, e in summary.items():
@@ -295,15 +324,19 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
 
     curves = {name: e["curve"] for name, e in summary.items() if e.get("curve")}
     steps = sorted({k for c in curves.values() for k in c}, key=int)
+    curve_split = s.best_of or split
     curve_text = (
-        f"\n\nMain-branch mIoU on {TrainConfig().synthetic_eval_size} `{split}` scenes during training (mean over seeds), by step:\n\n"
+        f"\n\nMain-branch mIoU on {TrainConfig().synthetic_eval_size} `{curve_split}` scenes during training (mean over seeds), by step:\n\n"
         + markdown_table(["row", *steps], [[name, *(f"{c[k]:.2f}" if k in c else "—" for k in steps)] for name, c in curves.items()])
         if curves else ""
     )
     return (
         f"Tiny CRIS-style model, {s.steps} steps of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
         f"{s.scenes} training scenes; scored on {s.eval_scenes} `{split}` and {s.eval_scenes} `compositional` scenes "
-        f"(the same for every run); mean ± sample std over seeds; Δ: paired difference to the baseline of the same "
+        f"(the same for every run)"
+        + (f", each run from its best.pt (the step whose main-branch mIoU on {TrainConfig().synthetic_eval_size} `{s.best_of}` "
+           f"scenes was highest; train-scene mIoU on its first {min(s.scenes, s.eval_scenes)} training scenes)" if s.best_of else "")
+        + f"; mean ± sample std over seeds; Δ: paired difference to the baseline of the same "
         f"weights, mean [95 % t-interval]; {minutes:.0f} min of runs in all (wall time per run in the last column).\n\n"
         + markdown_table(header, lines)
         + "\n\nLMVSD guidance (masksd.guidance, 512 scenes, K = 0.5) before fine-tuning and after it, per row "
@@ -361,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help=f"also score the main branch on {demo.synthetic_eval_size} --split scenes every N steps of each run (eval_log.csv; "
                         "the report's curve table shows whether the baseline has plateaued); training is unchanged")
+    parser.add_argument("--best-of", choices=("val", "test"),
+                        help="score each run from its best.pt, the checkpoint whose --eval-every validation on this split was "
+                        "highest (another split than --split), and on its own training scenes too (the generalisation gap)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for every run (default 1, what the stored tables used): the thread count "
                         "changes how reductions round, so runs pair exactly only at one count on one kind of machine")
@@ -385,11 +421,16 @@ def main(argv: list[str] | None = None) -> None:
         path = SHIPPED_WEIGHTS[premises[premise]][1] if premises[premise] in SHIPPED_WEIGHTS else premises[premise]
         if not Path(path).is_file():
             parser.error(f"--{premise}: the {premise} weights {path} do not exist (see examples/pretrain_clip.py)")
-    settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale)
+    if args.best_of is not None:
+        if args.best_of == args.split:
+            parser.error(f"--best-of: the split that picks best.pt must not be the reported --split ({args.split}); use the other")
+        if args.eval_every < 1:
+            parser.error("--best-of needs --eval-every N (N >= 1): best.pt is kept from those validations")
+    settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale, args.best_of)
     tag = args.tag or args.mode
     store = RESULTS / f"ablation_{tag}_runs.json"
     saved = json.loads(store.read_text()) if store.is_file() else {}
-    if saved and saved.get("settings") != settings.__dict__:
+    if saved and saved.get("settings") != settings.record():
         parser.error(f"{store} holds runs with other settings {saved.get('settings')}: pass another --tag or delete it")
     runs: dict[str, list[dict]] = saved.get("runs", {})
     initial: dict[str, dict] = saved.get("initial", {})
@@ -413,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     def keep() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(".tmp")
-        stored = {"settings": settings.__dict__, "numerics": numerics, "runs": runs, "initial": initial}
+        stored = {"settings": settings.record(), "numerics": numerics, "runs": runs, "initial": initial}
         tmp.write_text(json.dumps({k: v for k, v in stored.items() if v is not None}, indent=1))
         tmp.replace(store)
 
@@ -445,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(summary, args.split, png)
     markdown += f"\n\n![mIoU per row]({png.name})"
     command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = write_results(f"ablation_{tag}", markdown, {"settings": settings.__dict__, "summary": summary, "initial": initial,
+    paths = write_results(f"ablation_{tag}", markdown, {"settings": settings.record(), "summary": summary, "initial": initial,
                                                          "rows": {n: r.__dict__ for n, r in rows.items()}}, command)
     print(f"wrote {paths[0]}, {paths[1]} and {png}")
 

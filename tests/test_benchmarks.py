@@ -324,7 +324,7 @@ def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkey
     settings = ablation.Settings(steps=500, scenes=16000, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0)
     metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
     run = {"seed": 0, "val": metrics, "compositional": metrics, "seconds": 60.0, "guidance_after": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}
-    store = {"settings": settings.__dict__, "runs": {"baseline": [run]}, "initial": {"region": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}}
+    store = {"settings": settings.record(), "runs": {"baseline": [run]}, "initial": {"region": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}}
     (tmp_path / "ablation_t_runs.json").write_text(json.dumps(store))
     ablation.main(["--report", "--tag", "t", "--only", "baseline", "CM-MaskSD"])
     text = (tmp_path / "ablation_t.md").read_text()
@@ -434,3 +434,48 @@ def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
     assert sections["compile"]["status"] == "error"
     assert "SIGSEGV" in sections["compile"]["error"] and "Segmentation fault" in sections["compile"]["error"]
     assert sections["sync_debug"]["status"] == "not applicable"
+
+
+def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_path, monkeypatch):
+    """--best-of: the runs validate on another split than the reported one, are scored from best.pt, and the
+    table gains their training-scene mIoU and generalisation gap; stores without the field still match."""
+    import ablation
+    from ablation import Row, Settings, render, summarise, train_config
+
+    plain = Settings(500, 16000, "val", 2000, 2e-3, 1.0)
+    assert "best_of" not in plain.record()  # runs files written before --best-of existed still match
+    chosen = Settings(500, 300, "val", 2000, 2e-3, 1.0, best_of="test")
+    assert chosen.record()["best_of"] == "test"
+    cfg = train_config(Row("scratch", ""), 1, chosen, tmp_path, {"scratch": None}, 50)
+    assert (cfg.eval_split, cfg.eval_every, cfg.synthetic_train_size) == ("test", 50, 300)
+
+    def run(seed, train, val):
+        metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
+        return {"seed": seed, "val": metrics(val), "compositional": metrics(val - 5), "train": metrics(train),
+                "best_step": str(100 * (seed + 1)), "seconds": 1.0, "guidance_after": {}}
+
+    rows = {"baseline": Row("region", "II", {"baseline": True}), "CM-MaskSD": Row("region", "II")}
+    runs = {"baseline": [run(0, 80.0, 60.0), run(1, 84.0, 62.0)], "CM-MaskSD": [run(0, 70.0, 61.0), run(1, 72.0, 64.0)]}
+    summary = summarise(rows, runs, "val")
+    assert summary["baseline"]["gap"][0] == pytest.approx(21.0) and summary["CM-MaskSD"]["gap"][0] == pytest.approx(8.5)
+    text = render(rows, summary, {}, "val", chosen, 1.0)
+    assert "| 82.00 ± 2.83 | 21.00 ± 1.41 | 100, 200 |" in text and "best.pt" in text and "`test` scenes" in text
+    for args, message in ((["--best-of", "val"], "must not be the reported"), (["--best-of", "test"], "needs --eval-every")):
+        with pytest.raises(SystemExit):
+            ablation.main(["--tag", "never", "--only", "baseline", *args])
+
+
+def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
+    """A 4-step run validating on `test` every 2 steps: its scores are those of best.pt's weights, not the last step's."""
+    import torch
+    from ablation import Row, Settings, run_one, score
+
+    from examples.pipeline.factory import load_segmenter
+
+    torch.manual_seed(0)
+    s = Settings(steps=4, scenes=32, split="val", eval_scenes=8, lr=2e-2, backbone_lr_scale=1.0, best_of="test")
+    run = run_one(Row("scratch", "", {"baseline": True}), 0, s, tmp_path, {"scratch": None}, eval_every=2)
+    assert set(run["curve"]) == {"2", "4"} and run["best_step"] == max(run["curve"], key=run["curve"].get)
+    best, _ = load_segmenter(tmp_path / "best.pt")
+    assert run["val"] == score(best, "val", 8) and run["train"] == score(best, "train", 8, seed=0)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == int(run["best_step"])

@@ -282,3 +282,12 @@ def test_generalisation_gap_scores_each_stored_run_on_its_training_scenes(finish
     assert {k: runs["CM-MaskSD"]["3"][k] for k in expected} == pytest.approx(expected)  # train scenes from the run's seed
     with pytest.raises(SystemExit):
         generalisation_gap.main(["--work", str(tmp_path / "work"), "--tag", "t", "--rows", "baseline"])
+    # more scenes than the run trained on (64): `train` is its 64 scenes alone; `test` on request
+    generalisation_gap.main(["--work", str(tmp_path / "work"), "--tag", "t", "--rows", "CM-MaskSD", "--scenes", "80",
+                             "--splits", "train", "test"])
+    scores = json.loads((tmp_path / "generalisation_gap_t.json").read_text())["runs"]["CM-MaskSD"]["3"]
+    assert scores == pytest.approx({"train": ablation.score(segmenter, "train", 64, seed=3)["mIoU"],
+                                    "test": ablation.score(segmenter, "test", 80)["mIoU"]})
+    assert "train − val" not in (tmp_path / "generalisation_gap_t.md").read_text()
+    with pytest.raises(SystemExit):  # no best.pt: the run validated never
+        generalisation_gap.main(["--work", str(tmp_path / "work"), "--tag", "t", "--rows", "CM-MaskSD", "--checkpoint", "best"])
