@@ -29,14 +29,13 @@ import csv
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import RESULTS, machine, markdown_table, write_results
+from common import RESULTS, command_line, machine, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.pipeline.config import masksd_preset
 
@@ -485,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     png = RESULTS / f"ablation_{tag}.png"
     plot(summary, args.split, png)
     markdown += f"\n\n![mIoU per row]({png.name})"
-    command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("benchmarks/ablation.py", argv)
     paths = write_results(f"ablation_{tag}", markdown, {"settings": settings.record(), "summary": summary, "initial": initial,
                                                          "rows": {n: r.__dict__ for n, r in rows.items()}}, command)
     print(f"wrote {paths[0]}, {paths[1]} and {png}")

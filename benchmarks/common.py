@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +94,8 @@ def machine() -> dict[str, Any]:
 
 
 def _nccl_version() -> str | None:
+    import torch
+
     try:
         version = torch.cuda.nccl.version()  # (major, minor, patch) in recent torch, an int in older ones
     except Exception:  # a build without NCCL
@@ -106,6 +109,12 @@ def machine_line(info: dict[str, Any]) -> str:
         f"{info['cpu']}, {info['torch_threads']} torch threads, {device}; Python {info['python']}, "
         f"torch {info['torch']}, open_clip {info['open_clip']}; {info['date']}"
     )
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How to type the command that ran ``script`` with ``argv`` (default: this process's): quoted for a shell,
+    so that row names with spaces and commas survive being copied from a results file."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_results(

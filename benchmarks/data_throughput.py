@@ -13,14 +13,13 @@ benchmarks/results/data_throughput.{md,json} with the command and the machine.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import markdown_table, write_results
+from common import command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(header, rows)
     )
     print(markdown)
-    command = "python benchmarks/data_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("benchmarks/data_throughput.py", argv)
     paths = write_results("data_throughput", markdown, {"batch_size": args.batch_size, "images_per_s": data}, command)
     print(f"wrote {paths[0]} and {paths[1]}")
 

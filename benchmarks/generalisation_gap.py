@@ -16,11 +16,10 @@ its training data. Writes benchmarks/results/generalisation_gap_<tag>.{md,json}.
 from __future__ import annotations
 
 import statistics
-import sys
 
 import common  # noqa: F401  (puts the repository on sys.path)
 from ablation import run_folder, score
-from common import markdown_table, write_results
+from common import command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 
 SPLITS = ("train", "val", "compositional")
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(["row", "seeds", *splits, *(name for name, _ in gaps)], lines)
     )
     print("\n" + markdown)
-    command = "python benchmarks/generalisation_gap.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("benchmarks/generalisation_gap.py", argv)
     paths = write_results(f"generalisation_gap_{args.tag}", markdown, {"scenes": args.scenes, "runs": results}, command)
     print(f"wrote {paths[0]} and {paths[1]}")
 

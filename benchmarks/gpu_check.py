@@ -34,7 +34,6 @@ if __name__ == "__main__":  # before torch starts CUDA: fewer fragmentation OOMs
 import argparse
 import contextlib
 import csv
-import dataclasses
 import gc
 import json
 import shlex
@@ -119,7 +118,7 @@ class Plan:
     """torch.compile backend of section 4."""
     threads: int | None = None
     """torch CPU threads here and in the torchrun run; None leaves torch's default."""
-    tiny: bool = False
+    stand_in: bool = False
     """The --tiny stand-in (passed on to section 4's process)."""
 
     @classmethod
@@ -139,7 +138,7 @@ class Plan:
             warmup=1, rounds=1, amp="bf16" if device.type == "cuda" else "none", steps=3, eval_size=8, workers=0,
             compile_backend=compile_backend or "eager",  # dynamo's capture without codegen: inductor takes minutes on a CPU
             threads=1 if device.type == "cpu" else None,  # the tiny model gains nothing from more; a shared CPU loses a lot
-            tiny=True,
+            stand_in=True,
         )
 
     def train_args(self, device: torch.device, output: Path) -> list[str]:
@@ -437,7 +436,7 @@ class GpuCheck:
             command = [sys.executable, str(Path(__file__).resolve()), "--only", "compile", COMPILE_HERE,
                        "--device", self.device.type, "--output", tmp, "--compile-backend", self.plan.compile_backend,
                        "--budget", f"{max(MIN_SECTION_S, end - time.perf_counter() - 2):.0f}"]
-            if self.plan.tiny:
+            if self.plan.stand_in:
                 command.append("--tiny")
             self.log(f"compile: in its own process ({self.plan.compile_backend})")
             returncode, output = _run_process(command, {**os.environ, "PYTHONFAULTHANDLER": "1"}, end - time.perf_counter())

@@ -13,12 +13,11 @@ drawn; their positions do not change the count). Writes benchmarks/results/param
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import TABLE_VII, count_flops, markdown_table, write_results
+from common import TABLE_VII, command_line, count_flops, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from cris_summary import PAPER, PAPER_MASKSD_PARAMS_M
 from examples.cris import CRIS, CRISConfig
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = f"# Parameters and FLOPs per MaskSD variant (Tables II and VII)\n\n{table}\n{notes}"
     print(markdown)
     name = "params_flops_tiny" if args.tiny else f"params_flops_{args.model}_{args.size}"
-    paths = write_results(name, markdown, data, "python benchmarks/params_flops.py " + " ".join(argv or sys.argv[1:]))
+    paths = write_results(name, markdown, data, command_line("benchmarks/params_flops.py", argv))
     print(f"wrote {paths[0]} and {paths[1]}")
 
 

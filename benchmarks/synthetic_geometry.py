@@ -12,13 +12,12 @@ benchmarks/results/synthetic_geometry.{md,json}.
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import markdown_table, write_results
+from common import command_line, markdown_table, write_results
 from examples.pipeline.cli import run_script
 from masksd.data import SyntheticConfig, SyntheticReferDataset
 from masksd.data.synthetic import RELATIONS
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = f"# The referent's size in the synthetic scenes\n\n{SCENES} `val` scenes at 64 px.\n\n" + markdown_table(header, rows)
     print(markdown)
     write_results("synthetic_geometry", markdown, {"scenes": SCENES, "geometries": data},
-                  "python benchmarks/synthetic_geometry.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                  command_line("benchmarks/synthetic_geometry.py", argv))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import get_args
@@ -25,7 +24,7 @@ from typing import get_args
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import TABLE_VII, count_flops, markdown_table, write_results
+from common import TABLE_VII, command_line, count_flops, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.cris import CRIS, CRISConfig
 from examples.pipeline.distributed import Device, resolve_device
@@ -284,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(markdown)
     label = f"train_step_{device.type}_{cris.model_name}_{cris.image_size}" + (f"_{args.amp}" if args.amp != "none" else "")
-    command = "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("benchmarks/train_step.py", argv)
     paths = write_results(label, markdown, {"batch": args.batch, "amp": args.amp, "variants": data}, command)
     print(f"wrote {paths[0]} and {paths[1]}")
 

@@ -16,13 +16,12 @@ Writes benchmarks/results/vmlsd_masking.{md,json}.
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import markdown_table, write_results
+from common import command_line, markdown_table, write_results
 from examples.pipeline.cli import run_script
 from examples.cris import CRIS, CRISConfig
 from masksd.config import PAPER_BRANCHES
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = f"# How often VMLSD masks a word\n\n{SAMPLES} sentences per source.\n\n{table}"
     print(markdown)
     write_results("vmlsd_masking", markdown, {"samples": SAMPLES, "sources": data},
-                  "python benchmarks/vmlsd_masking.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                  command_line("benchmarks/vmlsd_masking.py", argv))
 
 
 if __name__ == "__main__":

@@ -479,3 +479,21 @@ def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
     best, _ = load_segmenter(tmp_path / "best.pt")
     assert run["val"] == score(best, "val", 8) and run["train"] == score(best, "train", 8, seed=0)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == int(run["best_step"])
+
+
+def test_gpu_check_plans_say_which_is_the_cpu_stand_in():
+    """Section 4's child process gets --tiny only from the stand-in plan (a field once shadowed by Plan.tiny)."""
+    import gpu_check
+    import torch
+
+    assert gpu_check.Plan.gpu().stand_in is False and gpu_check.Plan.gpu().small.model_name == "ViT-B-16"
+    assert gpu_check.Plan.tiny(torch.device("cpu")).stand_in is True
+
+
+def test_results_commands_are_quoted_for_a_shell():
+    import shlex
+
+    from common import command_line
+
+    line = command_line("benchmarks/ablation.py", ["--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"])
+    assert shlex.split(line) == ["python", "benchmarks/ablation.py", "--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"]
