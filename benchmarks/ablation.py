@@ -368,6 +368,32 @@ def plot(summary: dict, split: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(summary: dict, split: str, path: Path) -> bool:
+    """The main branch's validation mIoU by step, mean over seeds, one line per row with a curve; False
+    (and no file) when no row has one."""
+    curves = {name: e["curve"] for name, e in summary.items() if e.get("curve")}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, curve in curves.items():
+        steps = sorted(curve, key=int)
+        ax.plot([int(k) for k in steps], [curve[k] for k in steps], marker="o", label=name,
+                color="#888888" if name.startswith("baseline") else None)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(f"mIoU on `{split}` (%)")
+    ax.set_title("validation during training (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = ScriptParser(description=__doc__.split("\n\n")[0])
@@ -484,6 +510,9 @@ def main(argv: list[str] | None = None) -> None:
     png = RESULTS / f"ablation_{tag}.png"
     plot(summary, args.split, png)
     markdown += f"\n\n![mIoU per row]({png.name})"
+    curves_png = RESULTS / f"ablation_{tag}_curves.png"
+    if plot_curves(summary, settings.best_of or args.split, curves_png):
+        markdown += f"\n\n![validation during training]({curves_png.name})"
     command = command_line("benchmarks/ablation.py", argv)
     paths = write_results(f"ablation_{tag}", markdown, {"settings": settings.record(), "summary": summary, "initial": initial,
                                                          "rows": {n: r.__dict__ for n, r in rows.items()}}, command)

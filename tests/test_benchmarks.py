@@ -497,3 +497,12 @@ def test_results_commands_are_quoted_for_a_shell():
 
     line = command_line("benchmarks/ablation.py", ["--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"])
     assert shlex.split(line) == ["python", "benchmarks/ablation.py", "--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"]
+
+
+def test_ablation_curves_plot_only_rows_with_curves(tmp_path):
+    from ablation import plot_curves
+
+    assert not plot_curves({"baseline": {"curve": {}}}, "test", tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert plot_curves({"baseline": {"curve": {"40": 3.0, "80": 11.5}}, "CM-MaskSD": {}}, "test", tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
