@@ -506,3 +506,50 @@ def test_ablation_curves_plot_only_rows_with_curves(tmp_path):
     assert not (tmp_path / "none.png").exists()
     assert plot_curves({"baseline": {"curve": {"40": 3.0, "80": 11.5}}, "CM-MaskSD": {}}, "test", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def _regime_store(scenes, pairs, steps=400, numerics="n"):
+    """An ablation runs file with baseline and CM-MaskSD runs: pairs = [(seed, (train, val, comp) baseline, (...) CM-MaskSD)]."""
+    def run(seed, train, val, comp):
+        m = lambda x: {"mIoU": x, "oIoU": x, "Prec@0.5": x, "Prec@0.7": x, "Prec@0.9": x}  # noqa: E731
+        return {"seed": seed, "train": m(train), "val": m(val), "compositional": m(comp)}
+
+    settings = {"steps": steps, "scenes": scenes, "split": "val", "eval_scenes": 2000, "lr": 2e-3, "backbone_lr_scale": 1.0,
+                "best_of": "test"}
+    return {"settings": settings, "numerics": numerics,
+            "runs": {"baseline": [run(s, *b) for s, b, _ in pairs], "CM-MaskSD": [run(s, *c) for s, _, c in pairs]}}
+
+
+def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
+    import common
+    import regime_map
+
+    small = _regime_store(200, [(0, (80, 30, 28), (70, 33, 29)), (1, (82, 34, 30), (71, 35, 30)), (2, (78, 32, 29), (69, 32, 31))])
+    row = regime_map.size_row(200, small)
+    assert row["seeds"] == [0, 1, 2] and row["baseline"][0] == pytest.approx(32.0)
+    assert row["gap"][0] == pytest.approx(48.0) and row["masksd_gap"][0] == pytest.approx((37 + 36 + 37) / 3)
+    gain = row["gain"]["val"]  # differences 3, 1, 0
+    assert gain["mean"] == pytest.approx(4 / 3) and gain["n"] == 3
+    assert gain["high"] - gain["mean"] == pytest.approx(4.303 * math.sqrt(7 / 3) / math.sqrt(3))
+    assert row["gain"]["compositional"]["mean"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no seed has both"):
+        regime_map.size_row(300, {"settings": small["settings"], "runs": {"baseline": small["runs"]["baseline"]}})
+    with pytest.raises(ValueError, match="differ in \\['steps'\\]"):
+        regime_map.check_comparable({200: ("a", small), 1000: ("b", _regime_store(1000, [], steps=500))})
+    with pytest.raises(ValueError, match="not 300"):
+        regime_map.check_comparable({300: ("a", small)})
+    with pytest.raises(ValueError, match="numerics"):
+        regime_map.check_comparable({200: ("a", small), 1000: ("b", _regime_store(1000, [], numerics="other"))})
+
+    monkeypatch.setattr(regime_map, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "ablation_overfit_runs.json").write_text(json.dumps(small))
+    big = _regime_store(1000, [(0, (50, 45, 40), (48, 44, 41)), (1, (52, 47, 42), (50, 45, 41))])
+    (tmp_path / "ablation_regime_1000_runs.json").write_text(json.dumps(big))
+    regime_map.main(["--sizes", "1000", "--also", "200=overfit", "--report"])
+    text = (tmp_path / "regime_map.md").read_text()
+    assert "| 200 | 3 | 32.00 ± 2.00 | +48.00 ± 2.00 |" in text and "| 1,000 | 2 | 46.00 ± 1.41 | +5.00 ± 0.00 |" in text
+    assert (tmp_path / "regime_map.png").is_file()
+    for bad in (["--also", "overfit"], ["--sizes", "16"], ["--sizes", "3000", "--report"]):
+        with pytest.raises(SystemExit):
+            regime_map.main(bad + (["--report"] if "--report" not in bad else []))
