@@ -279,6 +279,7 @@ def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> 
             entry["gap"] = mean_std([r["train"]["mIoU"] - r[split]["mIoU"] for r in done])
             entry["best_step"] = [r["best_step"] for r in done]
         entry["seconds"] = statistics.mean(r["seconds"] for r in done)
+        entry["steps_taken"] = sorted({r["steps"] for r in done if "steps" in r})
         steps = set.intersection(*(set(r.get("curve", {})) for r in done))  # steps every seed logged
         entry["curve"] = {k: statistics.mean(r["curve"][k] for r in done) for k in sorted(steps, key=int)}
         summary[name] = entry
@@ -329,8 +330,11 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
         + markdown_table(["row", *steps], [[name, *(f"{c[k]:.2f}" if k in c else "—" for k in steps)] for name, c in curves.items()])
         if curves else ""
     )
+    taken = sorted({n for e in summary.values() for n in e.get("steps_taken", [])})
+    step_text = f"{s.steps} steps" if taken in ([], [s.steps]) else (
+        f"{s.steps} steps ({', '.join(map(str, taken))} taken: whole epochs of full batches)")
     return (
-        f"Tiny CRIS-style model, {s.steps} steps of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
+        f"Tiny CRIS-style model, {step_text} of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
         f"{s.scenes} training scenes; scored on {s.eval_scenes} `{split}` and {s.eval_scenes} `compositional` scenes "
         f"(the same for every run)"
         + (f", each run from its best.pt (the step whose main-branch mIoU on {TrainConfig().synthetic_eval_size} `{s.best_of}` "
@@ -506,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = summarise(rows, runs, args.split)
     markdown = f"# Ablations on synthetic referring scenes ({tag})\n\n" + render(rows, summary, initial, args.split, settings, minutes)
+    if numerics:  # the machine line below is where the table was written, perhaps only rendered (--report)
+        markdown += "\n\nRuns made under: " + ", ".join(f"{k} {v}" for k, v in numerics.items()) + "."
     print("\n" + markdown)
     png = RESULTS / f"ablation_{tag}.png"
     plot(summary, args.split, png)

@@ -452,7 +452,7 @@ def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_pat
     def run(seed, train, val):
         metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
         return {"seed": seed, "val": metrics(val), "compositional": metrics(val - 5), "train": metrics(train),
-                "best_step": str(100 * (seed + 1)), "seconds": 1.0, "guidance_after": {}}
+                "best_step": str(100 * (seed + 1)), "seconds": 1.0, "guidance_after": {}, "steps": 384}
 
     rows = {"baseline": Row("region", "II", {"baseline": True}), "CM-MaskSD": Row("region", "II")}
     runs = {"baseline": [run(0, 80.0, 60.0), run(1, 84.0, 62.0)], "CM-MaskSD": [run(0, 70.0, 61.0), run(1, 72.0, 64.0)]}
@@ -460,6 +460,7 @@ def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_pat
     assert summary["baseline"]["gap"][0] == pytest.approx(21.0) and summary["CM-MaskSD"]["gap"][0] == pytest.approx(8.5)
     text = render(rows, summary, {}, "val", chosen, 1.0)
     assert "| 82.00 ± 2.83 | 21.00 ± 1.41 | 100, 200 |" in text and "best.pt" in text and "`test` scenes" in text
+    assert "500 steps (384 taken: whole epochs of full batches)" in text
     for args, message in ((["--best-of", "val"], "must not be the reported"), (["--best-of", "test"], "needs --eval-every")):
         with pytest.raises(SystemExit):
             ablation.main(["--tag", "never", "--only", "baseline", *args])
