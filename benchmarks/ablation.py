@@ -149,6 +149,8 @@ class Settings:
     best_of: str | None = None
     """The split whose validation during training (every --eval-every steps) picks each run's ``best.pt``; the run
     is then scored from best.pt, on its own training scenes too (the generalisation gap). None: from the last step."""
+    eval_every: int | None = None
+    """With ``best_of``: the validation interval, which decides the candidates for best.pt (None otherwise)."""
 
     def record(self) -> dict[str, Any]:
         """What the runs file stores and compares: every field, less the unset ones (so that files written before
@@ -228,8 +230,7 @@ def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, 
 
         best = load_checkpoint(folder / "best.pt")
         result.model.load_state_dict(best["model"])
-        curve = read_curve(folder)
-        chosen = {"best_step": max(curve, key=curve.get) if curve else None}
+        chosen = {"best_step": str(best["best"]["step"])}  # the checkpoint's own record (a resume may have trimmed the log)
     segmenter = result.model.segmenter
     if s.best_of is not None:  # the run's own training scenes (the train stream of its seed)
         chosen["train"] = score(segmenter, "train", min(s.scenes, s.eval_scenes), seed)
@@ -455,12 +456,20 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--best-of: the split that picks best.pt must not be the reported --split ({args.split}); use the other")
         if args.eval_every < 1:
             parser.error("--best-of needs --eval-every N (N >= 1): best.pt is kept from those validations")
-    settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale, args.best_of)
+        from examples.pipeline.config import TrainConfig
+
+        batches = args.scenes // TrainConfig().batch_size  # full batches an epoch
+        taken = min(args.steps, math.ceil(args.steps * TrainConfig().batch_size / args.scenes) * batches)
+        if args.eval_every > taken:
+            parser.error(f"--eval-every {args.eval_every} exceeds the {taken} steps a run takes: no validation would keep a best.pt")
+    settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale, args.best_of,
+                        args.eval_every if args.best_of else None)
     tag = args.tag or args.mode
     store = RESULTS / f"ablation_{tag}_runs.json"
     saved = json.loads(store.read_text()) if store.is_file() else {}
     if saved and saved.get("settings") != settings.record():
-        parser.error(f"{store} holds runs with other settings {saved.get('settings')}: pass another --tag or delete it")
+        parser.error(f"{store} holds runs with other settings {saved.get('settings')}: pass another --tag, or delete it and the "
+                     f"runs' folder {Path(args.work) / tag} (its checkpoints would be resumed)")
     runs: dict[str, list[dict]] = saved.get("runs", {})
     initial: dict[str, dict] = saved.get("initial", {})
     numerics = saved.get("numerics")

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=2000, help="scenes per split")
     parser.add_argument("--splits", nargs="+", choices=("train", "val", "test", "compositional"), default=list(SPLITS))
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last", help="score last.pt or best.pt")
-    parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: every seed with a last.pt; while the ablation runs, name the finished ones)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: every seed with a --checkpoint file; while the ablation runs, name the finished ones)")
     args = parser.parse_args(argv)
     splits = list(dict.fromkeys(args.splits))
     from examples.pipeline.factory import load_segmenter

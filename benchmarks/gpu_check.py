@@ -82,6 +82,8 @@ OOM_MESSAGES = ("out of memory", "ALLOC_FAILED")
 """What cuBLAS/cuDNN workspace allocations that fail near the limit say (plain RuntimeErrors)."""
 WORKER = "--torchrun-worker"
 """Hidden first argument: this script as the process torchrun starts in section 3."""
+CHILD_START_S = 30
+"""Seconds section 4's process is given for importing torch and starting CUDA before its own clock starts."""
 COMPILE_HERE = "--compile-in-this-process"
 """Hidden flag: run section 4 inline. Without it section 4 runs in a child process (this script with
 ``--only compile`` and this flag), because inductor once segfaulted on the H200 after sections 1-3 had run
@@ -435,11 +437,15 @@ class GpuCheck:
         with tempfile.TemporaryDirectory(prefix="gpu_check_compile_") as tmp:
             command = [sys.executable, str(Path(__file__).resolve()), "--only", "compile", COMPILE_HERE,
                        "--device", self.device.type, "--output", tmp, "--compile-backend", self.plan.compile_backend,
-                       "--budget", f"{max(MIN_SECTION_S, end - time.perf_counter() - 2):.0f}"]
+                       "--budget", f"{max(MIN_SECTION_S, end - time.perf_counter() - CHILD_START_S):.0f}"]
             if self.plan.stand_in:
                 command.append("--tiny")
             self.log(f"compile: in its own process ({self.plan.compile_backend})")
-            returncode, output = _run_process(command, {**os.environ, "PYTHONFAULTHANDLER": "1"}, end - time.perf_counter())
+            try:
+                returncode, output = _run_process(command, {**os.environ, "PYTHONFAULTHANDLER": "1"}, end - time.perf_counter() - 2)
+            except subprocess.TimeoutExpired as stop:  # killed: keep what it printed
+                printed = stop.output.decode(errors="replace") if isinstance(stop.output, bytes) else (stop.output or "")
+                raise SectionTimeout(f"section 4's process ran past its budget; its output ends:\n{printed[-3000:]}") from None
             for line in output.splitlines():
                 print(f"    | {line}", flush=True)
             if returncode < 0:

@@ -27,7 +27,7 @@ from examples.pipeline.cli import ScriptParser, run_script
 
 ROWS = ("baseline", "CM-MaskSD")
 """The two rows every size runs."""
-SHARED = ("steps", "split", "eval_scenes", "lr", "backbone_lr_scale", "best_of")
+SHARED = ("steps", "split", "eval_scenes", "lr", "backbone_lr_scale", "best_of", "eval_every")
 """Settings every size's table must share (only ``scenes`` differs)."""
 
 
@@ -44,6 +44,7 @@ def size_row(size: int, store: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"size {size}: its runs were not scored on their training scenes (ablation.py --best-of)")
     return {
         "size": size, "seeds": seeds, "split": split,
+        "steps_taken": sorted({r["steps"] for r in (*base.values(), *ours.values()) if "steps" in r}),
         "baseline": mean_std([base[s][split]["mIoU"] for s in seeds]),
         "gap": mean_std([base[s]["train"]["mIoU"] - base[s][split]["mIoU"] for s in seeds]),
         "masksd_gap": mean_std([ours[s]["train"]["mIoU"] - ours[s][split]["mIoU"] for s in seeds]),
@@ -71,10 +72,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else f"{d['mean']:+.2f} (one pair)"
 
     split = rows[0]["split"]
-    lines = [[f"{r['size']:,}", len(r["seeds"]), f"{r['baseline'][0]:.2f} ± {r['baseline'][1]:.2f}",
+    lines = [[f"{r['size']:,}", ", ".join(map(str, r["steps_taken"])) or "—", len(r["seeds"]), f"{r['baseline'][0]:.2f} ± {r['baseline'][1]:.2f}",
               f"{r['gap'][0]:+.2f} ± {r['gap'][1]:.2f}", f"{r['masksd_gap'][0]:+.2f}", ci(r["gain"][split]),
               ci(r["gain"]["compositional"])] for r in rows]
-    return markdown_table(["training scenes", "seeds", f"baseline {split} mIoU", f"baseline gap (train − {split})",
+    return markdown_table(["training scenes", "steps taken", "seeds", f"baseline {split} mIoU", f"baseline gap (train − {split})",
                            "CM-MaskSD gap", f"CM-MaskSD − baseline, {split} [95 % CI]", "CM-MaskSD − baseline, compositional [95 % CI]"],
                           lines)
 
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = next(iter(stores.values()))[1]["settings"]
     markdown = (
         "# Where does MaskSD help? The gain against the training-set size\n\n"
-        f"Tiny CRIS-style model from the region-aligned CLIP, {settings['steps']} optimiser steps of batch 32 at every size, "
+        f"Tiny CRIS-style model from the region-aligned CLIP, at most {settings['steps']} optimiser steps of batch 32 at every size "
+        "(whole epochs of full batches: a small set may take a few less, see the steps column), "
         f"each run scored from its best `{settings.get('best_of')}` checkpoint on {settings['eval_scenes']} `{settings['split']}` "
         "and compositional scenes and on its own training scenes; seeds paired within each size; tables: "
         + ", ".join(f"`ablation_{tag}`" for tag, _ in stores.values()) + ".\n\n" + render(rows)

@@ -436,7 +436,7 @@ def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
     assert sections["sync_debug"]["status"] == "not applicable"
 
 
-def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_path, monkeypatch):
+def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_path, monkeypatch, capsys):
     """--best-of: the runs validate on another split than the reported one, are scored from best.pt, and the
     table gains their training-scene mIoU and generalisation gap; stores without the field still match."""
     import ablation
@@ -461,9 +461,12 @@ def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_pat
     text = render(rows, summary, {}, "val", chosen, 1.0)
     assert "| 82.00 ± 2.83 | 21.00 ± 1.41 | 100, 200 |" in text and "best.pt" in text and "`test` scenes" in text
     assert "500 steps (384 taken: whole epochs of full batches)" in text
-    for args, message in ((["--best-of", "val"], "must not be the reported"), (["--best-of", "test"], "needs --eval-every")):
+    assert Settings(400, 200, "val", 2000, 2e-3, 1.0, "test", 40).record()["eval_every"] == 40  # it picks the candidates
+    for args, message in ((["--best-of", "val"], "must not be the reported"), (["--best-of", "test"], "needs --eval-every"),
+                          (["--best-of", "test", "--eval-every", "390", "--scenes", "200", "--steps", "400"], "exceeds the 384 steps")):
         with pytest.raises(SystemExit):
             ablation.main(["--tag", "never", "--only", "baseline", *args])
+        assert message in capsys.readouterr().err
 
 
 def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
@@ -516,7 +519,7 @@ def _regime_store(scenes, pairs, steps=400, numerics="n"):
         return {"seed": seed, "train": m(train), "val": m(val), "compositional": m(comp)}
 
     settings = {"steps": steps, "scenes": scenes, "split": "val", "eval_scenes": 2000, "lr": 2e-3, "backbone_lr_scale": 1.0,
-                "best_of": "test"}
+                "best_of": "test", "eval_every": 40}
     return {"settings": settings, "numerics": numerics,
             "runs": {"baseline": [run(s, *b) for s, b, _ in pairs], "CM-MaskSD": [run(s, *c) for s, _, c in pairs]}}
 
@@ -527,7 +530,9 @@ def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
 
     small = _regime_store(200, [(0, (80, 30, 28), (70, 33, 29)), (1, (82, 34, 30), (71, 35, 30)), (2, (78, 32, 29), (69, 32, 31))])
     row = regime_map.size_row(200, small)
-    assert row["seeds"] == [0, 1, 2] and row["baseline"][0] == pytest.approx(32.0)
+    assert row["seeds"] == [0, 1, 2] and row["baseline"][0] == pytest.approx(32.0) and row["steps_taken"] == []
+    small["runs"]["baseline"][0]["steps"] = 384
+    assert regime_map.size_row(200, small)["steps_taken"] == [384]
     assert row["gap"][0] == pytest.approx(48.0) and row["masksd_gap"][0] == pytest.approx((37 + 36 + 37) / 3)
     gain = row["gain"]["val"]  # differences 3, 1, 0
     assert gain["mean"] == pytest.approx(4 / 3) and gain["n"] == 3
@@ -549,8 +554,23 @@ def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
     (tmp_path / "ablation_regime_1000_runs.json").write_text(json.dumps(big))
     regime_map.main(["--sizes", "1000", "--also", "200=overfit", "--report"])
     text = (tmp_path / "regime_map.md").read_text()
-    assert "| 200 | 3 | 32.00 ± 2.00 | +48.00 ± 2.00 |" in text and "| 1,000 | 2 | 46.00 ± 1.41 | +5.00 ± 0.00 |" in text
+    assert "| 200 | 384 | 3 | 32.00 ± 2.00 | +48.00 ± 2.00 |" in text and "| 1,000 | — | 2 | 46.00 ± 1.41 | +5.00 ± 0.00 |" in text
     assert (tmp_path / "regime_map.png").is_file()
     for bad in (["--also", "overfit"], ["--sizes", "16"], ["--sizes", "3000", "--report"]):
         with pytest.raises(SystemExit):
             regime_map.main(bad + (["--report"] if "--report" not in bad else []))
+
+
+def test_gpu_check_records_a_compile_process_that_overruns(tmp_path, monkeypatch):
+    import subprocess
+
+    import gpu_check
+
+    def overrun(command, env, timeout):
+        assert float(command[command.index("--budget") + 1]) >= gpu_check.MIN_SECTION_S
+        raise subprocess.TimeoutExpired(command, timeout, output=b"compile: first step with backend 'inductor'")
+
+    monkeypatch.setattr(gpu_check, "_run_process", overrun)
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "compile", "--output", str(tmp_path)]) == 1
+    compiled = json.loads((tmp_path / "gpu_check_tiny.json").read_text())["sections"]["compile"]
+    assert compiled["status"] == "timeout" and "first step with backend" in compiled["error"]
