@@ -172,10 +172,17 @@ def run_folder(work: str | Path, tag: str, name: str) -> Path:
     return Path(work) / tag / name.replace(" ", "_").replace(",", "")
 
 
+def epochs_for(steps: int, scenes: int) -> int:
+    """Epochs over ``scenes`` a run of ``steps`` optimiser steps is given (it stops at ``steps``)."""
+    from examples.pipeline.config import TrainConfig
+
+    return max(1, math.ceil(steps * TrainConfig().batch_size / scenes))
+
+
 def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0):
     from examples.pipeline.config import TrainConfig, preset
 
-    epochs = max(1, math.ceil(s.steps * TrainConfig().batch_size / s.scenes))
+    epochs = epochs_for(s.steps, s.scenes)
     return preset(
         "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
         max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=1, progress=False, overlays=0,
@@ -230,10 +237,9 @@ def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, 
 
         best = load_checkpoint(folder / "best.pt")
         result.model.load_state_dict(best["model"])
-        chosen = {"best_step": str(best["best"]["step"])}  # the checkpoint's own record (a resume may have trimmed the log)
+        chosen = {"best_step": str(best["best"]["step"]),  # the checkpoint's own record (a resume may have trimmed the log)
+                  "train": score(result.model.segmenter, "train", min(s.scenes, s.eval_scenes), seed)}  # its own scenes
     segmenter = result.model.segmenter
-    if s.best_of is not None:  # the run's own training scenes (the train stream of its seed)
-        chosen["train"] = score(segmenter, "train", min(s.scenes, s.eval_scenes), seed)
     return {
         "seed": seed, "steps": result.steps, "seconds": seconds,
         s.split: score(segmenter, s.split, s.eval_scenes),
@@ -456,10 +462,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--best-of: the split that picks best.pt must not be the reported --split ({args.split}); use the other")
         if args.eval_every < 1:
             parser.error("--best-of needs --eval-every N (N >= 1): best.pt is kept from those validations")
-        from examples.pipeline.config import TrainConfig
-
-        batches = args.scenes // TrainConfig().batch_size  # full batches an epoch
-        taken = min(args.steps, math.ceil(args.steps * TrainConfig().batch_size / args.scenes) * batches)
+        batches = args.scenes // demo.batch_size  # full batches an epoch
+        taken = min(args.steps, epochs_for(args.steps, args.scenes) * batches)
         if args.eval_every > taken:
             parser.error(f"--eval-every {args.eval_every} exceeds the {taken} steps a run takes: no validation would keep a best.pt")
     settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale, args.best_of,
