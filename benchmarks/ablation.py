@@ -110,6 +110,18 @@ gradient flowing through the teacher's soft target; LMVSD masking the pyramid's 
 VII's +3 M reading), alone and with VMLSD; LMVSD masking the least sentence-correlated patches (AMLRIS's
 direction; VMLSD unchanged); MaskRIS's random 75 % / 15 % masking at λ 0.5 (``--masksd-preset maskris``)."""
 
+PAPER_TABLE_ROWS: dict[str, Row] = {
+    "CM-MaskSD, no masking": Row("region", "V", {"masksd.masking": False}),
+    "CM-MaskSD, ground-truth supervision": Row("region", "VI", {"masksd.supervision": "ground_truth"}),
+    "CM-MaskSD, separate heads": Row("region", "VII", {"masksd.share_weights": False}),
+    "+LMVSD, K=1 (no filtering)": Row("region", "III", {**NO_VMLSD, "masksd.lmvsd.top_k": 1.0}),
+    "+LMVSD, α=0.75": Row("region", "III", {**NO_VMLSD, "masksd.lmvsd.ratio": 0.75}),
+}
+"""The rows of Tables III, V, VI and VII from the region-aligned weights (--paper-tables; issue 21's regime tables,
+``benchmarks/regime_tables.py``), each as the paper ran it: Tables V–VII switch one thing of both branches
+together, Table III's K and α rows change LMVSD alone (VMLSD off), so each pairs with ``+LMVSD``. Table II's rows
+are the pretrained mode's own (baseline, +LMVSD, +VMLSD, CM-MaskSD)."""
+
 PREMISES = {"region": "masksd-tiny-synthetic", "global": "runs/pretrain-global/clip.pt", "scratch": None}
 """Default weights per premise: the shipped region-aligned checkpoint (by name) and the ClipLoss-only one that
 ``python examples/pretrain_clip.py --region-weight 0 --output runs/pretrain-global`` writes."""
@@ -413,6 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", action="store_true", help="also the sweep rows (target kind, α, K, λ, min_masked)")
     parser.add_argument("--policies", action="store_true",
                         help="also the policy rows (teacher gradient, features site, bottom-K selection, MaskRIS's recipe)")
+    parser.add_argument("--paper-tables", action="store_true",
+                        help="also the rows of Tables III, V, VI and VII from the region-aligned weights (no masking, ground-truth "
+                        "supervision, separate heads, LMVSD's K=1 and α=0.75)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     from examples.pipeline.config import TrainConfig
 
@@ -445,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.update(EXTRA_ROWS)
     if args.policies:
         rows.update(POLICY_ROWS)
+    if args.paper_tables:
+        rows.update(PAPER_TABLE_ROWS)
     if args.only:
         unknown = set(args.only) - set(rows)
         if unknown:

@@ -367,21 +367,27 @@ def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(t
 
 
 def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
-    from ablation import EXTRA_ROWS, POLICY_ROWS, ROWS, Settings, train_config
+    from ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, train_config
 
     settings = Settings(steps=100, scenes=640, split="test", eval_scenes=10, lr=2e-3, backbone_lr_scale=1.0)
     premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
-    for rows in (*ROWS.values(), EXTRA_ROWS, POLICY_ROWS):
+    for rows in (*ROWS.values(), EXTRA_ROWS, POLICY_ROWS, PAPER_TABLE_ROWS):
         for name, row in rows.items():
             cfg = train_config(row, 3, settings, tmp_path, premises)
             assert cfg.seed == 3 and cfg.max_steps == 100 and cfg.epochs == 5 and cfg.resume == "auto", name
             m = cfg.masksd_config()
             assert (not m.lmvsd.enabled and not m.vmlsd.enabled) == name.startswith("baseline"), name
     assert train_config(ROWS["pretrained"]["+LMVSD"], 0, settings, tmp_path, premises).masksd_config().vmlsd.enabled is False
+    paper = {name: train_config(row, 0, settings, tmp_path, premises).masksd_config() for name, row in PAPER_TABLE_ROWS.items()}
+    assert paper["CM-MaskSD, no masking"] == MaskSDConfig(masking=False)
+    assert paper["CM-MaskSD, ground-truth supervision"] == MaskSDConfig(supervision="ground_truth")
+    assert paper["CM-MaskSD, separate heads"] == MaskSDConfig(share_weights=False)
+    assert paper["+LMVSD, K=1 (no filtering)"] == MaskSDConfig(lmvsd=BranchConfig(top_k=1.0), vmlsd=BranchConfig(enabled=False))
+    assert paper["+LMVSD, α=0.75"] == MaskSDConfig(lmvsd=BranchConfig(ratio=0.75), vmlsd=BranchConfig(enabled=False))
 
 
 def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they_ran(tmp_path):
-    from ablation import EXTRA_ROWS, POLICY_ROWS, ROWS, Settings, run_folder, train_config
+    from ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, run_folder, train_config
 
     settings = Settings(steps=500, scenes=16000, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0)
     premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
@@ -394,7 +400,7 @@ def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they
     # every stored row still exists under its name and folder, with the new switches where they were before them
     stored = {name for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("ablation_*_runs.json")
               for name in json.loads(path.read_text())["runs"]}
-    known = {name: row for rows in (*ROWS.values(), EXTRA_ROWS) for name, row in rows.items()}
+    known = {name: row for rows in (*ROWS.values(), EXTRA_ROWS, PAPER_TABLE_ROWS) for name, row in rows.items()}
     assert stored and stored <= set(known) | set(POLICY_ROWS)
     for name, row in known.items():
         m = train_config(row, 0, settings, tmp_path, premises).masksd_config()
@@ -574,3 +580,67 @@ def test_gpu_check_records_a_compile_process_that_overruns(tmp_path, monkeypatch
     assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "compile", "--output", str(tmp_path)]) == 1
     compiled = json.loads((tmp_path / "gpu_check_tiny.json").read_text())["sections"]["compile"]
     assert compiled["status"] == "timeout" and "first step with backend" in compiled["error"]
+
+
+def _table_store(scenes, rows, numerics="n"):
+    """An ablation runs file with the given rows: rows = {name: [(seed, val, compositional, best test), ...]}."""
+    def run(seed, val, comp, test):
+        m = lambda x: {"mIoU": x, "oIoU": x, "Prec@0.5": x, "Prec@0.7": x, "Prec@0.9": x}  # noqa: E731
+        return {"seed": seed, "train": m(val + 10), "val": m(val), "compositional": m(comp), "best_step": "80",
+                "curve": {"40": test - 5, "80": test}}
+
+    store = _regime_store(scenes, [], numerics=numerics)
+    store["runs"] = {name: [run(*r) for r in rs] for name, rs in rows.items()}
+    return store
+
+
+def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_numbers(tmp_path, monkeypatch):
+    import common
+    import regime_tables
+
+    base = [(0, 40, 30, 50), (1, 42, 31, 52), (2, 41, 29, 51)]
+    # test (best.pt) gains: size 200 -> +1, +3, +2 (mean 2, low 2 - 4.303/sqrt 3); size 3000 -> +0.5 each (std 0: low 0.5)
+    small = _table_store(200, {"baseline": base, "CM-MaskSD": [(s, v - 1, c, t + d) for (s, v, c, t), d in zip(base, (1, 3, 2))]})
+    large = _table_store(3000, {"baseline": base, "CM-MaskSD": [(s, v, c, t + 0.5) for s, v, c, t in base]})
+    chosen, gains = regime_tables.choose_size({200: small, 3000: large}, [0, 1, 2])
+    assert chosen == 3000 and gains[3000]["low"] == pytest.approx(0.5) and gains[200]["mean"] == pytest.approx(2.0)
+    assert gains[200]["low"] == pytest.approx(2.0 - 4.303 * 1.0 / math.sqrt(3))
+    with pytest.raises(ValueError, match=r"size 200: baseline has no run for seeds \[3\]"):
+        regime_tables.choose_size({200: small, 3000: large}, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        regime_tables.choose_size({200: small}, [0])
+    with pytest.raises(ValueError, match="no `test` validation at its best step"):
+        regime_tables.best_test({"seed": 4, "curve": {"40": 1.0}, "best_step": "80"})
+
+    assert regime_tables.verdict({"n": 3, "mean": 1.0, "low": 0.2, "high": 1.8}) == "holds"
+    assert regime_tables.verdict({"n": 3, "mean": -1.0, "low": -1.8, "high": -0.2}) == "reversed"
+    assert regime_tables.verdict({"n": 3, "mean": -0.1, "low": -1.8, "high": 1.6}) == "unresolved (opposite sign)"
+    assert regime_tables.verdict(None) == "not run"
+    assert set(regime_tables.PAPER) >= {o.better for o in regime_tables.ORDERINGS} | {o.worse for o in regime_tables.ORDERINGS}
+    assert all(o.paper > 0 for o in regime_tables.ORDERINGS)  # each ordering is stated the way the paper found it
+
+    # at the chosen size the table's rows pair with the map's baseline; val differences below are exact
+    large["runs"]["+LMVSD"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + d}}
+                               for r, d in zip(large["runs"]["baseline"], (2.0, 2.5, 3.0))]
+    large["runs"]["+LMVSD, α=0.75"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + 4}} for r in large["runs"]["baseline"][:2]]
+    rows = regime_tables.table_rows(large["runs"], "val")
+    assert list(rows) == ["baseline", "+LMVSD", "CM-MaskSD", "+LMVSD, α=0.75"]  # the paper's order, rows run so far
+    assert rows["+LMVSD"]["delta_val"]["mean"] == pytest.approx(2.5) and rows["+LMVSD"]["paper_delta"] == pytest.approx(0.68)
+    assert rows["+LMVSD, α=0.75"]["delta_val"]["seeds"] == [0, 1] and rows["baseline"]["val"] == pytest.approx((41.0, 1.0))
+    orders = {o["claim"]: o for o in regime_tables.orderings(large["runs"], "val")}
+    alpha = orders["α=0.25 beats α=0.75 (III)"]  # +LMVSD − the α row on seeds 0, 1: -2, -1.5
+    assert alpha["val"]["mean"] == pytest.approx(-1.75) and alpha["paper"] == pytest.approx(0.66)
+    assert orders["LMVSD helps (II/VII)"]["verdict"] == "holds" and orders["masking beats no masking (V)"]["verdict"] == "not run"
+
+    monkeypatch.setattr(regime_tables, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "ablation_small_runs.json").write_text(json.dumps(small))
+    (tmp_path / "ablation_large_runs.json").write_text(json.dumps(large))
+    regime_tables.main(["--sizes", "200=small", "3000=large", "--seeds", "0", "1", "2", "--report"])
+    text = (tmp_path / "ablation_regime_tables.md").read_text()
+    assert "**3,000 training scenes** (`ablation_large`)" in text and "| 3,000 | 3 | +0.50 [+0.50, +0.50] | ✓ |" in text
+    assert "| +LMVSD | VII | 71.13 | +0.68 | 43.50 ± 1.32 | +2.50 [+1.26, +3.74] |" in text
+    assert (tmp_path / "ablation_regime_tables.png").is_file()
+    for bad in (["--sizes", "3000"], ["--sizes", "16000=missing"]):
+        with pytest.raises(SystemExit):
+            regime_tables.main(bad + ["--report"])
