@@ -269,6 +269,26 @@ def test_non_clip_models_are_refused():
         create_clip("RN50", None, 224)
 
 
+def test_half_precision_weights_load_at_any_image_size():
+    """The shipped weights are fp16; torch's CPU bicubic interpolation has no half kernel, so they once loaded at
+    their own 64 px only. The position embedding is now resized in float32, and at 64 px loads unchanged."""
+    import open_clip.factory
+    import open_clip.model
+
+    from examples.cris.config import SHIPPED_WEIGHTS, TINY_CLIP
+
+    stored = open_clip.factory.load_state_dict(str(SHIPPED_WEIGHTS["masksd-tiny-synthetic"][1]))
+    assert stored["visual.positional_embedding"].dtype == torch.float16  # the case that failed
+    own = create_clip(TINY_CLIP, "masksd-tiny-synthetic", 64).visual.positional_embedding
+    assert torch.equal(own, stored["visual.positional_embedding"].float())
+    larger = create_clip(TINY_CLIP, "masksd-tiny-synthetic", 96)
+    expected = {"visual.positional_embedding": stored["visual.positional_embedding"].float()}
+    open_clip.model.resize_pos_embed(expected, larger)
+    assert larger.visual.positional_embedding.shape == (12 * 12 + 1, 64)
+    assert torch.equal(larger.visual.positional_embedding, expected["visual.positional_embedding"])
+    assert open_clip.factory.resize_pos_embed is open_clip.model.resize_pos_embed  # open_clip's own function is back
+
+
 # --- MaskSD ----------------------------------------------------------------------------------------------
 
 ABLATIONS = {

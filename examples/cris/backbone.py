@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,12 +42,37 @@ def resolve_quick_gelu(model_name: str, pretrained: str | None, quick_gelu: bool
     return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
 
 
+@contextmanager
+def _interpolate_in_float32() -> Iterator[None]:
+    """open_clip resizes a checkpoint's image position embedding in the checkpoint's dtype, and torch's CPU
+    bicubic interpolation has no half-precision kernel: an fp16 checkpoint (the shipped tiny weights,
+    OpenAI's) failed at any size but its own. Within this context the embedding is cast to float32 first;
+    the model is float32 and load_state_dict casts to it anyway, so a checkpoint at its own size loads
+    the same values."""
+    import open_clip.factory
+
+    resize = open_clip.factory.resize_pos_embed
+
+    def resize_in_float32(state_dict, model, *args, **kwargs):
+        embedding = state_dict.get("visual.positional_embedding")
+        if embedding is not None and embedding.is_floating_point():
+            state_dict["visual.positional_embedding"] = embedding.float()
+        return resize(state_dict, model, *args, **kwargs)
+
+    open_clip.factory.resize_pos_embed = resize_in_float32
+    try:
+        yield
+    finally:
+        open_clip.factory.resize_pos_embed = resize
+
+
 def create_clip(
     model_name: str, pretrained: str | None, image_size: int, quick_gelu: bool | None = None
 ) -> open_clip.CLIP:
     """An open_clip CLIP at ``image_size`` px: random init, a pretrained tag, shipped weights by name, or a local checkpoint.
 
-    open_clip interpolates the checkpoint's image position embedding to the new grid when it loads.
+    open_clip interpolates the checkpoint's image position embedding to the new grid when it loads
+    (in float32, whatever the checkpoint's precision).
     Raises FileNotFoundError for a ``pretrained`` that is neither a tag nor a file, and a
     RuntimeError that says what to do when a tag's weights cannot be downloaded.
     """
@@ -67,12 +94,13 @@ def create_clip(
             f"nor an existing checkpoint file: {os.path.abspath(pretrained)}"
         )
     try:
-        clip = open_clip.create_model(
-            model_name,
-            pretrained=pretrained,
-            force_image_size=image_size,
-            force_quick_gelu=resolve_quick_gelu(model_name, pretrained, quick_gelu),
-        )
+        with _interpolate_in_float32():
+            clip = open_clip.create_model(
+                model_name,
+                pretrained=pretrained,
+                force_image_size=image_size,
+                force_quick_gelu=resolve_quick_gelu(model_name, pretrained, quick_gelu),
+            )
     except RuntimeError as error:
         if not is_tag:
             raise
