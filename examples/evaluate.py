@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.threshold < 1:
         parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
 
-    import torch
     from torch.utils.data import DataLoader
 
     from examples.pipeline.evaluation import evaluate

@@ -1,6 +1,5 @@
 """The benchmark scripts' numbers obey what they claim (tiny model, seconds): they are not timed here."""
 
-import dataclasses
 import json
 import math
 import sys

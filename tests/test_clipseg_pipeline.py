@@ -3,7 +3,6 @@ scripts as CRIS, and the trained weights exported to a plain CLIPSeg that needs 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 

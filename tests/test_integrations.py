@@ -14,7 +14,7 @@ from torch import nn
 
 from examples.cris import TINY_CLIP
 from examples.cris.backbone import register_model_configs
-from masksd import Embeddings, Features, MaskSD, SegmenterCheckError, verify_segmenter
+from masksd import Features, MaskSD, SegmenterCheckError, verify_segmenter
 from masksd.integrations import ImageContext, OpenCLIPTowers, TextContext, TowerSegmenter
 from tests.toys import EOT, PAD, SOT, ToyViT, colour_task
 

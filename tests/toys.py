@@ -8,7 +8,6 @@ Token ids: 0 padding, 1 SOT, 2 EOT, 3.. words; colour word c is id 3 + c.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 

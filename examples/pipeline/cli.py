@@ -89,7 +89,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     defaults = flatten(cls())
     for spec in _flags(cls):
         kind, optional = _scalar(spec.annotation)
-        default = defaults[spec.dest]
         help_text = spec.help.replace("%", "%%") + " (default: %(default)s)"
         metavar = spec.flag.split("-", 1)[-1].upper().replace("-", "_")
         if kind is bool:  # both --x and --no-x, so that a flag can undo what a preset set

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from examples.clipseg import CLIPSEG
+from examples.clipseg import CLIPSEG, CLIPSegRISConfig
 from examples.cris import CRIS, CRISConfig
 from examples.cris.config import SHIPPED_WEIGHTS
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
-from masksd import MaskSD, bare_state_dict
+from masksd import MaskSD
 from masksd.data import ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
@@ -64,10 +64,8 @@ def cris_config(cfg: TrainConfig) -> CRISConfig:
     )
 
 
-def clipseg_config(cfg: TrainConfig) -> "CLIPSegRISConfig":
+def clipseg_config(cfg: TrainConfig) -> CLIPSegRISConfig:
     """The CLIPSeg segmenter of ``--model clipseg``: a local snapshot (``--pretrained DIR``) or the random tiny one."""
-    from examples.clipseg import CLIPSegRISConfig
-
     if cfg.pretrained in SHIPPED_WEIGHTS:
         raise ValueError(
             f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {CLIPSEG} pass --pretrained DIR "
