@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from masksd.adapter import check_feature_maps, missing_feature_maps
 from masksd.config import MaskSDConfig
 from masksd.wrapper import MaskSD, check_segmenter, encode_pair
 
@@ -79,7 +80,10 @@ def verify_segmenter(
     ``reference``; ``embedding_level`` (identical patches, and one word repeated, embed identically:
     no position term before the mask token); ``upstream`` (changing one candidate embedding changes
     the encoder's output); ``special_tokens`` (no special or padding token is a candidate, where the
-    segmenter has ``special_token_ids``); ``mask_token_gradient`` (one training step gives each
+    segmenter has ``special_token_ids``); ``feature_maps`` (where the segmenter implements any of
+    :class:`~masksd.adapter.FeatureMapHead`: all of it, one map per layout shape, a grid of as many
+    positions as patch tokens, and decode_maps(feature_maps(v), v, t) equal to decode_head(v, t)
+    exactly); ``mask_token_gradient`` (one training step gives each
     branch's mask token a non-zero gradient); ``unused_parameters`` (every trainable parameter gets a
     gradient, as DDP without ``find_unused_parameters`` needs).
 
@@ -129,6 +133,9 @@ def verify_segmenter(
         _check_upstream(segmenter, text_embedded, text, "text")
         report.checks.append(CheckResult("upstream", True, "one changed candidate embedding changes each encoder's output"))
         report.checks.append(_check_special_tokens(segmenter, texts, text_embedded))
+        feature_maps = _check_feature_maps(segmenter, visual, text, composed)
+        if feature_maps is not None:
+            report.checks.append(feature_maps)
 
     with _forked_rng(segmenter):  # MaskSD draws its mask tokens' initial values
         report.checks.extend(_check_training_step(segmenter, images, texts, forward, config))
@@ -192,6 +199,34 @@ def _check_upstream(segmenter: nn.Module, embedded, features, modality: str) -> 
             "upstream", f"changing a candidate embedding did not change encode_{modality}'s output: it does not encode "
             f"Embeddings.tokens (it recomputes them, or reads another input)",
             f"make encode_{modality} run its encoder on embedded.tokens, the tensor MaskSD masks")
+
+
+def _check_feature_maps(segmenter: nn.Module, visual, text, composed: torch.Tensor) -> CheckResult | None:
+    """LMVSD's features site replaces the maps ``feature_maps`` returns and decodes them with ``decode_maps``: a head
+    whose split is not its own forward, or a layout that is not its maps', would train another model than it runs.
+    None for a segmenter that implements no part of the protocol."""
+    head = segmenter.decode_head
+    parts = (hasattr(segmenter, "feature_map_layout"), hasattr(head, "feature_maps"), hasattr(head, "decode_maps"))
+    if not any(parts):
+        return None
+    missing = missing_feature_maps(segmenter)
+    if missing:
+        raise SegmenterCheckError("feature_maps", f"{type(segmenter).__name__} implements part of masksd.adapter.FeatureMapHead "
+                                  f"and lacks {', '.join(missing)}", "implement all of it (LMVSD's site='features' needs each part) or none")
+    layout = segmenter.feature_map_layout
+    patches = visual.tokens.shape[1]
+    if layout.grid[0] * layout.grid[1] != patches:
+        raise SegmenterCheckError("feature_maps", f"feature_map_layout.grid {tuple(layout.grid)} has {layout.grid[0] * layout.grid[1]} "
+                                  f"positions for {patches} patch tokens", "give the (h, w) of the patch-token grid, row-major")
+    try:
+        maps = check_feature_maps(head.feature_maps(visual), layout, composed.shape[0], "decode_head.feature_maps")
+    except ValueError as error:
+        raise SegmenterCheckError("feature_maps", str(error), "return one (B, C, h, w) map per feature_map_layout.shapes entry") from None
+    _require_equal("feature_maps", head.decode_maps(maps, visual, text), composed,
+                   "decode_head.decode_maps(decode_head.feature_maps(visual), visual, text)", "decode_head(visual, text)",
+                   "make the decode head's forward exactly decode_maps(feature_maps(visual), visual, text)")
+    return CheckResult("feature_maps", True, "decode_maps(feature_maps(v), v, t) == decode_head(v, t) exactly, maps "
+                       + ", ".join(str(tuple(m.shape[1:])) for m in maps))
 
 
 def _check_special_tokens(segmenter: nn.Module, texts: Any, text_embedded) -> CheckResult:

@@ -374,6 +374,43 @@ def test_verify_passes_cris_at_the_features_site():
     ids = segmenter.tokenize(["the red cube", "a small blue ball"])
     report = verify_segmenter(segmenter, images(), ids, config=MaskSDConfig(lmvsd=BranchConfig(site="features")))
     assert [c.name for c in report.checks if c.name == "mask_token_gradient" and c.passed] == ["mask_token_gradient"] * 2
+    assert [c.passed for c in report.checks if c.name == "feature_maps"] == [True]
+
+
+def test_verify_checks_the_features_site_split_where_a_segmenter_offers_it():
+    from examples.cris import CRIS, CRISConfig
+    from masksd.adapter import FeatureMapLayout
+
+    torch.manual_seed(0)
+    segmenter = CRIS(CRISConfig.tiny())
+    ids = segmenter.tokenize(["the red cube", "a small blue ball"])
+    head_class = type(segmenter.decode_head)
+
+    class Shifted(head_class):  # a forward that is not its own split
+        def forward(self, visual, text):
+            return super().forward(visual, text) + 1e-3
+
+    segmenter.decode_head.__class__ = Shifted
+    with pytest.raises(SegmenterCheckError, match=r"check 'feature_maps' failed: .*differs from decode_head\(visual, text\)"):
+        verify_segmenter(segmenter, images(), ids)
+    segmenter.decode_head.__class__ = head_class
+    assert [c.passed for c in verify_segmenter(segmenter, images(), ids).checks if c.name == "feature_maps"] == [True]
+
+    class WrongGrid(CRIS):
+        @property
+        def feature_map_layout(self):
+            return FeatureMapLayout((4, 4), super().feature_map_layout.shapes)  # the tiny grid is 8 x 8
+
+    wrong = WrongGrid(CRISConfig.tiny())
+    with pytest.raises(SegmenterCheckError, match=r"check 'feature_maps' failed: .*grid \(4, 4\) has 16 positions for 64 patch tokens"):
+        verify_segmenter(wrong, images(), ids)
+
+    toy = ToyViT()  # no FeatureMapHead: no such check; half of one: refused by name
+    toy.image_proj.requires_grad_(False)
+    assert "feature_maps" not in [c.name for c in verify_segmenter(toy, *toy_batch()).checks]
+    toy.feature_map_layout = FeatureMapLayout((2, 2), ((4, 2, 2),))
+    with pytest.raises(SegmenterCheckError, match=r"check 'feature_maps' failed: ToyViT implements part .* lacks decode_head.feature_maps"):
+        verify_segmenter(toy, *toy_batch())
 
 
 def test_lazy_packages_keep_their_submodules_and_functions_apart():
