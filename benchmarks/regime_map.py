@@ -11,12 +11,15 @@ optimiser steps whatever the size (a smaller set is seen for more epochs), each 
 and its own training scenes. ``--also SIZE=TAG`` adds a table made with the same settings under another tag
 (``200=overfit``: the overfit table of ``ablation.py --tag overfit``). Per size: the baseline's ``val``
 mIoU, its generalisation gap (training-scene minus ``val`` mIoU) and CM-MaskSD's paired difference with its
-95 % interval on ``val`` and compositional. Writes benchmarks/results/regime_map.{md,json,png}.
+95 % interval on ``val`` and compositional; and the trend: per seed, the least-squares slope of the gain against
+log10 of the size, averaged over seeds with its 95 % interval (does the gain depend on the size at all?).
+Writes benchmarks/results/regime_map.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,31 @@ def size_row(size: int, store: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def trend(stores: dict[int, dict[str, Any]], part: str) -> dict[str, Any]:
+    """Does the gain depend on the size? Per seed, the least-squares slope of CM-MaskSD − baseline (on ``part``)
+    against log10(training scenes) over the sizes where that seed has both rows; then the mean slope over seeds
+    with its 95 % t-interval (mIoU per tenfold more scenes). Seeds with fewer than two sizes are left out."""
+    from ablation import paired_difference
+
+    slopes = {}
+    seeds = sorted({r["seed"] for store in stores.values() for r in store["runs"].get("baseline", [])})
+    for seed in seeds:
+        points = []
+        for size, store in stores.items():
+            base = [r for r in store["runs"].get("baseline", []) if r["seed"] == seed]
+            ours = [r for r in store["runs"].get("CM-MaskSD", []) if r["seed"] == seed]
+            if base and ours:
+                points.append((math.log10(size), ours[0][part]["mIoU"] - base[0][part]["mIoU"]))
+        if len(points) >= 2:
+            mx = sum(x for x, _ in points) / len(points)
+            my = sum(y for _, y in points) / len(points)
+            slopes[seed] = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    if not slopes:
+        raise ValueError("no seed has baseline and CM-MaskSD runs at two sizes: no trend to fit")
+    values = [slopes[s] for s in sorted(slopes)]
+    return {**paired_difference(values, [0.0] * len(values)), "seeds": sorted(slopes), "slopes": values}
+
+
 def check_comparable(stores: dict[int, tuple[str, dict[str, Any]]]) -> None:
     """Every size's table must differ from the others in its scene count alone (and in it)."""
     first_size, (first_tag, first) = next(iter(stores.items()))
@@ -78,6 +106,16 @@ def render(rows: list[dict[str, Any]]) -> str:
     return markdown_table(["training scenes", "steps taken", "seeds", f"baseline {split} mIoU", f"baseline gap (train − {split})",
                            "CM-MaskSD gap", f"CM-MaskSD − baseline, {split} [95 % CI]", "CM-MaskSD − baseline, compositional [95 % CI]"],
                           lines)
+
+
+def render_trend(trends: dict[str, dict[str, Any]], split: str) -> str:
+    def ci(d: dict[str, Any]) -> str:
+        return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else f"{d['mean']:+.2f} (one seed)"
+
+    first = trends[split]
+    return (f"Trend (per seed, the least-squares slope of the gain against log10 of the training scenes; mean over "
+            f"{first['n']} seeds [95 % CI]): {ci(first)} mIoU per tenfold more scenes on `{split}`, "
+            f"{ci(trends['compositional'])} on compositional. A negative slope: the gain shrinks as the set grows.")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -142,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_comparable(stores)
         rows = [size_row(size, store) for size, (_, store) in stores.items()]
+        split = rows[0]["split"]
+        trends = {part: trend({size: store for size, (_, store) in stores.items()}, part) for part in (split, "compositional")}
     except ValueError as error:
         parser.error(str(error))
     settings = next(iter(stores.values()))[1]["settings"]
@@ -152,11 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         f"each run scored from its best `{settings.get('best_of')}` checkpoint on {settings['eval_scenes']} `{settings['split']}` "
         "and compositional scenes and on its own training scenes; seeds paired within each size; tables: "
         + ", ".join(f"`ablation_{tag}`" for tag, _ in stores.values()) + ".\n\n" + render(rows)
+        + "\n\n" + render_trend(trends, split)
         + "\n\n![gain against size and gap](regime_map.png)"
     )
     print(markdown)
     plot(rows, RESULTS / "regime_map.png")
-    paths = write_results("regime_map", markdown, {"tags": {str(k): v for k, v in tags.items()}, "rows": rows},
+    paths = write_results("regime_map", markdown, {"tags": {str(k): v for k, v in tags.items()}, "rows": rows, "trend": trends},
                           command_line("benchmarks/regime_map.py", argv))
     print(f"wrote {paths[0]}, {paths[1]} and {RESULTS / 'regime_map.png'}")
 

@@ -643,3 +643,23 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     for bad in (["--sizes", "3000"], ["--sizes", "16000=missing"]):
         with pytest.raises(SystemExit):
             regime_tables.main(bad + ["--report"])
+
+
+def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
+    import regime_map
+
+    # seed 0: gains +3 at 100 scenes, +1 at 1,000, -1 at 10,000 -> slope -2 per decade; seed 1: +2, +2, -2 -> -2 as well
+    # (least squares over x = 2, 3, 4); seed 2 has one size only and is left out
+    small = _regime_store(100, [(0, (0, 50, 40), (0, 53, 43)), (1, (0, 50, 40), (0, 52, 42)), (2, (0, 50, 40), (0, 50, 40))])
+    mid = _regime_store(1000, [(0, (0, 50, 40), (0, 51, 41)), (1, (0, 50, 40), (0, 52, 40))])
+    large = _regime_store(10000, [(0, (0, 50, 40), (0, 49, 39)), (1, (0, 50, 40), (0, 48, 39))])
+    t = regime_map.trend({100: small, 1000: mid, 10000: large}, "val")
+    assert t["seeds"] == [0, 1] and t["slopes"] == [pytest.approx(-2.0), pytest.approx(-2.0)] and t["mean"] == pytest.approx(-2.0)
+    assert t["low"] == pytest.approx(-2.0) and t["high"] == pytest.approx(-2.0)  # no spread between seeds
+    comp = regime_map.trend({100: small, 1000: mid, 10000: large}, "compositional")  # seed 1: +2, 0, -1 -> -1.5
+    assert comp["slopes"] == [pytest.approx(-2.0), pytest.approx(-1.5)] and comp["mean"] == pytest.approx(-1.75)
+    assert comp["high"] - comp["mean"] == pytest.approx(12.706 * math.sqrt(0.125) / math.sqrt(2))
+    text = regime_map.render_trend({"val": t, "compositional": comp}, "val")
+    assert "-2.00 [-2.00, -2.00] mIoU per tenfold more scenes on `val`" in text and "mean over 2 seeds" in text
+    with pytest.raises(ValueError, match="at two sizes"):
+        regime_map.trend({100: small}, "val")
