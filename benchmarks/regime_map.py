@@ -56,12 +56,11 @@ def size_row(size: int, store: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def trend(stores: dict[int, dict[str, Any]], part: str) -> dict[str, Any]:
+def trend(stores: dict[int, dict[str, Any]], part: str) -> dict[str, Any] | None:
     """Does the gain depend on the size? Per seed, the least-squares slope of CM-MaskSD − baseline (on ``part``)
     against log10(training scenes) over the sizes where that seed has both rows; then the mean slope over seeds
-    with its 95 % t-interval (mIoU per tenfold more scenes). Seeds with fewer than two sizes are left out."""
-    from ablation import paired_difference
-
+    with its 95 % t-interval (mIoU per tenfold more scenes). Seeds with fewer than two sizes are left out; None when
+    no seed has two."""
     slopes = {}
     seeds = sorted({r["seed"] for store in stores.values() for r in store["runs"].get("baseline", [])})
     for seed in seeds:
@@ -76,7 +75,7 @@ def trend(stores: dict[int, dict[str, Any]], part: str) -> dict[str, Any]:
             my = sum(y for _, y in points) / len(points)
             slopes[seed] = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
     if not slopes:
-        raise ValueError("no seed has baseline and CM-MaskSD runs at two sizes: no trend to fit")
+        return None
     values = [slopes[s] for s in sorted(slopes)]
     return {**paired_difference(values, [0.0] * len(values)), "seeds": sorted(slopes), "slopes": values}
 
@@ -108,7 +107,10 @@ def render(rows: list[dict[str, Any]]) -> str:
                           lines)
 
 
-def render_trend(trends: dict[str, dict[str, Any]], split: str) -> str:
+def render_trend(trends: dict[str, dict[str, Any] | None], split: str) -> str:
+    if trends[split] is None:
+        return "Trend: needs a seed run at two sizes or more (--sizes, --also)."
+
     def ci(d: dict[str, Any]) -> str:
         return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if d["n"] > 1 else f"{d['mean']:+.2f} (one seed)"
 
