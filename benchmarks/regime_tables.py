@@ -133,6 +133,14 @@ def choose_size(stores: dict[int, dict[str, Any]], seeds: list[int]) -> tuple[in
     return max(gains, key=lambda size: (gains[size]["low"], -size)), gains
 
 
+def complete_seeds(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The table's rows restricted to the seeds every row run so far has finished, so that each row's mean and
+    each paired difference rest on one set of seeds while a table fills (rows with no run yet stay absent)."""
+    present = [{r["seed"] for r in runs.get(name, [])} for name in ROW_NAMES if runs.get(name)]
+    seeds = set.intersection(*present) if present else set()
+    return {name: [r for r in runs[name] if r["seed"] in seeds] for name in ROW_NAMES if runs.get(name)}
+
+
 def verdict(d: dict[str, float] | None) -> str:
     """Whether a paired difference better − worse supports the paper's ordering."""
     if d is None:
@@ -143,6 +151,8 @@ def verdict(d: dict[str, float] | None) -> str:
         return "holds"
     if d["high"] < 0:
         return "reversed"
+    if d["mean"] == 0:
+        return "unresolved (no difference)"
     return f"unresolved ({'same' if d['mean'] > 0 else 'opposite'} sign)"
 
 
@@ -210,7 +220,8 @@ def render(chosen: int, gains: dict[int, dict], rows: dict[str, dict], orders: l
         f"**{chosen:,} training scenes** (`ablation_{tag}`).\n\n{choice}\n\n"
         f"At {chosen:,} scenes: tiny CRIS-style model from the region-aligned CLIP, at most {settings['steps']} optimiser steps "
         f"of batch 32, each run scored from its best `{settings.get('best_of')}` checkpoint on {settings['eval_scenes']} "
-        f"`{split}` and compositional scenes; Δ: paired difference to the baseline of the same seed, mean [95 % t-interval]. "
+        f"`{split}` and compositional scenes, every row over the same seeds (those all rows have finished); Δ: paired "
+        f"difference to the baseline of the same seed, mean [95 % t-interval]. "
         f"The paper's figures are RefCOCO val mIoU with ViT-B-16, one run each (no interval), Δ to its baseline "
         f"{PAPER_BASELINE:.2f}.\n\n{main}\n\n{notes}"
         "Each ordering the paper reports, paired by seed (holds: interval above zero; reversed: below; unresolved: "
@@ -284,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                        "--seeds", *map(str, args.seeds), "--threads", str(args.threads)])
         stores[chosen] = json.loads((RESULTS / f"ablation_{tag}_runs.json").read_text())
     split, runs = settings["split"], stores[chosen]["runs"]
-    runs = {name: [r for r in rs if r["seed"] in args.seeds] for name, rs in runs.items()}
+    runs = complete_seeds({name: [r for r in rs if r["seed"] in args.seeds] for name, rs in runs.items()})
     rows, orders = table_rows(runs, split), orderings(runs, split)
     markdown = render(chosen, gains, rows, orders, split, tag, settings)
     print(markdown)

@@ -632,6 +632,7 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     large["runs"]["+LMVSD"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + d}}
                                for r, d in zip(large["runs"]["baseline"], (2.0, 2.5, 3.0))]
     large["runs"]["+LMVSD, α=0.75"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + 4}} for r in large["runs"]["baseline"][:2]]
+    assert [r["seed"] for r in regime_tables.complete_seeds(large["runs"])["baseline"]] == [0, 1]  # the α row has two seeds
     rows = regime_tables.table_rows(large["runs"], "val")
     assert list(rows) == ["baseline", "+LMVSD", "CM-MaskSD", "+LMVSD, α=0.75"]  # the paper's order, rows run so far
     assert rows["+LMVSD"]["delta_val"]["mean"] == pytest.approx(2.5) and rows["+LMVSD"]["paper_delta"] == pytest.approx(0.68)
@@ -648,7 +649,7 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     regime_tables.main(["--sizes", "200=small", "3000=large", "--seeds", "0", "1", "2", "--report"])
     text = (tmp_path / "ablation_regime_tables.md").read_text()
     assert "**3,000 training scenes** (`ablation_large`)" in text and "| 3,000 | 3 | +0.50 [+0.50, +0.50] | ✓ |" in text
-    assert "| +LMVSD | VII | 71.13 | +0.68 | 43.50 ± 1.32 | +2.50 [+1.26, +3.74] |" in text
+    assert "| +LMVSD | VII | 71.13 | +0.68 | 43.25 ± 1.77 | +2.25 [-0.93, +5.43] | +0.00 [+0.00, +0.00] | 2 |" in text  # seeds 0, 1
     assert (tmp_path / "ablation_regime_tables.png").is_file()
     for bad in (["--sizes", "3000"], ["--sizes", "16000=missing"]):
         with pytest.raises(SystemExit):
