@@ -34,6 +34,14 @@ SHARED = ("steps", "split", "eval_scenes", "lr", "backbone_lr_scale", "best_of",
 """Settings every size's table must share (only ``scenes`` differs)."""
 
 
+def size_tag(item: str, flag: str, example: str) -> tuple[int, str]:
+    """``SIZE=TAG`` (a training-set size and the ablation tag of its table), or a ValueError naming ``flag``."""
+    size, sep, tag = item.partition("=")
+    if not sep or not size.isdigit() or not tag:
+        raise ValueError(f"{flag}: expected SIZE=TAG (e.g. {example}), got {item!r}")
+    return int(size), tag
+
+
 def size_row(size: int, store: dict[str, Any]) -> dict[str, Any]:
     """One size's figures from its ablation runs file: the baseline's ``val`` mIoU (mean, std), its gap
     train − ``val`` (mean, std), and CM-MaskSD − baseline paired by seed on ``val`` and compositional."""
@@ -161,11 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(n < 32 for n in args.sizes):
         parser.error(f"--sizes: each size must hold at least one batch of 32 scenes, got {args.sizes}")
     tags = {n: f"regime_{n}" for n in args.sizes}
-    for item in args.also:
-        size, sep, tag = item.partition("=")
-        if not sep or not size.isdigit() or not tag:
-            parser.error(f"--also: expected SIZE=TAG (e.g. 200=overfit), got {item!r}")
-        tags[int(size)] = tag
+    try:
+        tags.update(size_tag(item, "--also", "200=overfit") for item in args.also)
+    except ValueError as error:
+        parser.error(str(error))
     if not args.report:
         import ablation
 

@@ -26,7 +26,7 @@ import common  # noqa: F401  (puts the repository on sys.path)
 from ablation import mean_std, paired_difference
 from common import RESULTS, command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
-from regime_map import check_comparable
+from regime_map import check_comparable, size_tag
 
 PAPER_BASELINE = 70.45
 """The paper's baseline: RefCOCO val mIoU, ViT-B-16 CLIP (Tables II, V, VI, VII)."""
@@ -266,11 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="only write the tables from the runs stored so far")
     args = parser.parse_args(argv)
     tags: dict[int, str] = {}
-    for item in args.sizes:
-        size, sep, tag = item.partition("=")
-        if not sep or not size.isdigit() or not tag:
-            parser.error(f"--sizes: expected SIZE=TAG (e.g. 3000=regime_3000), got {item!r}")
-        tags[int(size)] = tag
+    try:
+        tags.update(size_tag(item, "--sizes", "3000=regime_3000") for item in args.sizes)
+    except ValueError as error:
+        parser.error(str(error))
     stores = {}
     for size, tag in sorted(tags.items()):
         path = RESULTS / f"ablation_{tag}_runs.json"
