@@ -110,10 +110,15 @@ def test_towers_refuse_what_they_cannot_split_exactly():
     tok = tokenizer()
     with pytest.raises(ValueError, match="patch dropout"):
         OpenCLIPTowers(tiny_clip(force_patch_dropout=0.5), tok)
-    resnet = tiny_clip()
-    resnet.visual = open_clip.model.ModifiedResNet(layers=(1, 1, 1, 1), output_dim=64, heads=2, image_size=64, width=16)
-    with pytest.raises(ValueError, match="ModifiedResNet is not a ViT"):
-        OpenCLIPTowers(resnet, tok)
+    other = tiny_clip()
+    other.visual = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())  # a timm-like tower: neither a ViT nor a ModifiedResNet
+    with pytest.raises(ValueError, match="Sequential is neither a ViT nor open_clip's ModifiedResNet.*write an adapter"):
+        OpenCLIPTowers(other, tok)
+    foreign = tiny_clip()
+    foreign.visual = nn.Module()  # a ResNet with an attention pool but no open_clip stem (CRIS.pytorch's own copy)
+    foreign.visual.attnpool = nn.Module()
+    with pytest.raises(ValueError, match="is a ResNet but not open_clip's ModifiedResNet.*'stem'.*create_model\\('RN50'"):
+        OpenCLIPTowers(foreign, tok)
     pooled = tiny_clip()
     pooled.visual.attn_pool = nn.Identity()
     with pytest.raises(ValueError, match="attention pooling"):
@@ -138,6 +143,62 @@ def test_towers_name_bad_inputs():
         towers.embed_text(torch.zeros(2, 17))
     with pytest.raises(ValueError, match="2..77 columns"):
         towers.embed_text(torch.zeros(2, 78, dtype=torch.long))
+
+
+# -- CLIP's ModifiedResNet (CRIS's RN50/RN101) ----------------------------------------------------
+
+
+def tiny_resnet_clip(seed: int = 0) -> open_clip.CLIP:
+    """open_clip's CLIP with a ModifiedResNet image tower at 64 px: stem 16x16, C5 2x2."""
+    torch.manual_seed(seed)
+    vision = open_clip.model.CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, head_width=16, image_size=64)
+    text = open_clip.model.CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+    return open_clip.model.CLIP(32, vision, text).eval()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])  # train: BatchNorm on batch statistics
+def test_resnet_towers_equal_open_clips_own_encoders(mode):
+    clip, tok = tiny_resnet_clip(), tokenizer()
+    towers = OpenCLIPTowers(clip, tok, layers=(3, 1, 2))
+    x, ids = images(), tok(SENTENCES, context_length=16)
+    getattr(clip, mode)()
+    with torch.no_grad():
+        embedded = towers.embed_image(x)
+        visual = towers.encode_image(embedded)
+        assert torch.equal(visual.pooled, clip.encode_image(x))
+        assert torch.equal(towers.encode_text(towers.embed_text(ids)).pooled, clip.encode_text(ids))
+        stages = clip.visual.forward_intermediates(x, indices=[0, 2, 3, 4], intermediates_only=True)["image_intermediates"]
+    assert torch.equal(embedded.tokens, rearrange(stages[0], "b c h w -> b (h w) c"))  # the stem's output, before layer1
+    assert embedded.grid == (16, 16) and embedded.candidates is None and towers.image_embed_dim == 8
+    for level, stage in zip(visual.context.levels, (stages[3], stages[1], stages[2])):  # C5, C3, C4: the order asked
+        assert torch.equal(level, stage)
+    assert visual.tokens.shape == (2, 4, 32) and visual.grid == (2, 2) and visual.context.grid == (2, 2)
+
+
+def test_resnet_tokens_are_the_attention_pools_output_at_each_c5_position():
+    """Oracle: the pool's attention written out by hand (mean token prepended, every position a query)."""
+    clip = tiny_resnet_clip()
+    towers = OpenCLIPTowers(clip, tokenizer())
+    with torch.no_grad():
+        visual = towers.encode_image(towers.embed_image(images()))
+        c5 = clip.visual.forward_intermediates(images(), indices=[4], intermediates_only=True)["image_intermediates"][0]
+        pool = clip.visual.attnpool
+        x = rearrange(c5, "b c h w -> b (h w) c")
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding  # (B, 1 + 4, C)
+        split = lambda t: rearrange(t, "b n (k d) -> b k n d", k=pool.num_heads)  # noqa: E731
+        q, k, v = (split(proj(x)) for proj in (pool.q_proj, pool.k_proj, pool.v_proj))
+        attended = rearrange(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v, "b k n d -> b n (k d)")
+        expected = pool.c_proj(attended)  # (B, 1 + 4, D)
+    torch.testing.assert_close(visual.pooled, expected[:, 0])
+    torch.testing.assert_close(visual.tokens, expected[:, 1:])
+
+
+def test_resnet_towers_name_bad_sizes_and_stages():
+    towers = OpenCLIPTowers(tiny_resnet_clip(), tokenizer())
+    with pytest.raises(ValueError, match="images of 96x96 px give a 3x3 grid of 32x32 px cells.*attention pool's position embedding holds 4"):
+        towers.embed_image(images(size=96))
+    with pytest.raises(ValueError, match="residual stage indices"):
+        OpenCLIPTowers(tiny_resnet_clip(), tokenizer(), layers=(4,))
 
 
 # -- OpenAI CLIP's layout (the CLIP vendored in CRIS.pytorch and ETRIS) ----------------------------

@@ -15,7 +15,9 @@ transformers = pytest.importorskip("transformers")
 import masksd  # noqa: E402
 from masksd import MaskSD, MaskSDConfig  # noqa: E402
 from masksd.adapter import Features  # noqa: E402
-from masksd.integrations import CLIPSegSegmenter, HFCLIPTowers, ImageContext, TextContext, TowerSegmenter  # noqa: E402
+from masksd.integrations import (  # noqa: E402
+    CLIPSegSegmenter, HFCLIPTowers, HFSiglipTowers, ImageContext, TextContext, TowerSegmenter,
+)
 from masksd.integrations.clipseg import CLIPSegImageContext  # noqa: E402
 from masksd.integrations.hfclip import require_transformers  # noqa: E402
 
@@ -175,6 +177,91 @@ def test_hfclip_holds_the_models_own_modules_less_logit_scale():
     assert towers.vision_model is model.vision_model and towers.text_projection is model.text_projection
 
 
+# -- HFSiglipTowers ---------------------------------------------------------------------------
+
+SIGLIP_PAD, SIGLIP_UNK = 1, 2  # SigLIP's tokenizer pads with its end-of-text token "</s>" (id 1)
+
+
+def tiny_siglip(image_size: int = 32, attn: str = "sdpa") -> nn.Module:
+    torch.manual_seed(0)
+    model = transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=8, pad_token_id=SIGLIP_PAD, projection_size=32),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8),
+    ))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def siglip_texts() -> dict[str, torch.Tensor]:
+    """As SigLIP is tokenized: padding="max_length" with "</s>", no attention mask; an unknown word in the first."""
+    return {"input_ids": torch.tensor([[5, SIGLIP_UNK, 7, 8, SIGLIP_PAD, SIGLIP_PAD, SIGLIP_PAD, SIGLIP_PAD],
+                                       [9, 10, SIGLIP_PAD, SIGLIP_PAD, SIGLIP_PAD, SIGLIP_PAD, SIGLIP_PAD, SIGLIP_PAD]])}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_siglip_pooled_features_equal_the_librarys(attn, masked):
+    model, x, texts = tiny_siglip(attn=attn), pixels(), siglip_texts()
+    if masked:  # a tokenizer that returns an attention mask: the encoder then skips the padding
+        texts["attention_mask"] = (texts["input_ids"] != SIGLIP_PAD).long()
+    towers = HFSiglipTowers(model, layers=(1, 0), special_token_ids=(SIGLIP_PAD, SIGLIP_UNK))
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        visual = towers.encode_image(towers.embed_image(x))
+        text = towers.encode_text(towers.embed_text(texts))
+        image_out = model.get_image_features(x, output_hidden_states=True)
+        text_out = model.get_text_features(**texts)
+        assert torch.equal(visual.pooled, image_out.pooler_output), mode
+        assert torch.equal(text.pooled, text_out.pooler_output), mode
+    assert torch.equal(text.tokens, model.text_model.head(text_out.last_hidden_state))  # every position through the head
+    assert visual.tokens.shape == (2, 16, 32) and visual.grid == GRID and visual.context.grid == GRID
+    for level, index in zip(visual.context.levels, (1, 0)):  # in the order asked
+        assert torch.equal(level, image_out.hidden_states[index + 1].transpose(1, 2).reshape(2, 32, *GRID))
+
+
+def test_siglip_image_tokens_are_what_the_pooling_head_gives_for_one_patch():
+    """The per-token reading's oracle: with a single patch the head's probe attends to it alone, so the
+    pooled feature is that patch's token; and the value path is what the library's head computes per patch."""
+    model = tiny_siglip(image_size=8)
+    towers = HFSiglipTowers(model, special_token_ids=(SIGLIP_PAD,))
+    with torch.no_grad():
+        visual = towers.encode_image(towers.embed_image(pixels(size=8)))
+    assert visual.tokens.shape == (2, 1, 32)
+    torch.testing.assert_close(visual.tokens[:, 0], visual.pooled)
+    states = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for i in range(5):
+            torch.testing.assert_close(towers.head_value_path(states)[:, i], model.vision_model.head(states[:, i : i + 1]))
+
+
+def test_siglip_candidates_are_the_words_before_the_first_pad():
+    towers = HFSiglipTowers(tiny_siglip(), special_token_ids=(SIGLIP_PAD, SIGLIP_UNK))
+    embedded = towers.embed_text(siglip_texts())
+    assert embedded.candidates.tolist() == [[True, False, True, True] + [False] * 4, [True, True] + [False] * 6]
+    assert embedded.grid is None and towers.embed_image(pixels()).grid == GRID
+    padding = towers.encode_text(embedded).context.padding
+    assert padding.tolist() == [[False] * 5 + [True] * 3, [False] * 3 + [True] * 5]  # the end-of-text token is kept
+    full = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]] * 2)}  # truncated without "</s>": the pooled last position
+    assert towers.embed_text(full).candidates[:, -1].tolist() == [False, False]
+    tokenizer = SimpleNamespace(all_special_ids=[SIGLIP_PAD, SIGLIP_UNK], pad_token_id=SIGLIP_PAD)
+    assert HFSiglipTowers(tiny_siglip(), tokenizer=tokenizer).special_token_ids == frozenset({SIGLIP_PAD, SIGLIP_UNK})
+
+
+def test_siglip_towers_refuse_what_they_cannot_match():
+    with pytest.raises(TypeError, match="model must be a transformers SiglipModel.*got CLIPModel"):
+        HFSiglipTowers(tiny_clip(), special_token_ids=(1,))
+    with pytest.raises(ValueError, match="tokenizer.*SigLIP config's bos/eos ids"):
+        HFSiglipTowers(tiny_siglip())
+    headless = tiny_siglip()
+    headless.vision_model.use_head = False
+    with pytest.raises(ValueError, match="no pooling head"):
+        HFSiglipTowers(headless, special_token_ids=(1,))
+    with pytest.raises(ValueError, match=r"40x40 px.*32x32"):
+        HFSiglipTowers(tiny_siglip(), special_token_ids=(1,)).embed_image(pixels(size=40))
+
+
 # -- CLIPSegSegmenter -------------------------------------------------------------------------
 
 
@@ -285,13 +372,8 @@ def test_bad_images_are_named():
 def test_models_that_are_not_clip_are_refused_by_name():
     with pytest.raises(TypeError, match="model must be a transformers CLIPModel.*got Linear"):
         HFCLIPTowers(nn.Linear(2, 2))
-    siglip = transformers.SiglipModel(transformers.SiglipConfig(
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         max_position_embeddings=16, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8),
-    ))
-    with pytest.raises(TypeError, match="SiglipModel: SigLIP pools images with an attention-pooling head"):
-        HFCLIPTowers(siglip)
+    with pytest.raises(TypeError, match=r"SiglipModel: .*masksd.integrations.HFSiglipTowers\(model"):
+        HFCLIPTowers(tiny_siglip())
     clipseg = tiny_clipseg()
     with pytest.raises(TypeError, match=r"CLIPSegSegmenter\(model\).*HFCLIPTowers\(model.clip\)"):
         HFCLIPTowers(clipseg)

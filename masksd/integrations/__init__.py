@@ -1,8 +1,9 @@
 """Ready-made adapters for the model families RIS code is built on.
 
-- :class:`OpenCLIPTowers`: an open_clip ``CLIP`` (or a module with OpenAI CLIP's attribute layout,
-  as the CLIP vendored in CRIS.pytorch and ETRIS) split at the patch and token embeddings.
+- :class:`OpenCLIPTowers`: an open_clip ``CLIP`` with a ViT or ``ModifiedResNet`` image tower (or a
+  module with OpenAI CLIP's ViT attribute layout) split at the patch (or stem) and token embeddings.
 - :class:`HFCLIPTowers`: the same for a transformers ``CLIPModel``.
+- :class:`HFSiglipTowers`: the same for a transformers ``SiglipModel`` (attention-pooled images).
 - :class:`TowerSegmenter`: towers plus your decode head -> a segmenter MaskSD wraps.
 - :class:`CLIPSegSegmenter`: transformers ``CLIPSegForImageSegmentation`` as a segmenter.
 
@@ -13,10 +14,11 @@ extra named in the error (``pip install "masksd[open_clip]"`` or ``"masksd[trans
 from masksd._lazy import lazy_exports
 from masksd.integrations.towers import ImageContext, TextContext, Towers, TowerSegmenter
 
-__all__ = ["CLIPSegSegmenter", "HFCLIPTowers", "ImageContext", "OpenCLIPTowers", "TextContext", "TowerSegmenter", "Towers"]
+__all__ = ["CLIPSegSegmenter", "HFCLIPTowers", "HFSiglipTowers", "ImageContext", "OpenCLIPTowers", "TextContext", "TowerSegmenter", "Towers"]
 
 __getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported on first use
     "OpenCLIPTowers": "masksd.integrations.openclip",
     "HFCLIPTowers": "masksd.integrations.hfclip",
+    "HFSiglipTowers": "masksd.integrations.siglip",
     "CLIPSegSegmenter": "masksd.integrations.clipseg",
 })

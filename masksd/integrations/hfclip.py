@@ -86,9 +86,8 @@ class HFCLIPTowers(nn.Module):
     not used (CLIPTextConfig's default 1 is the word ``"``), padding being excluded by the attention
     mask and by its place after the end-of-text token.
 
-    Refuses (TypeError naming the class) any model other than ``CLIPModel``/``CLIPSegModel``;
-    ``SiglipModel`` by name, since its attention-pooling head and last-token text pooling are not
-    reproduced here.
+    Refuses (TypeError naming the class) any model other than ``CLIPModel``/``CLIPSegModel``; a
+    ``SiglipModel`` is pointed to :class:`~masksd.integrations.HFSiglipTowers`, its sibling.
     """
 
     def __init__(
@@ -135,30 +134,14 @@ class HFCLIPTowers(nn.Module):
         patch embeddings before the class token and the position embedding; every patch a candidate;
         context = :class:`PatchLayout`."""
         embeddings = self.vision_model.embeddings
-        channels = embeddings.patch_embedding.in_channels
-        if (
-            not torch.is_tensor(pixel_values)
-            or pixel_values.dim() != 4
-            or pixel_values.shape[1] != channels
-            or not pixel_values.is_floating_point()
-        ):
-            raise ValueError(
-                f"pixel_values must be a float tensor (B, {channels}, H, W) (the processor's inputs['pixel_values']), "
-                f"got {describe(pixel_values)}"
-            )
-        height, width = int(pixel_values.shape[2]), int(pixel_values.shape[3])
-        if not self.interpolate_pos_encoding and (height, width) != (self.image_size, self.image_size):
-            raise ValueError(
-                f"pixel_values are {height}x{width} px but the vision model was built for "
-                f"{self.image_size}x{self.image_size} and its position embedding is not interpolated "
-                f"(interpolate_pos_encoding=False, the library's default here): resize the images or build "
-                f"the towers with interpolate_pos_encoding=True"
-            )
+        height, width = check_pixel_values(
+            pixel_values, embeddings.patch_embedding.in_channels, self.image_size, self.interpolate_pos_encoding
+        )
         weight = embeddings.patch_embedding.weight
         patches = embeddings.patch_embedding(pixel_values.to(dtype=weight.dtype))  # (B, Cv, h, w)
         grid = (int(patches.shape[2]), int(patches.shape[3]))
         tokens = rearrange(patches, "b c h w -> b (h w) c")  # (B, N, Cv)
-        return Embeddings(tokens=tokens, candidates=None, context=PatchLayout(grid, (height, width)))
+        return Embeddings(tokens=tokens, candidates=None, context=PatchLayout(grid, (height, width)), grid=grid)
 
     def encode_image(self, embedded: Embeddings) -> Features:
         """Patch embeddings -> Features: tokens (B, N, D) and pooled (B, D) through ``post_layernorm``
@@ -207,7 +190,7 @@ class HFCLIPTowers(nn.Module):
         ``position_ids``; a BatchEncoding or dict) -> Embeddings: (B, L, Ct) token embeddings before the
         position embedding; candidates (B, L) True only at real words (not a special id, not padding,
         before the pooled end-of-text token); context = :class:`TokenInputs`."""
-        input_ids, attention_mask, position_ids = self._read_texts(texts)
+        input_ids, attention_mask, position_ids = read_token_inputs(texts, self.max_length)
         tokens = self.text_model.embeddings.token_embedding(input_ids)  # (B, L, Ct)
         eos = self.pooled_positions(input_ids)  # (B,)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (L,)
@@ -255,7 +238,7 @@ class HFCLIPTowers(nn.Module):
         vocabulary, and every text holding the end-of-text token the model pools at. Raises a
         ValueError naming ``texts`` and the samples. ``MaskSD.check_inputs`` calls it."""
         self.embed_image(images)
-        input_ids, _, _ = self._read_texts(texts)
+        input_ids, _, _ = read_token_inputs(texts, self.max_length)
         vocab = self.text_model.embeddings.token_embedding.num_embeddings
         outside = ((input_ids < 0) | (input_ids >= vocab)).any(dim=1)
         if bool(outside.any()):
@@ -269,35 +252,61 @@ class HFCLIPTowers(nn.Module):
                     f"truncation keeping the end-of-text token)"
                 )
 
-    def _read_texts(self, texts: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        if not isinstance(texts, Mapping) or "input_ids" not in texts:
-            keys = f" with keys {sorted(texts)}" if isinstance(texts, Mapping) else ""
-            raise TypeError(
-                f"texts must be the tokenizer's mapping with 'input_ids' (and 'attention_mask'), e.g. "
-                f"tokenizer(sentences, padding=True, return_tensors='pt'); got {type(texts).__name__}{keys}"
-            )
-        input_ids = texts["input_ids"]
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-            raise ValueError(
-                f"texts['input_ids'] must be an integer tensor (B, L) (tokenize with return_tensors='pt'), got {describe(input_ids)}"
-            )
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(
-                f"texts['input_ids'] has {input_ids.shape[1]} tokens, more than the text model's "
-                f"{self.max_length} positions: tokenize with truncation=True, max_length={self.max_length}"
-            )
-        attention_mask = texts.get("attention_mask")
-        if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape):
-            raise ValueError(
-                f"texts['attention_mask'] must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {describe(attention_mask)}"
-            )
-        position_ids = texts.get("position_ids")
-        if position_ids is not None and (not torch.is_tensor(position_ids) or position_ids.shape[-1] != input_ids.shape[1]):
-            raise ValueError(f"texts['position_ids'] must be a tensor (B, {input_ids.shape[1]}), got {describe(position_ids)}")
-        return input_ids, attention_mask, position_ids
+# -- helpers shared with clipseg.py and siglip.py ------------------------------------------------
 
 
-# -- helpers shared with clipseg.py ------------------------------------------------------------
+def read_token_inputs(texts: Any, max_length: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(input_ids, attention_mask, position_ids) of the tokenizer's mapping ``texts``, or an error naming
+    ``texts`` and what was expected; at most ``max_length`` tokens (the text model's positions)."""
+    if not isinstance(texts, Mapping) or "input_ids" not in texts:
+        keys = f" with keys {sorted(texts)}" if isinstance(texts, Mapping) else ""
+        raise TypeError(
+            f"texts must be the tokenizer's mapping with 'input_ids' (and 'attention_mask'), e.g. "
+            f"tokenizer(sentences, padding=True, return_tensors='pt'); got {type(texts).__name__}{keys}"
+        )
+    input_ids = texts["input_ids"]
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(
+            f"texts['input_ids'] must be an integer tensor (B, L) (tokenize with return_tensors='pt'), got {describe(input_ids)}"
+        )
+    if input_ids.shape[1] > max_length:
+        raise ValueError(
+            f"texts['input_ids'] has {input_ids.shape[1]} tokens, more than the text model's "
+            f"{max_length} positions: tokenize with truncation=True, max_length={max_length}"
+        )
+    attention_mask = texts.get("attention_mask")
+    if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape):
+        raise ValueError(
+            f"texts['attention_mask'] must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {describe(attention_mask)}"
+        )
+    position_ids = texts.get("position_ids")
+    if position_ids is not None and (not torch.is_tensor(position_ids) or position_ids.shape[-1] != input_ids.shape[1]):
+        raise ValueError(f"texts['position_ids'] must be a tensor (B, {input_ids.shape[1]}), got {describe(position_ids)}")
+    return input_ids, attention_mask, position_ids
+
+
+def check_pixel_values(pixel_values: Any, channels: int, image_size: int, interpolate: bool) -> tuple[int, int]:
+    """(H, W) of ``pixel_values``, or a ValueError naming it unless it is a float (B, channels, H, W)
+    tensor at the model's ``image_size`` (any size when the position embedding is ``interpolate``d)."""
+    if (
+        not torch.is_tensor(pixel_values)
+        or pixel_values.dim() != 4
+        or pixel_values.shape[1] != channels
+        or not pixel_values.is_floating_point()
+    ):
+        raise ValueError(
+            f"pixel_values must be a float tensor (B, {channels}, H, W) (the processor's inputs['pixel_values']), "
+            f"got {describe(pixel_values)}"
+        )
+    height, width = int(pixel_values.shape[2]), int(pixel_values.shape[3])
+    if not interpolate and (height, width) != (image_size, image_size):
+        raise ValueError(
+            f"pixel_values are {height}x{width} px but the vision model was built for "
+            f"{image_size}x{image_size} and its position embedding is not interpolated "
+            f"(interpolate_pos_encoding=False, the library's default here): resize the images or build "
+            f"the towers with interpolate_pos_encoding=True"
+        )
+    return height, width
 
 
 def _check_clip_model(model: object) -> None:
@@ -306,8 +315,8 @@ def _check_clip_model(model: object) -> None:
     name = type(model).__name__
     if "siglip" in name.lower():
         raise TypeError(
-            f"model is a {name}: SigLIP pools images with an attention-pooling head (vision_model.head) and text "
-            f"at the last token through its own head, which HFCLIPTowers does not reproduce; use a CLIPModel"
+            f"model is a {name}: SigLIP pools images with an attention-pooling head and text at the last token; "
+            f"split it with masksd.integrations.HFSiglipTowers(model, ...)"
         )
     if isinstance(model, transformers.CLIPSegForImageSegmentation):
         raise TypeError(
@@ -357,12 +366,18 @@ def resolve_special_ids(text_config: Any, tokenizer: Any, special_token_ids: Ite
 
 def causal_mask_helper(text_model: nn.Module) -> Callable[..., Any]:
     """The ``create_causal_mask`` that the text model's own module calls in its forward."""
-    helper = getattr(sys.modules.get(type(text_model).__module__), "create_causal_mask", None)
+    return mask_helper(text_model, "create_causal_mask")
+
+
+def mask_helper(text_model: nn.Module, name: str) -> Callable[..., Any]:
+    """The mask helper ``name`` (``create_causal_mask``, ``create_bidirectional_mask``) that the text model's
+    own module calls in its forward, or an ImportError naming the transformers version."""
+    helper = getattr(sys.modules.get(type(text_model).__module__), name, None)
     if helper is None:
         transformers = require_transformers()
         raise ImportError(
             f"{type(text_model).__name__} in transformers {transformers.__version__} does not build its mask with "
-            f"create_causal_mask; masksd's integration follows transformers>=5: {INSTALL_HINT}"
+            f"{name}; masksd's integration follows transformers>=5: {INSTALL_HINT}"
         )
     return helper
 

@@ -9,10 +9,19 @@ that ``encode_image(embed_image(x)).pooled`` equals ``clip.encode_image(x)`` and
 
 Two layouts are read, by their attributes (open_clip itself is not imported):
 
-- open_clip's ``CLIP`` with a ``VisionTransformer`` image tower (``text_pool_type``, ``attn_mask``
-  on the model, ``batch_first`` transformers);
-- OpenAI's CLIP layout, as vendored in CRIS.pytorch and ETRIS (the causal mask stored in each text
-  block, sequence-first transformers, argmax pooling).
+- open_clip's ``CLIP`` (``text_pool_type``, ``attn_mask`` on the model, ``batch_first`` transformers);
+- OpenAI's CLIP layout (the causal mask stored in each text block, sequence-first transformers,
+  argmax pooling), as the ViT CLIP vendored in ETRIS and CRIS.pytorch's ports to ViT.
+
+and two image towers:
+
+- a ``VisionTransformer``: masked at the patch embeddings, before the class token and the position
+  embedding; ``Features.tokens`` are the patch tokens through ``ln_post`` and ``proj``;
+- open_clip's ``ModifiedResNet`` (CLIP RN50/RN101, CRIS's backbones): masked at the stem's output
+  (after conv1..3 and the average pool, before ``layer1``), one token per 4x4 pixels on a declared
+  ``Embeddings.grid``; ``Features.tokens`` are the attention pool's output at every C5 position (the
+  pool's own call computes a query per position and keeps the first, the mean token, as the pooled
+  feature), on the C5 grid (``Features.grid``), 1/8 of the stem grid each way.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 from masksd.adapter import Embeddings, Features, describe
 from masksd.integrations.towers import ImageContext, TextContext
@@ -30,6 +40,12 @@ from masksd.integrations.towers import ImageContext, TextContext
 __all__ = ["OpenCLIPTowers", "special_ids_of"]
 
 _VIT_PARTS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+_RESNET_PARTS = ("stem", "conv3", "layer1", "layer2", "layer3", "layer4", "attnpool")
+_POOL_PARTS = ("positional_embedding", "q_proj", "k_proj", "v_proj", "c_proj", "num_heads")
+RESNET_STAGES = 4
+"""Residual stages of a ``ModifiedResNet`` (``layer1`` ... ``layer4``: C2, C3, C4, C5)."""
+RESNET_REDUCTION = 8
+"""How much smaller the C5 grid is than the stem's, each way (three stride-2 stages)."""
 _TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 
 
@@ -37,19 +53,20 @@ class OpenCLIPTowers(nn.Module):
     """The image and text towers of a CLIP, split at the patch and token embeddings for MaskSD.
 
     Args:
-        clip: an open_clip ``CLIP`` with a ViT image tower (``open_clip.create_model("ViT-B-16", ...)``),
-            or a module with OpenAI CLIP's attributes (``visual.conv1`` ... ``visual.proj``,
-            ``token_embedding`` ... ``text_projection``).
+        clip: an open_clip ``CLIP`` with a ViT image tower (``open_clip.create_model("ViT-B-16", ...)``)
+            or a ``ModifiedResNet`` one (``open_clip.create_model("RN50", ...)``), or a module with OpenAI
+            CLIP's attributes (``visual.conv1`` ... ``visual.proj``, ``token_embedding`` ... ``text_projection``).
         tokenizer: the model's tokenizer (``open_clip.get_tokenizer(name)``, or any object with
             ``all_special_ids``, ``sot_token_id``/``eot_token_id`` or an ``encoder`` dict holding
             ``<|startoftext|>``/``<|endoftext|>``): where the special token ids come from.
-        layers: 0-based image blocks whose outputs :meth:`encode_image` returns in
-            ``ImageContext.levels`` (e.g. ``(3, 7, 11)`` for CRIS's three levels of ViT-B).
+        layers: whose outputs :meth:`encode_image` returns in ``ImageContext.levels``: 0-based blocks of a
+            ViT (e.g. ``(3, 7, 11)`` for CRIS's three levels of ViT-B), 0-based residual stages of a
+            ResNet (``(1, 2, 3)``: ``layer2``..``layer4``, the C3, C4, C5 maps CRIS reads).
         special_token_ids: instead of ``tokenizer``, the ids that are never words.
 
-    Refuses (ValueError naming the reason) what it cannot split exactly: a non-ViT image tower
-    (``ModifiedResNet``, timm), attention pooling, ``final_ln_after_pool``, patch dropout, a
-    separate text tower (``CustomTextCLIP``), text pooling other than the end-of-text token.
+    Refuses (ValueError naming the reason) what it cannot split exactly: an image tower that is neither
+    a ViT nor open_clip's ``ModifiedResNet`` (timm), a ViT's attention pooling, ``final_ln_after_pool``,
+    patch dropout, a separate text tower (``CustomTextCLIP``), text pooling other than the end-of-text token.
     """
 
     def __init__(
@@ -62,7 +79,7 @@ class OpenCLIPTowers(nn.Module):
         super().__init__()
         if not isinstance(clip, nn.Module):
             raise TypeError(f"clip must be an nn.Module (an open_clip CLIP), got {type(clip).__name__}")
-        self.layout = _check_splittable(clip)
+        self.layout, self.image_tower = _check_splittable(clip)
         visual = clip.visual
         self.visual = visual
         self.token_embedding = clip.token_embedding
@@ -91,38 +108,57 @@ class OpenCLIPTowers(nn.Module):
         if self.text_pool_type == "eos" and self.text_eos_id is None:
             raise ValueError("clip pools text at 'eos' but has no text_eos_id")
 
-        depth = len(visual.transformer.resblocks)
+        if self.image_tower == "vit":
+            depth, unit = len(visual.transformer.resblocks), "block indices below the image tower's depth"
+            self.image_embed_dim = visual.conv1.out_channels
+            patch = visual.conv1.kernel_size
+        else:
+            depth, unit = RESNET_STAGES, "residual stage indices (layer1..layer4) below"
+            self.image_embed_dim = visual.conv3.out_channels  # the stem's width
+            patch = (4, 4)  # the stem's stride-2 conv1 and 2x2 average pool
         layers = tuple(int(i) for i in layers)
         if any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct 0-based block indices below the image tower's depth {depth}, got {layers}")
+            raise ValueError(f"layers must be distinct 0-based {unit} {depth}, got {layers}")
         self.layers = layers
-        self.image_embed_dim = visual.conv1.out_channels
         self.text_embed_dim = self.token_embedding.embedding_dim
-        patch = visual.conv1.kernel_size
         self.patch_size = (int(patch[0]), int(patch[1]))
 
     # -- image ----------------------------------------------------------------------------------
 
     def embed_image(self, images: torch.Tensor) -> Embeddings:
-        """(B, 3, H, W) float images -> Embeddings: (B, N, Cv) patch embeddings before the class token
-        and the position embedding; every patch a candidate; context = the (h, w) grid."""
+        """(B, 3, H, W) float images -> Embeddings: (B, N, Cv) tokens where MaskSD masks (a ViT's patch
+        embeddings before the class token and the position embedding; a ResNet's stem output, one token
+        per 4x4 pixels), on ``grid`` (h, w); every token a candidate; context = the grid."""
         if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"images must be a float tensor (B, 3, H, W), got {describe(images)}")
-        grid = (images.shape[2] // self.patch_size[0], images.shape[3] // self.patch_size[1])
-        positions = self.visual.positional_embedding.shape[0] - 1
-        if grid[0] * grid[1] != positions or images.shape[2] % self.patch_size[0] or images.shape[3] % self.patch_size[1]:
+        self._check_image_size(images.shape[2], images.shape[3])
+        images = images.to(self.visual.conv1.weight.dtype)
+        x = self.visual.conv1(images) if self.image_tower == "vit" else self.visual.stem(images)  # (B, Cv, h, w)
+        grid = (int(x.shape[2]), int(x.shape[3]))
+        return Embeddings(rearrange(x, "b c h w -> b (h w) c"), candidates=None, context=grid, grid=grid)  # (B, N, Cv)
+
+    def _check_image_size(self, height: int, width: int) -> None:
+        """A ValueError unless (height, width) give the grid the image tower's position embedding holds."""
+        if self.image_tower == "vit":
+            stride, positions, embedding = self.patch_size, self.visual.positional_embedding.shape[0] - 1, "image tower's"
+        else:
+            side = self.patch_size[0] * RESNET_REDUCTION
+            stride, positions, embedding = (side, side), self.visual.attnpool.positional_embedding.shape[0] - 1, "attention pool's"
+        grid = (height // stride[0], width // stride[1])
+        if grid[0] * grid[1] != positions or height % stride[0] or width % stride[1]:
             raise ValueError(
-                f"images of {images.shape[2]}x{images.shape[3]} px give a {grid[0]}x{grid[1]} grid of "
-                f"{self.patch_size[0]}x{self.patch_size[1]} patches, but the image tower's position embedding holds "
-                f"{positions} patch positions: resize the images, or build the model at this size "
-                f"(open_clip.create_model(..., force_image_size=...) interpolates the position embedding)"
+                f"images of {height}x{width} px give a {grid[0]}x{grid[1]} grid of {stride[0]}x{stride[1]} px cells, "
+                f"but the {embedding} position embedding holds {positions} positions: resize the images, or build the "
+                f"model at this size (open_clip.create_model(..., force_image_size=...) interpolates a ViT's position embedding)"
             )
-        x = self.visual.conv1(images.to(self.visual.conv1.weight.dtype))  # (B, Cv, h, w)
-        return Embeddings(rearrange(x, "b c h w -> b (h w) c"), candidates=None, context=grid)  # (B, N, Cv)
 
     def encode_image(self, embedded: Embeddings) -> Features:
-        """Patch embeddings -> Features: tokens (B, N, D) and pooled (B, D) in the joint space (through
-        ``ln_post`` and ``proj``; pooled equals ``clip.encode_image``), context = :class:`ImageContext`."""
+        """Image embeddings -> Features: tokens (B, N, D) and pooled (B, D) in the joint space (pooled equals
+        ``clip.encode_image``), context = :class:`ImageContext`. A ViT's tokens are its patch tokens through
+        ``ln_post`` and ``proj``; a ResNet's are the attention pool's outputs at the C5 positions, on
+        ``Features.grid`` (see :meth:`attention_pool`)."""
+        if self.image_tower == "resnet":
+            return self._encode_resnet(embedded)
         visual, patches = self.visual, embedded.tokens
         grid = embedded.context
         cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(patches.shape[0], -1, -1)  # (B, 1, Cv)
@@ -139,6 +175,39 @@ class OpenCLIPTowers(nn.Module):
         pooled, tokens = self.project_image(visual.ln_post(x))
         ordered = tuple(level for _, level in sorted(levels, key=lambda item: self.layers.index(item[0])))
         return Features(tokens=tokens, pooled=pooled, context=ImageContext(ordered, tuple(grid)))
+
+    def _encode_resnet(self, embedded: Embeddings) -> Features:
+        """Stem tokens (B, N, Cv) -> the residual stages, the requested stages' maps, the attention pool."""
+        grid = embedded.context
+        x = rearrange(embedded.tokens, "b (h w) c -> b c h w", h=grid[0]).contiguous()  # (B, Cv, h, w), as the stem left it
+        levels = {}
+        for index in range(RESNET_STAGES):
+            x = getattr(self.visual, f"layer{index + 1}")(x)  # (B, C_i, h / 2^i, w / 2^i)
+            if index in self.layers:
+                levels[index] = x
+        pooled, tokens = self.attention_pool(x)
+        c5 = (int(x.shape[2]), int(x.shape[3]))
+        context = ImageContext(tuple(levels[i] for i in self.layers), c5)
+        return Features(tokens=tokens, pooled=pooled, context=context, grid=c5)
+
+    def attention_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) C5 map -> pooled (B, D), tokens (B, h*w, D): the attention pool's one call, as
+        ``AttentionPool2d.forward`` makes it (the mean token prepended, the position embedding added, every
+        position a query), keeping every output: the mean token's is the pooled feature (equal to
+        ``clip.encode_image``), each position's the joint-space token there (CRIS reads the same per-position
+        outputs, from a pool without the mean token and with a residual conv of its own)."""
+        pool = self.visual.attnpool
+        x = rearrange(x, "b c h w -> (h w) b c")  # (N5, B, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)  # (1 + N5, B, C)
+        x, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+            use_separate_proj_weight=True, training=pool.training, need_weights=False,
+        )  # (1 + N5, B, D)
+        return x[0], rearrange(x[1:], "n b d -> b n d")
 
     # -- text -----------------------------------------------------------------------------------
 
@@ -230,23 +299,37 @@ def special_ids_of(tokenizer: Any) -> frozenset[int]:
     )
 
 
-def _check_splittable(clip: nn.Module) -> str:
-    """'open_clip' or 'openai' (the layout), or a ValueError naming every reason the split would not be exact."""
+def _check_splittable(clip: nn.Module) -> tuple[str, str]:
+    """(layout, image tower): 'open_clip' or 'openai', 'vit' or 'resnet'; or a ValueError naming every
+    reason the split would not be exact."""
     name = type(clip).__name__
     if hasattr(clip, "text") and not hasattr(clip, "token_embedding"):
         raise ValueError(
             f"{name} has a separate text tower (open_clip CustomTextCLIP: SigLIP, CoCa, HF text towers): "
-            f"its pooling and padding masks are not reproduced; use a model with CLIP's own text tower"
+            f"its pooling and padding masks are not reproduced; use a model with CLIP's own text tower "
+            f"(for SigLIP, transformers' SiglipModel with masksd.integrations.HFSiglipTowers)"
         )
     visual = getattr(clip, "visual", None)
-    problems = []
+    problems, tower = [], "vit"
     missing = [part for part in _VIT_PARTS if not hasattr(visual, part)] if visual is not None else ["visual"]
-    if missing:
-        problems.append(f"image tower {type(visual).__name__} is not a ViT (missing {missing}; e.g. ModifiedResNet, timm)")
+    if missing and visual is not None and hasattr(visual, "attnpool"):  # a ResNet: CLIP RN50/RN101
+        tower = "resnet"
+        missing = [part for part in _RESNET_PARTS if not hasattr(visual, part)]
+        missing += [f"attnpool.{part}" for part in _POOL_PARTS if not hasattr(visual.attnpool, part)]
+        if missing:
+            problems.append(
+                f"image tower {type(visual).__name__} is a ResNet but not open_clip's ModifiedResNet (missing {missing}): "
+                f"build it with open_clip (open_clip.create_model('RN50', pretrained=...) loads OpenAI's weights)"
+            )
+    elif missing:
+        problems.append(
+            f"image tower {type(visual).__name__} is neither a ViT nor open_clip's ModifiedResNet (missing {missing}; "
+            f"e.g. timm): write an adapter for it (docs/families.md)"
+        )
     missing_text = [part for part in _TEXT_PARTS if not hasattr(clip, part)]
     if missing_text:
         problems.append(f"text tower attributes missing: {missing_text}")
-    if not missing:
+    if not missing and tower == "vit":
         if getattr(visual, "attn_pool", None) is not None:
             problems.append("attention pooling in the image tower (not reproduced)")
         if getattr(visual, "pool_type", "tok") not in ("tok", "avg"):
@@ -263,7 +346,7 @@ def _check_splittable(clip: nn.Module) -> str:
         problems.append("a text tower without a causal mask")
     if problems:
         raise ValueError(f"{name} cannot be split exactly at the embeddings: " + "; ".join(problems))
-    return layout
+    return layout, tower
 
 
 def _batch_first(transformer: nn.Module) -> bool:

@@ -17,9 +17,10 @@ class ImageContext(NamedTuple):
     """``Features.context`` of a tower's ``encode_image``."""
 
     levels: tuple[torch.Tensor, ...]
-    """(B, C, h, w) outputs of the requested encoder blocks, class token dropped, in the order asked."""
+    """(B, C, h, w) outputs of the requested encoder blocks (a ViT's, class token dropped) or residual
+    stages (a ResNet's), in the order asked."""
     grid: tuple[int, int]
-    """(h, w) of the patch grid."""
+    """(h, w) of ``Features.tokens``: a ViT's patch grid, a ResNet's C5 grid."""
 
 
 class TextContext(NamedTuple):
