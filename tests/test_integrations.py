@@ -145,6 +145,31 @@ def test_towers_name_bad_inputs():
         towers.embed_text(torch.zeros(2, 78, dtype=torch.long))
 
 
+def test_encode_pair_runs_the_towers_in_lockstep_and_without_exchange_equals_the_two_encoders():
+    clip, tok = tiny_clip(), tokenizer()
+    towers = OpenCLIPTowers(clip, tok, layers=(2, 0))
+    ie, te = towers.embed_image(images()), towers.embed_text(tok(SENTENCES, context_length=17))
+    seen = []
+    with torch.no_grad():
+        visual, text = towers.encode_pair(ie, te, lambda i, v, t: (seen.append((i, v.shape, t.shape)), (v, t))[1])
+        assert torch.equal(visual.pooled, towers.encode_image(ie).pooled) and torch.equal(text.pooled, towers.encode_text(te).pooled)
+        assert torch.equal(visual.context.levels[0], towers.encode_image(ie).context.levels[0])
+        shifted, _ = towers.encode_pair(ie, te, lambda i, v, t: (v + t[:, :1].mean() if i == 1 else v, t))
+    depth = min(len(clip.visual.transformer.resblocks), len(clip.transformer.resblocks))  # 3 image blocks, 2 text blocks
+    assert seen == [(i, (2, 65, 64), (2, 17, 64)) for i in range(depth)]
+    assert torch.equal(shifted.context.levels[1], visual.context.levels[1])  # block 0 runs before the exchange after block 1
+    assert not torch.equal(shifted.context.levels[0], visual.context.levels[0])
+    openai = OpenAIStyleCLIP().eval()
+    towers = OpenCLIPTowers(openai, special_token_ids=(48, 49))
+    ids = torch.tensor([[48, 5, 6, 7, 49, 0, 0, 0], [48, 9, 49, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        visual, text = towers.encode_pair(towers.embed_image(images(size=32)), towers.embed_text(ids), lambda i, v, t: (v, t))
+    torch.testing.assert_close(visual.pooled, openai.encode_image(images(size=32)))  # sequence-first blocks, one at a time
+    torch.testing.assert_close(text.pooled, openai.encode_text(ids))
+    with pytest.raises(ValueError, match="encode_pair runs ViT towers"):
+        OpenCLIPTowers(tiny_resnet_clip(), tok).encode_pair(None, None, None)
+
+
 # -- CLIP's ModifiedResNet (CRIS's RN50/RN101) ----------------------------------------------------
 
 

@@ -26,7 +26,7 @@ and two image towers:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -159,22 +159,52 @@ class OpenCLIPTowers(nn.Module):
         ``Features.grid`` (see :meth:`attention_pool`)."""
         if self.image_tower == "resnet":
             return self._encode_resnet(embedded)
-        visual, patches = self.visual, embedded.tokens
-        grid = embedded.context
-        cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(patches.shape[0], -1, -1)  # (B, 1, Cv)
-        x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)  # (B, 1 + N, Cv)
-        x = visual.ln_pre(x)
-        levels, batch_first = [], _batch_first(visual.transformer)
+        x, levels = self._image_start(embedded), {}
+        batch_first = _batch_first(self.visual.transformer)
         x = x if batch_first else x.transpose(0, 1)  # OpenAI layout: (1 + N, B, Cv)
-        for index, block in enumerate(visual.transformer.resblocks):
+        for index, block in enumerate(self.visual.transformer.resblocks):
             x = block(x)
             if index in self.layers:
-                level = x if batch_first else x.transpose(0, 1)
-                levels.append((index, rearrange(level[:, 1:], "b (h w) c -> b c h w", h=grid[0]).contiguous()))  # (B, Cv, h, w)
-        x = x if batch_first else x.transpose(0, 1)  # (B, 1 + N, Cv)
-        pooled, tokens = self.project_image(visual.ln_post(x))
-        ordered = tuple(level for _, level in sorted(levels, key=lambda item: self.layers.index(item[0])))
-        return Features(tokens=tokens, pooled=pooled, context=ImageContext(ordered, tuple(grid)))
+                levels[index] = x if batch_first else x.transpose(0, 1)
+        return self._image_finish(x if batch_first else x.transpose(0, 1), levels, embedded.context)
+
+    def encode_pair(
+        self, image_embedded: Embeddings, text_embedded: Embeddings, exchange: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[Features, Features]:
+        """Both ViT towers block by block, for a model whose towers read each other between blocks (ETRIS's
+        bridges): after block i of each (in lockstep; the deeper tower's last blocks run alone),
+        ``v, t = exchange(i, v, t)`` with v (B, 1 + N, Cv) the image sequence and t (B, L, Ct) the text's,
+        batch first. Returns what :meth:`encode_image` and :meth:`encode_text` return; with an ``exchange``
+        that returns its inputs, exactly those (visual, text) features."""
+        if self.image_tower != "vit":
+            raise ValueError("encode_pair runs ViT towers block by block; this CLIP's image tower is a ResNet")
+        v, t, levels = self._image_start(image_embedded), self._text_start(text_embedded), {}
+        image_blocks, text_blocks = self.visual.transformer.resblocks, self.transformer.resblocks
+        length = t.shape[1]
+        for index in range(max(len(image_blocks), len(text_blocks))):
+            if index < len(image_blocks):
+                v = _run_block(image_blocks[index], v, _batch_first(self.visual.transformer), {})
+            if index < len(text_blocks):
+                mask = {"attn_mask": self.attn_mask[:length, :length]} if self.layout == "open_clip" else {}
+                t = _run_block(text_blocks[index], t, _batch_first(self.transformer), mask)
+            if index < min(len(image_blocks), len(text_blocks)):
+                v, t = exchange(index, v, t)
+            if index in self.layers:
+                levels[index] = v
+        return self._image_finish(v, levels, image_embedded.context), self._text_finish(t, text_embedded)
+
+    def _image_start(self, embedded: Embeddings) -> torch.Tensor:
+        """(B, N, Cv) patch embeddings -> (B, 1 + N, Cv): the class token, the position embedding, ``ln_pre``."""
+        visual, patches = self.visual, embedded.tokens
+        cls = visual.class_embedding.to(patches.dtype).view(1, 1, -1).expand(patches.shape[0], -1, -1)  # (B, 1, Cv)
+        x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)  # (B, 1 + N, Cv)
+        return visual.ln_pre(x)
+
+    def _image_finish(self, x: torch.Tensor, levels: dict[int, torch.Tensor], grid: tuple[int, int]) -> Features:
+        """The last block's (B, 1 + N, Cv) output and the requested blocks' -> Features."""
+        pooled, tokens = self.project_image(self.visual.ln_post(x))
+        maps = tuple(rearrange(levels[i][:, 1:], "b (h w) c -> b c h w", h=grid[0]).contiguous() for i in self.layers)  # (B, Cv, h, w)
+        return Features(tokens=tokens, pooled=pooled, context=ImageContext(maps, tuple(grid)))
 
     def _encode_resnet(self, embedded: Embeddings) -> Features:
         """Stem tokens (B, N, Cv) -> the residual stages, the requested stages' maps, the attention pool."""
@@ -236,16 +266,24 @@ class OpenCLIPTowers(nn.Module):
         """Token embeddings -> Features: tokens (B, L, D) word features and pooled (B, D) sentence
         feature at the end-of-text token (equals ``clip.encode_text``), both through ``ln_final`` and
         ``text_projection``; context = :class:`TextContext`."""
-        token_ids, x = embedded.context, embedded.tokens
+        x = self._text_start(embedded)
         length = x.shape[1]
-        x = x + self.positional_embedding[:length].to(x.dtype)  # (B, L, Ct)
         if self.layout == "open_clip":
             x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])  # causal: padding never leaks back
         else:
             x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # sequence-first, mask inside the blocks
-        index = self.pool_index(token_ids)  # (B,)
+        return self._text_finish(x, embedded)
+
+    def _text_start(self, embedded: Embeddings) -> torch.Tensor:
+        """(B, L, Ct) token embeddings -> the same plus the position embedding."""
+        x = embedded.tokens
+        return x + self.positional_embedding[: x.shape[1]].to(x.dtype)  # (B, L, Ct)
+
+    def _text_finish(self, x: torch.Tensor, embedded: Embeddings) -> Features:
+        """The last block's (B, L, Ct) output -> Features, the sentence read at the end-of-text token."""
+        index = self.pool_index(embedded.context)  # (B,)
         pooled, words = self.project_text(self.ln_final(x), index)
-        padding = torch.arange(length, device=x.device) > index[:, None]  # (B, L)
+        padding = torch.arange(x.shape[1], device=x.device) > index[:, None]  # (B, L)
         return Features(tokens=words, pooled=pooled, context=TextContext(words, padding))
 
     def project_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,6 +385,13 @@ def _check_splittable(clip: nn.Module) -> tuple[str, str]:
     if problems:
         raise ValueError(f"{name} cannot be split exactly at the embeddings: " + "; ".join(problems))
     return layout, tower
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, batch_first: bool, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One residual block on a batch-first (B, L, C) sequence, whatever layout the block takes."""
+    if batch_first:
+        return block(x, **kwargs)
+    return block(x.transpose(0, 1), **kwargs).transpose(0, 1)  # OpenAI layout: sequence first
 
 
 def _batch_first(transformer: nn.Module) -> bool:

@@ -134,7 +134,7 @@ class HFSiglipTowers(nn.Module):
         x = vision.post_layernorm(x)  # (B, N, Cv)
         pooled = vision.head(x)  # (B, D)
         context = ImageContext(tuple(levels[i] for i in self.layers), embedded.grid)
-        return Features(tokens=self.head_value_path(x), pooled=pooled, context=context, grid=embedded.grid)
+        return Features(tokens=self.head_value_path(x), pooled=pooled, context=context)
 
     def head_value_path(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, Cv) normed patch states -> (B, N, D): what the MAP head would pool if its probe attended
