@@ -14,8 +14,8 @@ from torch import nn
 
 from examples.cris import TINY_CLIP
 from examples.cris.backbone import register_model_configs
-from masksd import Features, MaskSD, SegmenterCheckError, verify_segmenter
-from masksd.integrations import ImageContext, OpenCLIPTowers, TextContext, TowerSegmenter
+from masksd import Features, MaskSD, MaskSDConfig, SegmenterCheckError, verify_segmenter
+from masksd.integrations import DecoderHead, ImageContext, OpenCLIPTowers, TextContext, TowerSegmenter
 from tests.toys import EOT, PAD, SOT, ToyViT, colour_task
 
 SENTENCES = ["the red car on the left", "a man"]
@@ -331,6 +331,41 @@ def test_tower_segmenter_equals_the_users_own_model_and_trains_the_mask_tokens()
     model(x, ids, truth, generator=torch.Generator().manual_seed(0)).loss.backward()
     for name in ("lmvsd", "vmlsd"):
         assert model.branches[name].masker.mask_token.grad.abs().sum() > 0, name
+
+
+def test_decoder_head_calls_the_models_own_decoder_and_each_branch_copy_calls_its_own():
+    clip = tiny_clip()
+    clip.visual.ln_post.requires_grad_(False)  # the head reads no projected image feature
+    clip.visual.proj.requires_grad_(False)
+    decoder = LevelHead()  # its own signature: decode(levels, sentence)
+    head = DecoderHead(_Decode(decoder), lambda visual, text: (visual.context.levels, text.pooled))
+    segmenter = TowerSegmenter(OpenCLIPTowers(clip, tokenizer(), layers=(1, 2)), head)
+    x, ids = images(), tokenizer()(SENTENCES)
+    with torch.no_grad():
+        assert torch.equal(segmenter(x, ids), user_forward(clip, decoder)(x, ids))
+    model = MaskSD(segmenter, MaskSDConfig(share_weights=False)).train()
+    model(x, ids, torch.zeros(2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).loss.backward()
+    copies = [model.branches[name].head.decoder for name in ("lmvsd", "vmlsd")]
+    assert all(c is not head.decoder for c in copies) and copies[0] is not copies[1]
+    assert all(c.module.out.weight.grad.abs().sum() > 0 for c in copies)  # each copy decoded its own branch
+    with pytest.raises(TypeError, match="decoder must be an nn.Module"):
+        DecoderHead(lambda levels: levels, lambda visual, text: ())
+    with pytest.raises(TypeError, match="inputs must be a function of \\(visual, text\\)"):
+        DecoderHead(decoder, None)
+    listed = DecoderHead(_Decode(decoder), lambda visual, text: [visual.context.levels, text.pooled])
+    with pytest.raises(TypeError, match="must return a tuple of the decoder's arguments, got list"):
+        TowerSegmenter(segmenter.towers, listed)(x, ids)
+
+
+class _Decode(nn.Module):
+    """A decoder module with its own signature: decode(levels, sentence)."""
+
+    def __init__(self, module: LevelHead):
+        super().__init__()
+        self.module = module
+
+    def forward(self, levels, sentence):
+        return self.module.decode(levels, sentence)
 
 
 def test_decode_head_contract_errors_name_decode_head():

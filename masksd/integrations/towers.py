@@ -1,8 +1,10 @@
-"""What every CLIP-style integration shares: the contexts its encoders return, and
-:class:`TowerSegmenter`, which makes a segmenter from a pair of towers and the user's decode head."""
+"""What every CLIP-style integration shares: the contexts its encoders return,
+:class:`TowerSegmenter`, which makes a segmenter from a pair of towers and the user's decode head, and
+:class:`DecoderHead`, which makes a model's own decoder a decode head."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 from masksd.adapter import Embeddings, Features, SegmenterAdapter, check_decode_head, check_head_logits
 
-__all__ = ["ImageContext", "TextContext", "Towers", "TowerSegmenter"]
+__all__ = ["DecoderHead", "ImageContext", "TextContext", "Towers", "TowerSegmenter"]
 
 
 class ImageContext(NamedTuple):
@@ -31,6 +33,33 @@ class TextContext(NamedTuple):
     padding: torch.Tensor
     """(B, L) bool, True after the end-of-text token (or where the attention mask is 0): the
     positions a decoder must not attend to."""
+
+
+class DecoderHead(nn.Module):
+    """A model's own decoder as MaskSD's decode head: ``head(visual, text) == decoder(*inputs(visual, text))``.
+
+    Args:
+        decoder: the ``nn.Module`` that turns the model's features into (B, 1, h, w) mask logits, with its own
+            signature (CRIS's neck, decoder and projector; LAVT's decoder).
+        inputs: a function of (visual: Features, text: Features) returning the decoder's positional arguments
+            as a tuple, e.g. ``lambda visual, text: (visual.context.levels, text.pooled)``. It must read only its
+            arguments: with ``share_weights=False`` MaskSD copies the head per branch, each copy calling its own
+            decoder through the same function. (A lambda cannot be pickled; define a function to save whole modules.)
+    """
+
+    def __init__(self, decoder: nn.Module, inputs: Callable[[Features, Features], tuple[Any, ...]]):
+        super().__init__()
+        if not isinstance(decoder, nn.Module):
+            raise TypeError(f"decoder must be an nn.Module (the model's own decoder), got {type(decoder).__name__}")
+        if not callable(inputs):
+            raise TypeError(f"inputs must be a function of (visual, text) returning the decoder's arguments, got {type(inputs).__name__}")
+        self.decoder, self.inputs = decoder, inputs
+
+    def forward(self, visual: Features, text: Features) -> torch.Tensor:
+        arguments = self.inputs(visual, text)
+        if not isinstance(arguments, tuple):
+            raise TypeError(f"DecoderHead's inputs(visual, text) must return a tuple of the decoder's arguments, got {type(arguments).__name__}")
+        return check_head_logits(self.decoder(*arguments))
 
 
 @runtime_checkable
