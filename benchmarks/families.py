@@ -69,6 +69,21 @@ class FamilyBench:
         return total
 
 
+def measure_families(names: list[str], warmup: int, rounds: int) -> tuple[list[list[str]], dict]:
+    """The table's rows and the results' numbers for the families ``names``."""
+    rows, data = [], {}
+    for name in names:
+        torch.manual_seed(0)
+        bench = FamilyBench(name)
+        seconds = bench.measure(warmup, rounds)
+        flops = {variant: bench.flops(variant) for variant in VARIANTS}
+        time_ratio, flop_ratio = seconds["MaskSD"] / seconds["baseline"], flops["MaskSD"] / flops["baseline"]
+        rows.append([name, bench.lines, f"{1000 * seconds['baseline']:.1f}", f"{1000 * seconds['MaskSD']:.1f}",
+                     f"{time_ratio:.2f}", f"{flop_ratio:.2f}"])
+        data[name] = {"adapter_lines": bench.lines, "median_s": seconds, "flops": flops, "time_ratio": time_ratio, "flop_ratio": flop_ratio}
+    return rows, data
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
@@ -76,21 +91,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="measured steps per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the least disturbed by other work)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    rows, data = [], {}
-    for name in args.families:
-        torch.manual_seed(0)
-        bench = FamilyBench(name)
-        seconds = bench.measure(args.warmup, args.rounds)
-        flops = {variant: bench.flops(variant) for variant in VARIANTS}
-        time_ratio, flop_ratio = seconds["MaskSD"] / seconds["baseline"], flops["MaskSD"] / flops["baseline"]
-        rows.append([name, bench.lines, f"{1000 * seconds['baseline']:.1f}", f"{1000 * seconds['MaskSD']:.1f}",
-                     f"{time_ratio:.2f}", f"{flop_ratio:.2f}"])
-        data[name] = {"adapter_lines": bench.lines, "median_s": seconds, "flops": flops, "time_ratio": time_ratio, "flop_ratio": flop_ratio}
+    try:
+        rows, data = measure_families(args.families, args.warmup, args.rounds)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the tests) keeps its own
     header = ["family", "adapter lines", "baseline ms / step", "MaskSD ms / step", "time × baseline", "FLOPs × baseline"]
     markdown = (
         f"# MaskSD's cost per training step, by model family (tiny models, CPU)\n\n"
-        f"Tiny random-init models, 2 samples, {args.threads} torch thread(s); median of {args.rounds} alternating rounds "
+        f"Tiny random-init models, 2 samples, {args.threads} torch thread(s), on a machine shared with other work; median of {args.rounds} alternating rounds "
         f"after {args.warmup} warm-up steps (forward, backward, Adam). FLOPs: FlopCounterMode, same step.\n\n"
         + markdown_table(header, rows)
     )

@@ -677,3 +677,16 @@ def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
     assert "-2.00 [-2.00, -2.00] mIoU per tenfold more scenes on `val`" in text and "mean over 2 seeds" in text
     assert regime_map.trend({100: small}, "val") is None  # one size: no slope
     assert "needs a seed run at two sizes" in regime_map.render_trend({"val": None, "compositional": None}, "val")
+
+
+def test_families_benchmark_times_both_variants_and_counts_more_flops_for_masksd(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import common
+    import families
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    families.main(["--families", "detris", "--warmup", "0", "--rounds", "1"])
+    data = json.loads((tmp_path / "families.json").read_text())["families"]["detris"]
+    assert set(data["median_s"]) == {"baseline", "MaskSD"} and all(s > 0 for s in data["median_s"].values())
+    assert data["flops"]["MaskSD"] > data["flops"]["baseline"]  # the branches' extra encodes and decodes
+    assert data["adapter_lines"] <= 25 and "| detris | " in (tmp_path / "families.md").read_text()

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from examples.families import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"(?:<!-- ([\w-]+) -->\s*)?```python\n(.*?)```", re.S)
@@ -16,6 +18,7 @@ MARKED = {  # blocks marked <!-- name --> run in a test that also checks what th
     "open_clip": "tests/test_readme.py (the tiny config stands in for downloaded weights)",
     "clipseg": "tests/test_readme.py (on a tiny local snapshot)",
     "guidance": "tests/test_guidance.py",
+    **{f"family-{name}": "tests/test_families.py (each block equals its example's adapter)" for name in FAMILIES},
 }
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 

@@ -58,8 +58,8 @@ class DETRIS(nn.Module):
         clip, length = self.clip, ids.shape[1]
         t = clip.transformer(clip.token_embedding(ids) + clip.positional_embedding[:length], attn_mask=clip.attn_mask[:length, :length])
         t, end = clip.ln_final(t), ids.argmax(dim=-1)  # the end-of-text token: CLIP's highest id
-        sentence = t[torch.arange(t.shape[0]), end] @ clip.text_projection
-        padding = torch.arange(length) > end[:, None]
+        sentence = t[torch.arange(t.shape[0], device=t.device), end] @ clip.text_projection
+        padding = torch.arange(length, device=ids.device) > end[:, None]
         return self.decoder(patches, grid, t @ clip.text_projection, sentence, padding)
 
 

@@ -80,7 +80,7 @@ class BridgedCLIP(nn.Module):
         v = visual.ln_pre(v + visual.positional_embedding)  # (B, 1 + N, Cv)
         t = clip.token_embedding(ids) + clip.positional_embedding[: ids.shape[1]]  # (B, L, Ct)
         end = ids.argmax(dim=-1)  # the end-of-text token: CLIP's highest id
-        padding = torch.arange(ids.shape[1]) > end[:, None]
+        padding = torch.arange(ids.shape[1], device=ids.device) > end[:, None]
         levels = []
         for index, (image_block, text_block) in enumerate(zip(visual.transformer.resblocks, clip.transformer.resblocks)):
             v, t = image_block(v), text_block(t, attn_mask=clip.attn_mask[: ids.shape[1], : ids.shape[1]])
@@ -89,7 +89,7 @@ class BridgedCLIP(nn.Module):
             if index in self.levels:
                 levels.append(rearrange(v[:, 1:], "b (h w) c -> b c h w", h=visual.grid_size[0]).contiguous())
         t = clip.ln_final(t)
-        sentence = t[torch.arange(t.shape[0]), end] @ clip.text_projection
+        sentence = t[torch.arange(t.shape[0], device=t.device), end] @ clip.text_projection
         return self.decoder(levels, t @ clip.text_projection, sentence, padding)
 
 
@@ -121,7 +121,7 @@ class ETRISAdapter(SegmenterAdapter):
         return self.towers.embed_text(ids)
 
     def encode(self, image: Embeddings, text: Embeddings) -> tuple[Features, Features]:
-        padding = torch.arange(text.tokens.shape[1]) > self.towers.pool_index(text.context)[:, None]
+        padding = torch.arange(text.tokens.shape[1], device=text.tokens.device) > self.towers.pool_index(text.context)[:, None]
 
         def bridge(index: int, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return self.bridges[str(index)](v, t, padding) if str(index) in self.bridges else (v, t)

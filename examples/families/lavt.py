@@ -10,7 +10,8 @@ words are the unmasked sentence's and VMLSD's masked words reach every stage.
 
 Guidance: Swin and BERT share no embedding space, so no ``"joint"``: LMVSD ranks patches by the main
 branch's own predicted mask (``"prediction"``); VMLSD ranks words by how much the pixels attend to
-each in the last fusion (``"segmenter"``: the adapter's ``relevance`` hook).
+each in the last fusion (``"segmenter"``: the adapter's ``relevance`` hook, which also offers LMVSD
+each last-stage pixel's attention to the real words, on that stage's coarse grid).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class LAVT(nn.Module):
     def __init__(self, swin: transformers.SwinModel, bert: transformers.BertModel):
         super().__init__()
         self.swin, self.bert = swin, bert
+        swin.layernorm.requires_grad_(False)  # Swin's final norm: unused, the decoder reads each stage's fused map
         widths = [swin.config.embed_dim * 2**i for i in range(len(swin.config.depths))]  # each stage doubles C
         self.stages = nn.ModuleList([FusedStage(s, c, bert.config.hidden_size) for s, c in zip(swin.encoder.layers, widths)])
         self.decoder = Decoder(widths)
@@ -139,10 +141,11 @@ class LAVTAdapter(SegmenterAdapter):
         for stage in model.stages:
             fused, x, dims, attention = stage(x, dims, words, text.context == 0)
             maps.append(fused)
-        return Features(None, None, context=maps), Features(None, None, context=attention)
+        return Features(None, None, context=maps), Features(None, None, context=attention * text.candidates[:, None])
 
     def relevance(self, branch: str, visual: Features, text: Features) -> torch.Tensor:
-        return text.context.mean(dim=1)  # VMLSD: (B, L) the last fusion's attention to each word, over the pixels
+        attention = text.context  # (B, N', L): the last fusion's pixel attention to each real word
+        return attention.mean(dim=1) if branch == "vmlsd" else attention.sum(dim=2).view(-1, *visual.context[-1].shape[2:])
 
 
 # -- end of adapter -----------------------------------------------------------------------------------
