@@ -93,13 +93,8 @@ class InputSpec:
     # -- pixels
     def find_pixels(self, images: Any) -> torch.Tensor | None:
         """The (B, C, H, W) float pixels in ``images`` (a tensor, or a mapping's ``image_key``), or None."""
-        if torch.is_tensor(images) and images.dim() == 4 and images.is_floating_point():
-            return images
-        if isinstance(images, Mapping):
-            pixels = images.get(self.image_key)
-            if torch.is_tensor(pixels) and pixels.dim() == 4 and pixels.is_floating_point():
-                return pixels
-        return None
+        pixels = images.get(self.image_key) if isinstance(images, Mapping) else images
+        return pixels if torch.is_tensor(pixels) and pixels.dim() == 4 and pixels.is_floating_point() else None
 
     def pixels(self, images: Any) -> torch.Tensor:
         """:meth:`find_pixels`, or a ValueError saying what was expected."""
@@ -119,9 +114,7 @@ class InputSpec:
     def find_ids(self, texts: Any) -> torch.Tensor | None:
         """The (B, L) integer token ids in ``texts`` (a tensor, or a mapping's ``text_key``), or None."""
         ids = texts.get(self.text_key) if isinstance(texts, Mapping) else texts
-        if torch.is_tensor(ids) and ids.dim() == 2 and not ids.is_floating_point() and ids.dtype != torch.bool:
-            return ids
-        return None
+        return ids if torch.is_tensor(ids) and ids.dim() == 2 and not ids.is_floating_point() and ids.dtype != torch.bool else None
 
     def ids(self, texts: Any) -> torch.Tensor:
         """:meth:`find_ids`, or a ValueError saying what was expected."""
