@@ -266,3 +266,14 @@ def test_cris_trains_with_maskris_images_at_the_inputs_and_words_at_the_embeddin
     assert model.branches["vmlsd"].masker.mask_token.grad is not None
     with torch.no_grad():
         assert torch.equal(model.eval()(images, ids), segmenter(images, ids))
+
+
+def test_a_combined_view_with_separate_heads_decodes_with_one_head_copy_of_its_own():
+    images, ids, masks = colour_task(4, seed=1)
+    config = MaskSDConfig(lmvsd=BranchConfig(top_k=1.0), vmlsd=BranchConfig(top_k=1.0), views="combined", share_weights=False)
+    model = MaskSD(ToyViT(), config).train()
+    assert model.combined.head is not None and all(branch.head is None for branch in model.branches.values())
+    out = model(images, ids, masks)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.combined.head.parameters())
+    assert float(model.combined.criterion.weight) == 0.75 + 0.1  # λ1 + λ2
