@@ -164,8 +164,8 @@ class OpenCLIPTowers(nn.Module):
         x = x if batch_first else x.transpose(0, 1)  # OpenAI layout: (1 + N, B, Cv)
         for index, block in enumerate(self.visual.transformer.resblocks):
             x = block(x)
-            if index in self.layers:
-                levels[index] = x if batch_first else x.transpose(0, 1)
+            if index in self.layers:  # the map is made here, as every stored CRIS run made it (autograd's order)
+                levels[index] = self._level_map(x if batch_first else x.transpose(0, 1), embedded.context)
         return self._image_finish(x if batch_first else x.transpose(0, 1), levels, embedded.context)
 
     def encode_pair(
@@ -190,7 +190,7 @@ class OpenCLIPTowers(nn.Module):
             if index < min(len(image_blocks), len(text_blocks)):
                 v, t = exchange(index, v, t)
             if index in self.layers:
-                levels[index] = v
+                levels[index] = self._level_map(v, image_embedded.context)
         return self._image_finish(v, levels, image_embedded.context), self._text_finish(t, text_embedded)
 
     def _image_start(self, embedded: Embeddings) -> torch.Tensor:
@@ -200,10 +200,15 @@ class OpenCLIPTowers(nn.Module):
         x = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)  # (B, 1 + N, Cv)
         return visual.ln_pre(x)
 
+    @staticmethod
+    def _level_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """A block's (B, 1 + N, Cv) output -> its (B, Cv, h, w) patch map, class token dropped."""
+        return rearrange(x[:, 1:], "b (h w) c -> b c h w", h=grid[0]).contiguous()
+
     def _image_finish(self, x: torch.Tensor, levels: dict[int, torch.Tensor], grid: tuple[int, int]) -> Features:
-        """The last block's (B, 1 + N, Cv) output and the requested blocks' -> Features."""
+        """The last block's (B, 1 + N, Cv) output and the requested blocks' maps -> Features."""
         pooled, tokens = self.project_image(self.visual.ln_post(x))
-        maps = tuple(rearrange(levels[i][:, 1:], "b (h w) c -> b c h w", h=grid[0]).contiguous() for i in self.layers)  # (B, Cv, h, w)
+        maps = tuple(levels[i] for i in self.layers)  # (B, Cv, h, w) each, in the order asked
         return Features(tokens=tokens, pooled=pooled, context=ImageContext(maps, tuple(grid)))
 
     def _encode_resnet(self, embedded: Embeddings) -> Features:
