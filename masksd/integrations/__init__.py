@@ -9,7 +9,7 @@
 - :class:`CLIPSegSegmenter`: transformers ``CLIPSegForImageSegmentation`` as a segmenter.
 
 Nothing here imports open_clip or transformers until a class that needs it is used; install the
-extra named in the error (``pip install "masksd[open_clip]"`` or ``"masksd[transformers]"``).
+extra named in the error (``pip install "masksd[open-clip]"`` or ``"masksd[transformers]"``).
 """
 
 from masksd._lazy import lazy_exports
