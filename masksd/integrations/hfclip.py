@@ -108,11 +108,7 @@ class HFCLIPTowers(nn.Module):
 
         depth = len(self.vision_model.encoder.layers)
         self.layers = check_layers(layers, depth, "layers")
-        if interpolate_pos_encoding is None:
-            interpolate_pos_encoding = library_default(model.get_image_features, "interpolate_pos_encoding", False)
-        if not isinstance(interpolate_pos_encoding, bool):
-            raise TypeError(f"interpolate_pos_encoding must be a bool or None, got {interpolate_pos_encoding!r}")
-        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.interpolate_pos_encoding = resolve_interpolation(interpolate_pos_encoding, model.get_image_features)
 
         text_config = self.text_model.config
         self.eos_token_id = getattr(self.text_model, "eos_token_id", text_config.eos_token_id)  # what its forward pools at
@@ -239,10 +235,7 @@ class HFCLIPTowers(nn.Module):
         ValueError naming ``texts`` and the samples. ``MaskSD.check_inputs`` calls it."""
         self.embed_image(images)
         input_ids, _, _ = read_token_inputs(texts, self.max_length)
-        vocab = self.text_model.embeddings.token_embedding.num_embeddings
-        outside = ((input_ids < 0) | (input_ids >= vocab)).any(dim=1)
-        if bool(outside.any()):
-            raise ValueError(f"texts['input_ids'] of samples {outside.nonzero().flatten().tolist()} hold ids outside the vocabulary of {vocab}")
+        check_vocabulary(input_ids, self.text_model.embeddings.token_embedding.num_embeddings)
         if not self.legacy_pooling:
             missing = ~(input_ids == self.eos_token_id).any(dim=1)
             if bool(missing.any()):
@@ -327,6 +320,23 @@ def _check_clip_model(model: object) -> None:
         raise TypeError(
             f"model must be a transformers CLIPModel (with both towers; or CLIPSeg's CLIPSegModel), got {name}"
         )
+
+
+def resolve_interpolation(interpolate_pos_encoding: bool | None, function: Callable[..., Any]) -> bool:
+    """``interpolate_pos_encoding`` itself, or for None the default of that argument in the library's ``function``
+    (``get_image_features``); a TypeError for anything but a bool or None."""
+    if interpolate_pos_encoding is None:
+        interpolate_pos_encoding = library_default(function, "interpolate_pos_encoding", False)
+    if not isinstance(interpolate_pos_encoding, bool):
+        raise TypeError(f"interpolate_pos_encoding must be a bool or None, got {interpolate_pos_encoding!r}")
+    return interpolate_pos_encoding
+
+
+def check_vocabulary(input_ids: torch.Tensor, vocab: int) -> None:
+    """A ValueError naming ``texts`` and the samples holding ids outside 0..vocab-1 (reads values: not for the hot path)."""
+    outside = ((input_ids < 0) | (input_ids >= vocab)).any(dim=1)
+    if bool(outside.any()):
+        raise ValueError(f"texts['input_ids'] of samples {outside.nonzero().flatten().tolist()} hold ids outside the vocabulary of {vocab}")
 
 
 def check_layers(layers: Sequence[int], depth: int, source: str) -> tuple[int, ...]:

@@ -37,7 +37,8 @@ from torch.nn import functional as F
 
 from masksd.adapter import Embeddings, Features
 from masksd.integrations.hfclip import (
-    TokenInputs, check_layers, check_pixel_values, library_default, mask_helper, read_token_inputs, require_transformers,
+    TokenInputs, check_layers, check_pixel_values, check_vocabulary, mask_helper, read_token_inputs, require_transformers,
+    resolve_interpolation,
 )
 from masksd.integrations.towers import ImageContext, TextContext
 
@@ -83,11 +84,7 @@ class HFSiglipTowers(nn.Module):
         self.vision_model = model.vision_model
         self.text_model = model.text_model
         self.layers = check_layers(layers, len(self.vision_model.encoder.layers), "layers")
-        if interpolate_pos_encoding is None:
-            interpolate_pos_encoding = library_default(model.get_image_features, "interpolate_pos_encoding", False)
-        if not isinstance(interpolate_pos_encoding, bool):
-            raise TypeError(f"interpolate_pos_encoding must be a bool or None, got {interpolate_pos_encoding!r}")
-        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.interpolate_pos_encoding = resolve_interpolation(interpolate_pos_encoding, model.get_image_features)
 
         text_config = self.text_model.config
         self.special_token_ids, self.pad_token_id = _special_ids(text_config, tokenizer, special_token_ids)
@@ -192,10 +189,7 @@ class HFSiglipTowers(nn.Module):
         ``texts`` and the samples). ``MaskSD.check_inputs`` calls it."""
         self.embed_image(images)
         input_ids, _, _ = read_token_inputs(texts, self.max_length)
-        vocab = self.text_model.embeddings.token_embedding.num_embeddings
-        outside = ((input_ids < 0) | (input_ids >= vocab)).any(dim=1)
-        if bool(outside.any()):
-            raise ValueError(f"texts['input_ids'] of samples {outside.nonzero().flatten().tolist()} hold ids outside the vocabulary of {vocab}")
+        check_vocabulary(input_ids, self.text_model.embeddings.token_embedding.num_embeddings)
 
 
 def _special_ids(text_config: Any, tokenizer: Any, special_token_ids: Iterable[int] | None) -> tuple[frozenset[int], int]:
