@@ -11,7 +11,8 @@ Two layouts are read, by their attributes (open_clip itself is not imported):
 
 - open_clip's ``CLIP`` (``text_pool_type``, ``attn_mask`` on the model, ``batch_first`` transformers);
 - OpenAI's CLIP layout (the causal mask stored in each text block, sequence-first transformers,
-  argmax pooling), as the ViT CLIP vendored in ETRIS and CRIS.pytorch's ports to ViT.
+  argmax pooling): the ViT of the ``clip.py`` that CRIS.pytorch and ETRIS vendor (their ResNets load
+  into open_clip's ``ModifiedResNet``).
 
 and two image towers:
 
