@@ -147,7 +147,8 @@ def test_an_ann_id_list_is_grefcocos_only_and_its_refs_are_json(root, tmp_path):
     (r / "grefcoco" / "grefs(unc).json").unlink()
     with pytest.raises(FileNotFoundError, match=r"refs file not found: .*grefs\(unc\)\.json \(expected .*<root>/grefcoco/grefs\(unc\)\.json\)"):
         ReferDataset(ReferConfig(str(r), "grefcoco", "val"))
-    assert target_ann_ids({"ann_id": [-1]}) == [] and target_ann_ids({"ann_id": 7}) == [7]
+    assert target_ann_ids({"ann_id": [-1]}, multi_target=True) == target_ann_ids({"ann_id": -1}, multi_target=True) == []
+    assert target_ann_ids({"ann_id": -1}, multi_target=False) == [-1] and target_ann_ids({"ann_id": 7}, multi_target=False) == [7]
 
 
 # ---- gRefCOCO end to end: training with empty targets, evaluation with the GRES metrics -------------

@@ -25,7 +25,8 @@ Fields (:data:`MANIFEST_FIELDS`; any other is refused, so a misspelt field is na
 - ``ref`` (optional, str or int): rows with the same ``ref`` describe one referent (same image, same
   split): training draws one of its expressions per epoch, as the refer loaders do. A row without
   ``ref`` is a referent of its own.
-- ``id`` (optional, str or int, unique): how :meth:`ManifestDataset.describe` names the row (default: its line).
+- ``id`` (optional, str or int, unique among the rows that give one): how :meth:`ManifestDataset.describe`
+  and ``predict.py`` name the row (default: its line number).
 
 Every row of the file is checked when a dataset is built, and the image and mask files of the split
 read exist; each item's files are decoded when it loads. Every error names the file, the line and the
@@ -173,29 +174,30 @@ def _csv_value(field: str, cell: str):
     return cell
 
 
+def _next_cells(reader, path: str) -> list[str] | None:
+    """The next row of a ``csv.reader``, None at the end; a malformed row names its line."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: not CSV ({e})") from None
+
+
 def _csv_rows(path: str):
     """(line, dict of fields) of each data row of a CSV file with a header; empty cells are absent fields."""
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
+        header = _next_cells(reader, path)
+        if header is None:
             return
-        except csv.Error as e:
-            raise ValueError(f"{path}:1: not CSV ({e})") from None
         header = [h.strip() for h in header]
         if len(set(header)) != len(header):
             raise ValueError(f"{path}:1: the header names a column twice: {header}")
         unknown = sorted(set(header) - set(MANIFEST_FIELDS))
         if unknown:
             raise ValueError(f"{path}:1: field {unknown[0]!r} is not a manifest field (fields: {', '.join(MANIFEST_FIELDS)})")
-        while True:
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                raise ValueError(f"{path}:{reader.line_num}: not CSV ({e})") from None
+        while (cells := _next_cells(reader, path)) is not None:
             line = reader.line_num
             if not any(c.strip() for c in cells):
                 continue
@@ -214,7 +216,7 @@ def _csv_rows(path: str):
 def read_manifest(path: str, root: str | None = None, require_target: bool = True) -> list[ManifestRow]:
     """Every row of the manifest at ``path`` (``.csv``: CSV, anything else: JSON Lines), checked: the
     fields, one target per row (``require_target=False`` lets rows without one through, as
-    ``predict.py`` reads them), unique ``id``, one image and split per ``ref``. Relative paths resolve
+    ``predict.py`` reads them), unique ``id`` values, one image and split per ``ref``. Relative paths resolve
     against ``root`` (default: the manifest's folder). Files are not opened here. Raises ``ValueError``
     naming the file, the line and the field (``FileNotFoundError`` if the manifest is missing)."""
     path = os.fspath(path)
@@ -232,9 +234,10 @@ def read_manifest(path: str, root: str | None = None, require_target: bool = Tru
             except _RowError as e:
                 raise ValueError(f"{path}:{line}: {e}") from None
             name = str(row["id"]) if row["id"] is not None else str(line)
-            if name in ids:
-                raise ValueError(f"{path}:{line}: field 'id': {name!r} is also the id of line {ids[name]}")
-            ids[name] = line
+            if row["id"] is not None:
+                if name in ids:
+                    raise ValueError(f"{path}:{line}: field 'id': {name!r} is also the id of line {ids[name]}")
+                ids[name] = line
             row = ManifestRow(line=line, image=row["image"], text=row["text"], split=row["split"], target=row["target"],
                               value=row["value"], ref=row["ref"], id=name)
             if row.ref is not None:
@@ -369,7 +372,7 @@ def convert_refer(config: ReferConfig, output: str, splits: tuple[str, ...] | No
     An existing ``output`` is not replaced. Returns the (refs, rows) written per split."""
     from dataclasses import replace
 
-    from masksd.data.refer import ReferDataset, _coco_mask, target_ann_ids
+    from masksd.data.refer import ReferDataset, _coco_mask
 
     output = os.fspath(output)
     if os.path.exists(output):
@@ -387,7 +390,7 @@ def convert_refer(config: ReferConfig, output: str, splits: tuple[str, ...] | No
         for ref in ds.refs:
             image = os.path.abspath(ds.image_path(ref["image_id"]))
             image = os.path.relpath(image, folder) if relative else image
-            ann_ids = target_ann_ids(ref)
+            ann_ids = ds.target_ids(ref)
             if not ann_ids:
                 target = {"no_target": True}
             else:

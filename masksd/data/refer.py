@@ -216,11 +216,12 @@ def _load_refs(path: str, trust_pickle: bool = False) -> list[dict]:
 _REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
 
-def target_ann_ids(ref: dict) -> list[int]:
-    """The annotation ids a (checked) ref refers to: ``[ann_id]``, gRefCOCO's list, or ``[]`` for a
-    no-target ref (``ann_id`` ``[-1]``)."""
+def target_ann_ids(ref: dict, multi_target: bool) -> list[int]:
+    """The annotation ids a (checked) ref refers to: ``[ann_id]``; for gRefCOCO (``multi_target``) its list,
+    or ``[]`` for a no-target ref (``ann_id`` ``[-1]`` or ``-1``). Elsewhere -1 is an id like any other (one
+    that no annotation has, which the loader refuses by name)."""
     ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
-    return [] if ids == [NO_TARGET] else ids
+    return [] if multi_target and ids == [NO_TARGET] else ids
 
 
 def _check_ann_id(ref: dict, i: int, path: str, multi_target: bool) -> None:
@@ -381,7 +382,7 @@ class ReferDataset(Dataset):
             self._check_counts()
 
         # keep only the images and annotations this split refers to
-        ann_ids = {a for r in self.refs for a in target_ann_ids(r)}
+        ann_ids = {a for r in self.refs for a in self.target_ids(r)}
         self.annotations: dict[int, dict] = _index(instances["annotations"], "annotations", "annotation", instances_path, ann_ids)
         image_ids = {r["image_id"] for r in self.refs}
         self.images: dict[int, dict] = _index(instances["images"], "images", "image", instances_path, image_ids)
@@ -390,9 +391,9 @@ class ReferDataset(Dataset):
         for ref in self.refs:
             if ref["image_id"] not in self.images:
                 raise ValueError(f"ref_id {ref['ref_id']} points to image_id {ref['image_id']}, which is not in {instances_path}")
-            for ann_id in target_ann_ids(ref):
+            for ann_id in self.target_ids(ref):
                 self._check_annotation(ref, ann_id)
-            if multi_target and target_ann_ids(ref) and all(_crowd(self.annotations[a], instances_path) for a in target_ann_ids(ref)):
+            if multi_target and self.target_ids(ref) and all(_crowd(self.annotations[a], instances_path) for a in self.target_ids(ref)):
                 raise ValueError(
                     f"ref_id {ref['ref_id']} in {refs_path} refers to crowd annotations only (ann_id {ref['ann_id']}), which "
                     "gRefCOCO's masks leave out: its target would be empty without being a no-target ref"
@@ -403,6 +404,10 @@ class ReferDataset(Dataset):
             self.items = [(r, -1) for r in range(len(self.refs))]
         else:
             self.items = [(r, s) for r, ref in enumerate(self.refs) for s in range(len(ref["sentences"]))]
+
+    def target_ids(self, ref: dict) -> list[int]:
+        """The annotation ids ``ref`` refers to; ``[]`` for a gRefCOCO no-target ref (:func:`target_ann_ids`)."""
+        return target_ann_ids(ref, multi_target=self.config.dataset == "grefcoco")
 
     def _check_annotation(self, ref: dict, ann_id: int) -> None:
         """An annotation a ref of the split refers to exists, has an image_id (the ref's) and a segmentation."""
@@ -484,7 +489,7 @@ class ReferDataset(Dataset):
         info = self.images[ref["image_id"]]
         target = np.zeros((info["height"], info["width"]), dtype=bool)
         multi_target = self.config.dataset == "grefcoco"
-        for ann_id in target_ann_ids(ref):
+        for ann_id in self.target_ids(ref):
             if multi_target and _crowd(self.annotations[ann_id], self.config.instances_path):
                 continue
             target |= self.load_target(ann_id)
@@ -501,7 +506,7 @@ class ReferDataset(Dataset):
             "image_id": ref["image_id"],
             "sent_id": ref["sentences"][s].get("sent_id") if s >= 0 else None,
             "image_path": self.image_path(ref["image_id"]),
-            "no_target": not target_ann_ids(ref),
+            "no_target": not self.target_ids(ref),
         }
 
     def __getitem__(self, index: int) -> dict:
