@@ -3,7 +3,7 @@ loaders (:class:`ReferDataset`), your own images, masks and expressions as a man
 (:class:`ManifestDataset`), procedurally generated referring scenes (:class:`SyntheticReferDataset`),
 and the shared input transform.
 
-Every dataset here returns the same sample dict, so a trainer can use either:
+Every dataset here returns the same sample dict, so a trainer can use any of them:
 
 - ``image``: float32 (3, S, S), CLIP-normalised model input;
 - ``mask``: float32 (1, S, S) in {0, 1}, the ground truth in the model-input frame;
