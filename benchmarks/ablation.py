@@ -1,9 +1,9 @@
 """The paper's ablations on the synthetic referring scenes, with paired seeds.
 
-    python benchmarks/ablation.py --mode pretrained       # the paper's regime in miniature (7 rows x 5 seeds, ~7 min a run on 2 CPU cores)
-    python benchmarks/ablation.py --mode scratch          # the tiny model from random init (masksd 0.1's setting)
-    python benchmarks/ablation.py --mode pretrained --split test --only baseline CM-MaskSD --seeds 0 1 --tag choose
-    python benchmarks/ablation.py --mode pretrained --policies --only baseline CM-MaskSD "MaskRIS recipe" --tag policies
+    python -m benchmarks.ablation --mode pretrained       # the paper's regime in miniature (7 rows x 5 seeds, ~7 min a run on 2 CPU cores)
+    python -m benchmarks.ablation --mode scratch          # the tiny model from random init (masksd 0.1's setting)
+    python -m benchmarks.ablation --mode pretrained --split test --only baseline CM-MaskSD --seeds 0 1 --tag choose
+    python -m benchmarks.ablation --mode pretrained --policies --only baseline CM-MaskSD "MaskRIS recipe" --tag policies
 
 Every run fine-tunes the tiny CRIS-style model with the demo's settings (``TrainConfig()``), from the
 CLIP weights its row names: ``region`` (region-aligned pretraining: the premise of CM-MaskSD holds),
@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import RESULTS, command_line, machine, markdown_table, write_results
+from benchmarks.common import RESULTS, command_line, machine, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.pipeline.config import masksd_preset
 
@@ -549,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     curves_png = RESULTS / f"ablation_{tag}_curves.png"
     if plot_curves(summary, settings.best_of or args.split, curves_png):
         markdown += f"\n\n![validation during training]({curves_png.name})"
-    command = command_line("benchmarks/ablation.py", argv)
+    command = command_line("benchmarks.ablation", argv)
     paths = write_results(f"ablation_{tag}", markdown, {"settings": settings.record(), "summary": summary, "initial": initial,
                                                          "rows": {n: r.__dict__ for n, r in rows.items()}}, command)
     print(f"wrote {paths[0]}, {paths[1]} and {png}")

@@ -1,8 +1,8 @@
 """Where does MaskSD help? CM-MaskSD's paired gain against the training-set size, and against the baseline's
 generalisation gap.
 
-    python benchmarks/regime_map.py --sizes 300 1000 3000 16000      # runs them (resumable), then draws the map
-    python benchmarks/regime_map.py --sizes 1000 --also 200=overfit --report   # the map from the runs stored so far
+    python -m benchmarks.regime_map --sizes 300 1000 3000 16000      # runs them (resumable), then draws the map
+    python -m benchmarks.regime_map --sizes 1000 --also 200=overfit --report   # the map from the runs stored so far
 
 Each size is one ``benchmarks/ablation.py`` table under the tag ``regime_<size>`` (its runs file holds the
 runs; running again resumes them): baseline and CM-MaskSD from the region-aligned CLIP, ``--steps``
@@ -23,9 +23,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from ablation import mean_std, paired_difference
-from common import RESULTS, command_line, markdown_table, write_results
+from benchmarks.ablation import mean_std, paired_difference
+from benchmarks.common import RESULTS, command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 
 ROWS = ("baseline", "CM-MaskSD")
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     if not args.report:
-        import ablation
+        from benchmarks import ablation
 
         for size in args.sizes:  # size by size: each table resumes where it stopped
             ablation.main(["--mode", "pretrained", "--only", *ROWS, "--tag", tags[size], "--scenes", str(size),
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown)
     plot(rows, RESULTS / "regime_map.png")
     paths = write_results("regime_map", markdown, {"tags": {str(k): v for k, v in tags.items()}, "rows": rows, "trend": trends},
-                          command_line("benchmarks/regime_map.py", argv))
+                          command_line("benchmarks.regime_map", argv))
     print(f"wrote {paths[0]}, {paths[1]} and {RESULTS / 'regime_map.png'}")
 
 

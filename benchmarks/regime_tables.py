@@ -1,8 +1,8 @@
 """The paper's ablation tables (II, III, V, VI, VII) in miniature, at the training-set size of the regime map chosen
 on `test` (the highest lower 95 % bound of CM-MaskSD's gain), each row beside the paper's own difference to its baseline.
 
-    python benchmarks/regime_tables.py --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000
-    python benchmarks/regime_tables.py --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000 --report
+    python -m benchmarks.regime_tables --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000
+    python -m benchmarks.regime_tables --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000 --report
 
 The size is chosen on `test`, never on the reported `val`: among the regime map's sizes (``SIZE=TAG``, the ablation
 tables ``benchmarks/regime_map.py`` made; every one complete for ``--seeds``), the one whose paired CM-MaskSD −
@@ -22,11 +22,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from ablation import mean_std, paired_difference
-from common import RESULTS, command_line, markdown_table, write_results
+from benchmarks.ablation import mean_std, paired_difference
+from benchmarks.common import RESULTS, command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
-from regime_map import check_comparable, size_tag
+from benchmarks.regime_map import check_comparable, size_tag
 
 PAPER_BASELINE = 70.45
 """The paper's baseline: RefCOCO val mIoU, ViT-B-16 CLIP (Tables II, V, VI, VII)."""
@@ -285,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"chosen on test: {chosen} scenes ({tag}); CM-MaskSD − baseline on test: "
           + ", ".join(f"{s}: {ci(g)}" for s, g in sorted(gains.items())), flush=True)
     if not args.report:
-        import ablation
+        from benchmarks import ablation
 
         ablation.main(["--mode", "pretrained", "--paper-tables", "--only", *ROW_NAMES, "--tag", tag,
                        "--scenes", str(chosen), "--steps", str(settings["steps"]), "--eval-every", str(settings["eval_every"]),
@@ -302,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = write_results("ablation_regime_tables", markdown,
                           {"chosen": chosen, "tag": tag, "choice_on_test": {str(k): v for k, v in gains.items()},
                            "rows": rows, "orderings": orders, "settings": settings},
-                          command_line("benchmarks/regime_tables.py", argv))
+                          command_line("benchmarks.regime_tables", argv))
     print(f"wrote {paths[0]}, {paths[1]} and {RESULTS / 'ablation_regime_tables.png'}")
 
 

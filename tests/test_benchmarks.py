@@ -2,19 +2,16 @@
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from examples.cris import CRIS, CRISConfig  # noqa: E402
-from masksd import BranchConfig, MaskSDConfig  # noqa: E402
+from examples.cris import CRIS, CRISConfig
+from masksd import BranchConfig, MaskSDConfig
 
 
 def test_params_flops_rows_add_what_the_branches_add():
-    import params_flops
+    from benchmarks import params_flops
 
     _, data = params_flops.run(CRISConfig.tiny())
     rows = data["rows"]
@@ -41,8 +38,8 @@ def test_params_flops_rows_add_what_the_branches_add():
 
 
 def test_train_step_measures_every_variant(tmp_path, monkeypatch):
-    import common
-    import train_step
+    from benchmarks import common
+    from benchmarks import train_step
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     train_step.main(["--batch", "4", "--warmup", "1", "--rounds", "2", "--device", "cpu"])
@@ -54,8 +51,8 @@ def test_train_step_measures_every_variant(tmp_path, monkeypatch):
 
 
 def test_train_step_variants_keep_the_baseline_and_drop_the_rest(tmp_path, monkeypatch):
-    import common
-    import train_step
+    from benchmarks import common
+    from benchmarks import train_step
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     train_step.main(["--batch", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--variants", "both, checkpointed"])
@@ -64,7 +61,7 @@ def test_train_step_variants_keep_the_baseline_and_drop_the_rest(tmp_path, monke
 
 
 def test_train_step_flops_scale_with_the_batch():
-    import train_step
+    from benchmarks import train_step
     import torch
 
     segmenter, variants = CRIS(CRISConfig.tiny()), {"baseline": MaskSDConfig.baseline()}
@@ -73,7 +70,7 @@ def test_train_step_flops_scale_with_the_batch():
 
 
 def test_bf16_peak_lookup_takes_the_most_specific_name():
-    from train_step import peak_for_name
+    from benchmarks.train_step import peak_for_name
 
     assert peak_for_name("NVIDIA H200") == ("H200", 989e12)
     assert peak_for_name("NVIDIA H100 80GB HBM3") == ("H100", 989e12)
@@ -85,7 +82,7 @@ def test_bf16_peak_lookup_takes_the_most_specific_name():
 def test_gpu_check_tiny_runs_every_section(tmp_path):
     """The whole GPU check on the CPU (tiny model, gloo, dynamo's eager backend): every section reports numbers,
     so the script cannot rot before a GPU is at hand."""
-    import gpu_check
+    from benchmarks import gpu_check
 
     assert gpu_check.main(["--device", "cpu", "--tiny", "--output", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_check_tiny.json").read_text())
@@ -122,7 +119,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_compile_section_runs_aot_autograd(tmp_path):
     """Section 4 with AOTAutograd's tracing too (inductor's code generation takes minutes on a CPU)."""
-    import gpu_check
+    from benchmarks import gpu_check
 
     args = ["--device", "cpu", "--tiny", "--only", "compile", "--compile-backend", "aot_eager", "--output", str(tmp_path)]
     assert gpu_check.main(args) == 0
@@ -132,7 +129,7 @@ def test_gpu_check_compile_section_runs_aot_autograd(tmp_path):
 
 
 def test_gpu_check_rejects_bad_flags_by_name(capsys):
-    import gpu_check
+    from benchmarks import gpu_check
 
     for argv, message in [
         (["--device", "cpu"], "--tiny"),
@@ -147,7 +144,7 @@ def test_gpu_check_rejects_bad_flags_by_name(capsys):
 
 def test_largest_batch_steps_down_past_out_of_memory():
     import torch
-    from gpu_check import largest_batch
+    from benchmarks.gpu_check import largest_batch
 
     tried, released = [], []
 
@@ -180,7 +177,7 @@ def _synchronising_step():
 
 
 def test_describe_sync_names_the_innermost_repository_line():
-    from gpu_check import describe_sync
+    from benchmarks.gpu_check import describe_sync
 
     try:
         _synchronising_step()
@@ -193,7 +190,7 @@ def test_describe_sync_names_the_innermost_repository_line():
 
 
 def test_checkpoint_option_is_cm_masksd_with_checkpointed_branches():
-    import gpu_check
+    from benchmarks import gpu_check
 
     config, note = gpu_check.checkpoint_option()
     assert config.checkpoint_branches is True and config.lmvsd.enabled and config.vmlsd.enabled and "measured" in note
@@ -203,7 +200,7 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(monk
     import time
 
     import torch
-    import gpu_check
+    from benchmarks import gpu_check
 
     monkeypatch.setattr(gpu_check, "MIN_SECTION_S", 0.05)
     check = gpu_check.GpuCheck(torch.device("cpu"), gpu_check.Plan.tiny(torch.device("cpu")), budget=2, argv=[])
@@ -222,7 +219,7 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(monk
 
 
 def test_summary_of_the_tiny_model(capsys):
-    from cris_summary import main
+    from benchmarks.cris_summary import main
 
     main(["--tiny"])
     report = capsys.readouterr().out
@@ -232,7 +229,7 @@ def test_summary_of_the_tiny_model(capsys):
 
 @pytest.mark.slow
 def test_summary_of_vit_b16_at_480_is_near_the_paper():
-    from cris_summary import PAPER, summarize
+    from benchmarks.cris_summary import PAPER, summarize
 
     summary = summarize(CRISConfig(pretrained=None))  # about 10 s on 2 cores
     paper = PAPER[("ViT-B-16", 480)]
@@ -244,7 +241,7 @@ def test_summary_of_vit_b16_at_480_is_near_the_paper():
 
 def test_vmlsd_masking_counts_are_the_branch_formula():
     import torch
-    from vmlsd_masking import masked_words
+    from benchmarks.vmlsd_masking import masked_words
 
     n = torch.arange(0, 21)
     literal = masked_words(n, 0.5, 0.1, 0).tolist()
@@ -253,7 +250,7 @@ def test_vmlsd_masking_counts_are_the_branch_formula():
 
 
 def test_ablation_paired_statistics_on_fixed_numbers():
-    from ablation import mean_std, paired_difference
+    from benchmarks.ablation import mean_std, paired_difference
 
     # differences 2, 3, 0: mean 5/3, sample std sqrt(42/18), t(2 df) = 4.303
     d = paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 4.0])
@@ -268,7 +265,7 @@ def test_ablation_paired_statistics_on_fixed_numbers():
 
 
 def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
-    from ablation import Row, Settings, render, summarise
+    from benchmarks.ablation import Row, Settings, render, summarise
 
     def run(seed, val, comp):
         metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
@@ -293,7 +290,7 @@ def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
 
 
 def test_ablation_training_curves_average_over_seeds_on_the_steps_all_logged(tmp_path):
-    from ablation import Row, Settings, read_curve, render, summarise, train_config
+    from benchmarks.ablation import Row, Settings, read_curve, render, summarise, train_config
 
     cfg = train_config(Row("scratch", ""), 3, Settings(10, 10, "test", 10, 1e-3, 1.0), tmp_path, {"scratch": None}, 250)
     assert (cfg.eval_every, cfg.eval_split, cfg.seed) == (250, "test", 3)  # the curve is scored on the run's own split
@@ -314,8 +311,8 @@ def test_ablation_training_curves_average_over_seeds_on_the_steps_all_logged(tmp
 
 
 def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkeypatch):
-    import ablation
-    import common
+    from benchmarks import ablation
+    from benchmarks import common
 
     monkeypatch.setattr(ablation, "RESULTS", tmp_path)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
@@ -334,8 +331,8 @@ def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkey
 
 
 def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(tmp_path, monkeypatch, capsys):
-    import ablation
-    import common
+    from benchmarks import ablation
+    from benchmarks import common
     import torch
 
     monkeypatch.setattr(ablation, "RESULTS", tmp_path)
@@ -366,7 +363,7 @@ def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(t
 
 
 def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
-    from ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, train_config
+    from benchmarks.ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, train_config
 
     settings = Settings(steps=100, scenes=640, split="test", eval_scenes=10, lr=2e-3, backbone_lr_scale=1.0)
     premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
@@ -386,7 +383,7 @@ def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
 
 
 def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they_ran(tmp_path):
-    from ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, run_folder, train_config
+    from benchmarks.ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, run_folder, train_config
 
     settings = Settings(steps=500, scenes=16000, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0)
     premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
@@ -411,7 +408,7 @@ def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they
 
 def test_the_gpu_checks_torchrun_flags_train_from_random_init():
     import torch
-    from gpu_check import Plan
+    from benchmarks.gpu_check import Plan
 
     from examples.train_cris_masksd import parse_args
 
@@ -421,7 +418,7 @@ def test_the_gpu_checks_torchrun_flags_train_from_random_init():
 
 
 def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
-    from ablation import T_95, paired_difference
+    from benchmarks.ablation import T_95, paired_difference
 
     values = [float(i % 7) for i in range(18)]  # 17 df: not in the table, 15 df's quantile is used
     d = paired_difference(values, [0.0] * 18)
@@ -431,7 +428,7 @@ def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
 def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
     """Section 4 runs in its own process: when that process dies of a signal (inductor segfaulted once on the
     H200), the section records the signal and the other sections' results are still written."""
-    import gpu_check
+    from benchmarks import gpu_check
 
     monkeypatch.setattr(gpu_check, "_run_process", lambda command, env, timeout: (-11, "Fatal Python error: Segmentation fault"))
     assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "sync_debug", "compile", "--output", str(tmp_path)]) == 1
@@ -444,8 +441,8 @@ def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
 def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_path, monkeypatch, capsys):
     """--best-of: the runs validate on another split than the reported one, are scored from best.pt, and the
     table gains their training-scene mIoU and generalisation gap; stores without the field still match."""
-    import ablation
-    from ablation import Row, Settings, render, summarise, train_config
+    from benchmarks import ablation
+    from benchmarks.ablation import Row, Settings, render, summarise, train_config
 
     plain = Settings(500, 16000, "val", 2000, 2e-3, 1.0)
     assert "best_of" not in plain.record()  # runs files written before --best-of existed still match
@@ -477,7 +474,7 @@ def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_pat
 def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
     """A 4-step run validating on `test` every 2 steps: its scores are those of best.pt's weights, not the last step's."""
     import torch
-    from ablation import Row, Settings, run_one, score
+    from benchmarks.ablation import Row, Settings, run_one, score
 
     from examples.pipeline.factory import load_segmenter
 
@@ -492,7 +489,7 @@ def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
 
 def test_gpu_check_plans_say_which_is_the_cpu_stand_in():
     """Section 4's child process gets --tiny only from the stand-in plan (a field once shadowed by Plan.tiny)."""
-    import gpu_check
+    from benchmarks import gpu_check
     import torch
 
     assert gpu_check.Plan.gpu().stand_in is False and gpu_check.Plan.gpu().small.model_name == "ViT-B-16"
@@ -502,14 +499,14 @@ def test_gpu_check_plans_say_which_is_the_cpu_stand_in():
 def test_results_commands_are_quoted_for_a_shell():
     import shlex
 
-    from common import command_line
+    from benchmarks.common import command_line
 
-    line = command_line("benchmarks/ablation.py", ["--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"])
-    assert shlex.split(line) == ["python", "benchmarks/ablation.py", "--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"]
+    line = command_line("benchmarks.ablation", ["--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"])
+    assert shlex.split(line) == ["python", "-m", "benchmarks.ablation", "--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"]
 
 
 def test_ablation_curves_plot_only_rows_with_curves(tmp_path):
-    from ablation import plot_curves
+    from benchmarks.ablation import plot_curves
 
     assert not plot_curves({"baseline": {"curve": {}}}, "test", tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
@@ -530,8 +527,8 @@ def _regime_store(scenes, pairs, steps=400, numerics="n"):
 
 
 def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
-    import common
-    import regime_map
+    from benchmarks import common
+    from benchmarks import regime_map
 
     small = _regime_store(200, [(0, (80, 30, 28), (70, 33, 29)), (1, (82, 34, 30), (71, 35, 30)), (2, (78, 32, 29), (69, 32, 31))])
     row = regime_map.size_row(200, small)
@@ -571,7 +568,7 @@ def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
 def test_gpu_check_records_a_compile_process_that_overruns(tmp_path, monkeypatch):
     import subprocess
 
-    import gpu_check
+    from benchmarks import gpu_check
 
     def overrun(command, env, timeout):
         assert float(command[command.index("--budget") + 1]) >= gpu_check.MIN_SECTION_S
@@ -596,8 +593,8 @@ def _table_store(scenes, rows, numerics="n"):
 
 
 def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_numbers(tmp_path, monkeypatch):
-    import common
-    import regime_tables
+    from benchmarks import common
+    from benchmarks import regime_tables
 
     base = [(0, 40, 30, 50), (1, 42, 31, 52), (2, 41, 29, 51)]
     # test (best.pt) gains: size 200 -> +1, +3, +2 (mean 2, low 2 - 4.303/sqrt 3); size 3000 -> +0.5 each (std 0: low 0.5)
@@ -657,7 +654,7 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
 
 
 def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
-    import regime_map
+    from benchmarks import regime_map
 
     # seed 0: gains +3 at 100 scenes, +1 at 1,000, -1 at 10,000 -> slope -2 per decade; seed 1: +2, +2, -2 -> -2 as well
     # (least squares over x = 2, 3, 4); seed 2 has one size only and is left out
@@ -674,3 +671,9 @@ def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
     assert "-2.00 [-2.00, -2.00] mIoU per tenfold more scenes on `val`" in text and "mean over 2 seeds" in text
     assert regime_map.trend({100: small}, "val") is None  # one size: no slope
     assert "needs a seed run at two sizes" in regime_map.render_trend({"val": None, "compositional": None}, "val")
+
+
+def test_benchmarks_is_a_package_that_changes_no_import_path():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    assert (folder / "__init__.py").is_file()
+    assert [p.name for p in sorted(folder.glob("*.py")) if "sys.path" in p.read_text()] == []
