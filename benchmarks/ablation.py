@@ -169,13 +169,42 @@ class Settings:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def current_numerics() -> dict[str, Any]:
-    """What decides how a CPU run rounds besides the code: torch's version, its CPU kernel set and thread count.
-    Runs pair exactly only when these agree (a stored table made elsewhere does not reproduce bit for bit)."""
+def current_numerics(device: str = "cpu") -> dict[str, Any]:
+    """What decides how a run rounds besides the code: torch's version, its CPU kernel set and thread count, and on
+    ``device="cuda"`` the GPU, CUDA, cuDNN and the precision and determinism switches. Runs pair exactly only when
+    these agree (a stored table made elsewhere does not reproduce bit for bit); a CPU record has no GPU keys, so CPU
+    and GPU runs never pair."""
     import torch
 
-    return {"torch": torch.__version__, "cpu": machine()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads()}
+    numerics = {"torch": torch.__version__, "cpu": machine()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        numerics.update(
+            gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+            deterministic=torch.are_deterministic_algorithms_enabled(), cudnn_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_precision=torch.get_float32_matmul_precision(),
+        )
+    return numerics
+
+
+def start_worker(threads: int, device: str) -> None:
+    """Pin a run's process to ``threads`` CPU threads and, on CUDA, to deterministic kernels (cuBLAS needs its
+    workspace setting before the first CUDA call), so that a run rounds alike in any process and in any order."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads)
+    if device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def run_job(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int,
+            device: str) -> tuple[dict, dict[str, Any]]:
+    """One run in a worker process (``--jobs N``): what :func:`run_one` returns, and the numerics it was made under."""
+    return run_one(row, seed, s, folder, premises, eval_every, device), current_numerics(device)
 
 
 def run_folder(work: str | Path, tag: str, name: str) -> Path:
@@ -190,7 +219,8 @@ def epochs_for(steps: int, scenes: int) -> int:
     return max(1, math.ceil(steps * TrainConfig().batch_size / scenes))
 
 
-def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0):
+def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0,
+                 device: str = "cpu"):
     from examples.pipeline.config import TrainConfig, preset
 
     epochs = epochs_for(s.steps, s.scenes)
@@ -198,7 +228,7 @@ def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[
         "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
         max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=1, progress=False, overlays=0,
         eval_untrained=False, log_every=50, save_every=250, output=str(folder), resume="auto", eval_every=eval_every,
-        eval_split=s.best_of or s.split, **row.overrides,
+        eval_split=s.best_of or s.split, device=device, **row.overrides,
     )
 
 
@@ -235,10 +265,11 @@ def read_curve(folder: Path) -> dict[str, float]:
         return {row["step"]: float(row["mIoU"]) for row in csv.DictReader(f)}
 
 
-def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0) -> dict:
+def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0,
+            device: str = "cpu") -> dict:
     from examples.pipeline.trainer import train
 
-    cfg = train_config(row, seed, s, folder, premises, eval_every)
+    cfg = train_config(row, seed, s, folder, premises, eval_every, device)
     start = time.perf_counter()
     result = train(cfg, evaluate_at_end=False)
     seconds = time.perf_counter() - start
@@ -262,10 +293,13 @@ def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, 
 
 
 def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None]) -> dict[str, float]:
-    """The LMVSD/VMLSD guidance of a premise's weights before fine-tuning (the decode head plays no part)."""
+    """The LMVSD/VMLSD guidance of a premise's weights before fine-tuning (the decode head plays no part), from seed 0's
+    initial weights (``scratch``: random ones, the same whatever ran before in this process)."""
     from examples.pipeline.factory import build_model
+    from examples.pipeline.loop import seed_everything
 
     cfg = train_config(Row(premise, ""), 0, s, Path("."), premises)
+    seed_everything(cfg.seed)
     return guidance(build_model(cfg), s.split)
 
 
@@ -416,6 +450,47 @@ def plot_curves(summary: dict, split: str, path: Path) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------- runs at a time
+def run_jobs(jobs: list[tuple[str, tuple]], processes: int, threads: int, device: str, budget: float | None = None):
+    """Yield ``(name, run_job(*arguments))`` for each ``(name, arguments)`` of ``jobs`` as it finishes: in this
+    process, in order, when ``processes`` is 1; else in that many worker processes (spawned, each pinned by
+    :func:`start_worker`), submitted in order and yielded as they finish. No job starts after ``budget`` seconds
+    (None: no limit); the running ones finish. A failing job stops the rest and raises its error."""
+    start = time.perf_counter()
+
+    def in_time() -> bool:
+        return budget is None or time.perf_counter() - start < budget
+
+    if processes == 1:
+        for index, (name, arguments) in enumerate(jobs):
+            if not in_time():
+                print(f"--budget {budget:g} s spent: {len(jobs) - index} runs left for the next call", flush=True)
+                return
+            yield name, run_job(*arguments)
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # no CUDA or thread-pool state inherited from this process
+    queue = list(jobs)
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=start_worker, initargs=(threads, device)) as pool:
+        running: dict = {}
+        try:
+            while queue or running:
+                while queue and len(running) < processes and in_time():  # one per free process: the budget stays exact
+                    name, arguments = queue.pop(0)
+                    running[pool.submit(run_job, *arguments)] = name
+                if not running:
+                    print(f"--budget {budget:g} s spent: {len(queue)} runs left for the next call", flush=True)
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield running.pop(future), future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = ScriptParser(description=__doc__.split("\n\n")[0])
@@ -450,9 +525,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for every run (default 1, what the stored tables used): the thread count "
                         "changes how reductions round, so runs pair exactly only at one count on one kind of machine")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process at --threads threads (results identical to --jobs 1; "
+                        "on a 2-core machine use 2 with --threads 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the runs train; cuda records the GPU's numerics (CUDA runs never pair with CPU runs: use "
+                        "another --tag) and runs them with deterministic kernels; many --jobs share the one GPU")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="start no run after this many seconds (the ones started finish and are stored; run again to go on)")
     parser.add_argument("--report", action="store_true",
                         help="only write the tables from the runs stored so far (an interrupted or partial table)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
 
     rows = dict(ROWS[args.mode])
     if args.extra:
@@ -498,8 +585,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-        here = current_numerics()
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: torch finds no CUDA device here")
+        start_worker(args.threads, args.device)
+        here = current_numerics(args.device)
         if numerics is not None and numerics != here:
             parser.error(f"{store} holds runs made under other numerics {numerics}, this run's are {here}: runs would not "
                          f"pair exactly; pass another --tag (and re-run its baseline), or run where {numerics} holds")
@@ -512,6 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     def keep() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(".tmp")
+        for done in runs.values():  # seed order, whichever run finished first (--jobs)
+            done.sort(key=lambda r: r["seed"])
         stored = {"settings": settings.record(), "numerics": numerics, "runs": runs, "initial": initial}
         tmp.write_text(json.dumps({k: v for k, v in stored.items() if v is not None}, indent=1))
         tmp.replace(store)
@@ -524,17 +615,22 @@ def main(argv: list[str] | None = None) -> None:
         if premise not in initial:
             initial[premise] = initial_guidance(premise, settings, premises)
             keep()
-    for seed in args.seeds:  # seed by seed: an interrupted table still has whole seeds
-        for name, row in rows.items():
-            if any(r["seed"] == seed for r in runs.get(name, [])):
-                continue
-            folder = run_folder(args.work, tag, name) / str(seed)
-            run = run_one(row, seed, settings, folder, premises, args.eval_every)
-            runs.setdefault(name, []).append(run)
-            keep()
-            print(f"{name:36s} seed {seed}: {args.split} mIoU {run[args.split]['mIoU']:6.2f}  compositional "
-                  f"{run['compositional']['mIoU']:6.2f}  AUC after {run['guidance_after'].get('lmvsd_auc', float('nan')):.3f} "
-                  f"({run['steps']} steps, {run['seconds']:.0f} s)", flush=True)
+    pending = [(seed, name) for seed in args.seeds for name in rows  # seed by seed: an interrupted table has whole seeds
+               if not any(r["seed"] == seed for r in runs.get(name, []))]
+
+    def record(name: str, run: dict) -> None:
+        runs.setdefault(name, []).append(run)
+        keep()
+        print(f"{name:36s} seed {run['seed']}: {args.split} mIoU {run[args.split]['mIoU']:6.2f}  compositional "
+              f"{run['compositional']['mIoU']:6.2f}  AUC after {run['guidance_after'].get('lmvsd_auc', float('nan')):.3f} "
+              f"({run['steps']} steps, {run['seconds']:.0f} s)", flush=True)
+
+    jobs = [(name, (rows[name], seed, settings, run_folder(args.work, tag, name) / str(seed), premises, args.eval_every,
+                    args.device)) for seed, name in pending]
+    for name, (run, there) in run_jobs(jobs, args.jobs, args.threads, args.device, args.budget):
+        if there != numerics:
+            raise RuntimeError(f"a worker made its run under numerics {there}, not {numerics}: not stored")
+        record(name, run)
     minutes = sum(r["seconds"] for name in rows for r in runs.get(name, [])) / 60
 
     summary = summarise(rows, runs, args.split)

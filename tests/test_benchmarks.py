@@ -677,3 +677,61 @@ def test_benchmarks_is_a_package_that_changes_no_import_path():
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     assert (folder / "__init__.py").is_file()
     assert [p.name for p in sorted(folder.glob("*.py")) if "sys.path" in p.read_text()] == []
+
+
+@pytest.mark.slow
+def test_ablation_jobs_2_stores_exactly_what_jobs_1_stores(tmp_path, monkeypatch):
+    """Two runs at a time, each in its own spawned process: every stored number equals the sequential table's
+    (wall time aside), in the same order."""
+    from benchmarks import ablation, common
+
+    args = ["--mode", "scratch", "--only", "baseline", "CM-MaskSD", "--seeds", "0", "1", "--steps", "3", "--scenes", "32",
+            "--eval-scenes", "8", "--eval-every", "1", "--best-of", "test", "--lr", "0.05", "--tag", "t"]
+    stored = {}
+    for jobs in (1, 2):
+        results = tmp_path / f"results{jobs}"
+        monkeypatch.setattr(ablation, "RESULTS", results)
+        monkeypatch.setattr(common, "RESULTS", results)
+        ablation.main([*args, "--jobs", str(jobs), "--work", str(tmp_path / f"work{jobs}")])
+        stored[jobs] = json.loads((results / "ablation_t_runs.json").read_text())
+        for done in stored[jobs]["runs"].values():
+            for run in done:
+                assert run.pop("seconds") > 0
+    assert [r["seed"] for r in stored[2]["runs"]["CM-MaskSD"]] == [0, 1]
+    assert stored[2] == stored[1]
+    baseline, masksd = (stored[1]["runs"][name][0] for name in ("baseline", "CM-MaskSD"))
+    assert baseline["curve"] != masksd["curve"] and baseline["guidance_after"] != masksd["guidance_after"]  # the rows differ
+
+
+def test_ablation_budget_starts_no_run_after_it_and_jobs_are_checked(tmp_path, monkeypatch, capsys):
+    from benchmarks import ablation, common
+
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(ablation, "initial_guidance", lambda *a: {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0})
+    metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
+    clock = iter(range(0, 1000, 10))  # each look at the clock: 10 s later
+    monkeypatch.setattr(ablation.time, "perf_counter", lambda: float(next(clock)))
+    trained = []
+    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or {
+        "seed": seed, "steps": 5, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}})
+    ablation.main(["--tag", "b", "--only", "baseline", "--seeds", "0", "1", "2", "3", "--budget", "25"])
+    assert trained == [0, 1] and "2 runs left for the next call" in capsys.readouterr().out
+    stored = json.loads((tmp_path / "ablation_b_runs.json").read_text())
+    assert [r["seed"] for r in stored["runs"]["baseline"]] == [0, 1]
+    for bad, message in ((["--jobs", "0"], "--jobs must be >= 1"), (["--budget", "-1"], "--budget must be a positive")):
+        with pytest.raises(SystemExit):
+            ablation.main(["--tag", "b", "--only", "baseline", *bad])
+        assert message in capsys.readouterr().err
+
+
+def test_ablation_numerics_of_a_gpu_run_never_equal_a_cpu_runs(monkeypatch):
+    from benchmarks import ablation
+    import torch
+
+    cpu = ablation.current_numerics("cpu")
+    assert set(cpu) == {"torch", "cpu", "cpu_capability", "torch_threads"}  # what every stored CPU table records
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    gpu = ablation.current_numerics("cuda")
+    assert gpu["gpu"] == "NVIDIA H100 80GB HBM3" and {"cuda", "cudnn", "deterministic", "matmul_precision"} <= set(gpu)
+    assert gpu != cpu and {k: gpu[k] for k in cpu} == cpu
