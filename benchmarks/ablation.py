@@ -26,7 +26,6 @@ before and after fine-tuning. Writes benchmarks/results/ablation_<tag>.{md,json,
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 import time
@@ -35,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, command_line, machine, markdown_table, write_results
+from benchmarks.runs import METRICS, Run, RunsFile, Settings, runs_path
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.pipeline.config import masksd_preset
 
-METRICS = ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")
 GUIDANCE = ("lmvsd_auc", "lmvsd_kept", "lmvsd_top1", "vmlsd_precision")
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
@@ -149,26 +148,6 @@ def paired_difference(values: list[float], baseline: list[float]) -> dict[str, f
 
 
 # ----------------------------------------------------------------------------------------------- runs
-@dataclass
-class Settings:
-    steps: int
-    scenes: int
-    split: str
-    eval_scenes: int
-    lr: float
-    backbone_lr_scale: float
-    best_of: str | None = None
-    """The split whose validation during training (every --eval-every steps) picks each run's ``best.pt``; the run
-    is then scored from best.pt, on its own training scenes too (the generalisation gap). None: from the last step."""
-    eval_every: int | None = None
-    """With ``best_of``: the validation interval, which decides the candidates for best.pt (None otherwise)."""
-
-    def record(self) -> dict[str, Any]:
-        """What the runs file stores and compares: every field, less the unset ones (so that files written before
-        a field existed still match)."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
 def current_numerics(device: str = "cpu") -> dict[str, Any]:
     """What decides how a run rounds besides the code: torch's version, its CPU kernel set and thread count, and on
     ``device="cuda"`` the GPU, CUDA, cuDNN and the precision and determinism switches. Runs pair exactly only when
@@ -202,7 +181,7 @@ def start_worker(threads: int, device: str) -> None:
 
 
 def run_job(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int,
-            device: str) -> tuple[dict, dict[str, Any]]:
+            device: str) -> tuple[Run, dict[str, Any]]:
     """One run in a worker process (``--jobs N``): what :func:`run_one` returns, and the numerics it was made under."""
     return run_one(row, seed, s, folder, premises, eval_every, device), current_numerics(device)
 
@@ -266,30 +245,28 @@ def read_curve(folder: Path) -> dict[str, float]:
 
 
 def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0,
-            device: str = "cpu") -> dict:
+            device: str = "cpu") -> Run:
     from examples.pipeline.trainer import train
 
     cfg = train_config(row, seed, s, folder, premises, eval_every, device)
     start = time.perf_counter()
     result = train(cfg, evaluate_at_end=False)
     seconds = time.perf_counter() - start
-    chosen: dict[str, Any] = {}
+    scores: dict[str, dict[str, float]] = {}
+    best_step = None
     if s.best_of is not None:  # score the weights that validated best on `best_of`, not the last step's
         from examples.pipeline.checkpoint import load_checkpoint
 
         best = load_checkpoint(folder / "best.pt")
         result.model.load_state_dict(best["model"])
-        chosen = {"best_step": str(best["best"]["step"]),  # the checkpoint's own record (a resume may have trimmed the log)
-                  "train": score(result.model.segmenter, "train", min(s.scenes, s.eval_scenes), seed)}  # its own scenes
+        best_step = str(best["best"]["step"])  # the checkpoint's own record (a resume may have trimmed the log)
+        scores["train"] = score(result.model.segmenter, "train", min(s.scenes, s.eval_scenes), seed)  # its own scenes
     segmenter = result.model.segmenter
-    return {
-        "seed": seed, "steps": result.steps, "seconds": seconds,
-        s.split: score(segmenter, s.split, s.eval_scenes),
-        "compositional": score(segmenter, "compositional", s.eval_scenes),
-        "guidance_after": guidance(result.model, s.split),
-        "curve": read_curve(folder),  # mIoU on cfg.synthetic_eval_size scenes of `best_of or split` every --eval-every steps
-        **chosen,
-    }
+    scores = {s.split: score(segmenter, s.split, s.eval_scenes), "compositional": score(segmenter, "compositional", s.eval_scenes),
+              **scores}
+    return Run(seed=seed, steps=result.steps, seconds=seconds, scores=scores, guidance_after=guidance(result.model, s.split),
+               curve=read_curve(folder),  # mIoU on cfg.synthetic_eval_size scenes of `best_of or split` every --eval-every steps
+               best_step=best_step)
 
 
 def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None]) -> dict[str, float]:
@@ -304,7 +281,7 @@ def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None])
 
 
 # ----------------------------------------------------------------------------------------------- report
-def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> dict[str, dict]:
+def summarise(rows: dict[str, Row], runs: dict[str, list[Run]], split: str) -> dict[str, dict]:
     summary = {}
     baselines: dict[str, str] = {}  # premise -> its first plain baseline row (later ones are sweep baselines)
     for name, row in rows.items():
@@ -315,25 +292,25 @@ def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> 
         if not done:
             continue
         versus = row.versus or baselines.get(row.premise, "")
-        entry = {"premise": row.premise, "seeds": [r["seed"] for r in done], "versus": versus}
+        entry = {"premise": row.premise, "seeds": [r.seed for r in done], "versus": versus}
         for part in (split, "compositional"):
-            entry[part] = {m: mean_std([r[part][m] for r in done]) for m in METRICS}
-        entry["guidance_after"] = {g: mean_std([r["guidance_after"][g] for r in done]) for g in GUIDANCE if g in done[0]["guidance_after"]}
-        base = runs.get(versus, [])
-        paired = [(r, b) for r in done for b in base if b["seed"] == r["seed"]]
+            entry[part] = {m: mean_std([r.scores[part][m] for r in done]) for m in METRICS}
+        entry["guidance_after"] = {g: mean_std([r.guidance_after[g] for r in done]) for g in GUIDANCE if g in done[0].guidance_after}
+        base = {r.seed: r for r in runs.get(versus, [])}
+        paired = [(r, base[r.seed]) for r in done if r.seed in base]
         if paired and name != versus:
             entry["vs_baseline"] = {
-                part: paired_difference([r[part]["mIoU"] for r, _ in paired], [b[part]["mIoU"] for _, b in paired])
+                part: paired_difference([r.miou(part) for r, _ in paired], [b.miou(part) for _, b in paired])
                 for part in (split, "compositional")
             }
-        if all("train" in r for r in done):  # scored from best.pt (Settings.best_of): the generalisation gap
-            entry["train"] = mean_std([r["train"]["mIoU"] for r in done])
-            entry["gap"] = mean_std([r["train"]["mIoU"] - r[split]["mIoU"] for r in done])
-            entry["best_step"] = [r["best_step"] for r in done]
-        entry["seconds"] = statistics.mean(r["seconds"] for r in done)
-        entry["steps_taken"] = sorted({r["steps"] for r in done if "steps" in r})
-        steps = set.intersection(*(set(r.get("curve", {})) for r in done))  # steps every seed logged
-        entry["curve"] = {k: statistics.mean(r["curve"][k] for r in done) for k in sorted(steps, key=int)}
+        if all("train" in r.scores for r in done):  # scored from best.pt (Settings.best_of): the generalisation gap
+            entry["train"] = mean_std([r.miou("train") for r in done])
+            entry["gap"] = mean_std([r.miou("train") - r.miou(split) for r in done])
+            entry["best_step"] = [r.best_step for r in done]
+        entry["seconds"] = statistics.mean(r.seconds for r in done)
+        entry["steps_taken"] = sorted({r.steps for r in done if r.steps is not None})
+        steps = set.intersection(*(set(r.curve or {}) for r in done))  # steps every seed logged
+        entry["curve"] = {k: statistics.mean(r.curve[k] for r in done) for k in sorted(steps, key=int)}
         summary[name] = entry
     return summary
 
@@ -572,14 +549,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale, args.best_of,
                         args.eval_every if args.best_of else None)
     tag = args.tag or args.mode
-    store = RESULTS / f"ablation_{tag}_runs.json"
-    saved = json.loads(store.read_text()) if store.is_file() else {}
-    if saved and saved.get("settings") != settings.record():
-        parser.error(f"{store} holds runs with other settings {saved.get('settings')}: pass another --tag, or delete it and the "
-                     f"runs' folder {Path(args.work) / tag} (its checkpoints would be resumed)")
-    runs: dict[str, list[dict]] = saved.get("runs", {})
-    initial: dict[str, dict] = saved.get("initial", {})
-    numerics = saved.get("numerics")
+    store = RunsFile.read(runs_path(tag, RESULTS))
+    if store.settings is not None and store.settings.record() != settings.record():
+        parser.error(f"{store.path} holds runs with other settings {store.settings.record()}: pass another --tag, or delete it and "
+                     f"the runs' folder {Path(args.work) / tag} (its checkpoints would be resumed)")
+    store.settings = settings
+    runs = store.runs
     if not args.report:
         import torch
 
@@ -589,49 +564,37 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--device cuda: torch finds no CUDA device here")
         start_worker(args.threads, args.device)
         here = current_numerics(args.device)
-        if numerics is not None and numerics != here:
-            parser.error(f"{store} holds runs made under other numerics {numerics}, this run's are {here}: runs would not "
-                         f"pair exactly; pass another --tag (and re-run its baseline), or run where {numerics} holds")
-        if numerics is None and (runs or initial):
-            parser.error(f"{store} predates the record of the numerics its runs were made under (another machine; re-running "
+        if store.numerics is not None and store.numerics != here:
+            parser.error(f"{store.path} holds runs made under other numerics {store.numerics}, this run's are {here}: runs would "
+                         f"not pair exactly; pass another --tag (and re-run its baseline), or run where {store.numerics} holds")
+        if store.numerics is None and (runs or store.initial):
+            parser.error(f"{store.path} predates the record of the numerics its runs were made under (another machine; re-running "
                          f"its baseline seed 0 elsewhere changed val mIoU by up to 2.4, see benchmarks/results/reproducibility.md): "
                          f"new runs would not pair with them exactly; pass another --tag, or --report to render it")
-        numerics = here
-
-    def keep() -> None:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        tmp = store.with_suffix(".tmp")
-        for done in runs.values():  # seed order, whichever run finished first (--jobs)
-            done.sort(key=lambda r: r["seed"])
-        stored = {"settings": settings.record(), "numerics": numerics, "runs": runs, "initial": initial}
-        tmp.write_text(json.dumps({k: v for k, v in stored.items() if v is not None}, indent=1))
-        tmp.replace(store)
+        store.numerics = here
 
     if args.report:
         if not runs:
-            parser.error(f"--report: {store} holds no runs")
+            parser.error(f"--report: {store.path} holds no runs")
         args.seeds = []  # run nothing; summarise what is stored
     for premise in sorted({r.premise for r in rows.values()} if not args.report else ()):
-        if premise not in initial:
-            initial[premise] = initial_guidance(premise, settings, premises)
-            keep()
+        if premise not in store.initial:
+            store.initial[premise] = initial_guidance(premise, settings, premises)
+            store.write()
     pending = [(seed, name) for seed in args.seeds for name in rows  # seed by seed: an interrupted table has whole seeds
-               if not any(r["seed"] == seed for r in runs.get(name, []))]
-
-    def record(name: str, run: dict) -> None:
-        runs.setdefault(name, []).append(run)
-        keep()
-        print(f"{name:36s} seed {run['seed']}: {args.split} mIoU {run[args.split]['mIoU']:6.2f}  compositional "
-              f"{run['compositional']['mIoU']:6.2f}  AUC after {run['guidance_after'].get('lmvsd_auc', float('nan')):.3f} "
-              f"({run['steps']} steps, {run['seconds']:.0f} s)", flush=True)
-
+               if not store.has(name, seed)]
     jobs = [(name, (rows[name], seed, settings, run_folder(args.work, tag, name) / str(seed), premises, args.eval_every,
                     args.device)) for seed, name in pending]
     for name, (run, there) in run_jobs(jobs, args.jobs, args.threads, args.device, args.budget):
-        if there != numerics:
-            raise RuntimeError(f"a worker made its run under numerics {there}, not {numerics}: not stored")
-        record(name, run)
-    minutes = sum(r["seconds"] for name in rows for r in runs.get(name, [])) / 60
+        if there != store.numerics:
+            raise RuntimeError(f"a worker made its run under numerics {there}, not {store.numerics}: not stored")
+        store.add(name, run)
+        store.write()
+        print(f"{name:36s} seed {run.seed}: {args.split} mIoU {run.miou(args.split):6.2f}  compositional "
+              f"{run.miou('compositional'):6.2f}  AUC after {run.guidance_after.get('lmvsd_auc', float('nan')):.3f} "
+              f"({run.steps} steps, {run.seconds:.0f} s)", flush=True)
+    minutes = sum(r.seconds for name in rows for r in runs.get(name, [])) / 60
+    initial, numerics = store.initial, store.numerics
 
     summary = summarise(rows, runs, args.split)
     markdown = f"# Ablations on synthetic referring scenes ({tag})\n\n" + render(rows, summary, initial, args.split, settings, minutes)

@@ -266,11 +266,12 @@ def test_ablation_paired_statistics_on_fixed_numbers():
 
 def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
     from benchmarks.ablation import Row, Settings, render, summarise
+    from benchmarks.runs import Run
 
     def run(seed, val, comp):
         metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
-        return {"seed": seed, "val": metrics(val), "compositional": metrics(comp), "seconds": 10.0,
-                "guidance_after": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}
+        return Run.from_json({"seed": seed, "val": metrics(val), "compositional": metrics(comp), "seconds": 10.0,
+                              "guidance_after": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}})
 
     rows = {"baseline": Row("region", "II", {"baseline": True}), "CM-MaskSD": Row("region", "II"),
             "b2": Row("region", "—", {"baseline": True}), "m2": Row("region", "—", versus="b2")}
@@ -291,6 +292,7 @@ def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
 
 def test_ablation_training_curves_average_over_seeds_on_the_steps_all_logged(tmp_path):
     from benchmarks.ablation import Row, Settings, read_curve, render, summarise, train_config
+    from benchmarks.runs import Run
 
     cfg = train_config(Row("scratch", ""), 3, Settings(10, 10, "test", 10, 1e-3, 1.0), tmp_path, {"scratch": None}, 250)
     assert (cfg.eval_every, cfg.eval_split, cfg.seed) == (250, "test", 3)  # the curve is scored on the run's own split
@@ -298,15 +300,15 @@ def test_ablation_training_curves_average_over_seeds_on_the_steps_all_logged(tmp
     assert read_curve(tmp_path) == {"500": 40.5, "1000": 61.25}
     assert read_curve(tmp_path / "missing") == {}
     metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
-    run = lambda seed, curve: {"seed": seed, "val": metrics, "compositional": metrics, "seconds": 1.0,  # noqa: E731
-                               "guidance_after": {}, "curve": curve}
+    run = lambda seed, curve: Run.from_json({"seed": seed, "val": metrics, "compositional": metrics,  # noqa: E731
+                                             "seconds": 1.0, "guidance_after": {}, "curve": curve})
     rows = {"baseline": Row("region", "II", {"baseline": True})}
     runs = {"baseline": [run(0, {"500": 40.0, "1000": 60.0}), run(1, {"500": 44.0, "1000": 62.0, "1500": 70.0})]}
     summary = summarise(rows, runs, "val")
     assert summary["baseline"]["curve"] == {"500": 42.0, "1000": 61.0}  # 1500: only seed 1 reached it
     text = render(rows, summary, {}, "val", Settings(10, 10, "val", 10, 1e-3, 1.0), 1.0)
     assert "| baseline | 42.00 | 61.00 |" in text
-    runs["baseline"][0].pop("curve")  # runs stored before curves existed: no curve table
+    runs["baseline"][0].curve = None  # runs stored before curves existed: no curve table
     assert "during training" not in render(rows, summarise(rows, runs, "val"), {}, "val", Settings(10, 10, "val", 10, 1e-3, 1.0), 1.0)
 
 
@@ -340,8 +342,8 @@ def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(t
     monkeypatch.setattr(ablation, "initial_guidance", lambda *a: {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0})
     metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
     trained = []
-    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or {
-        "seed": seed, "steps": 500, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}})
+    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or ablation.Run.from_json({
+        "seed": seed, "steps": 500, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}}))
     threads = torch.get_num_threads()
     try:
         ablation.main(["--tag", "n", "--only", "baseline", "--seeds", "0"])
@@ -453,8 +455,8 @@ def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_pat
 
     def run(seed, train, val):
         metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
-        return {"seed": seed, "val": metrics(val), "compositional": metrics(val - 5), "train": metrics(train),
-                "best_step": str(100 * (seed + 1)), "seconds": 1.0, "guidance_after": {}, "steps": 384}
+        return ablation.Run.from_json({"seed": seed, "val": metrics(val), "compositional": metrics(val - 5), "train": metrics(train),
+                                       "best_step": str(100 * (seed + 1)), "seconds": 1.0, "guidance_after": {}, "steps": 384})
 
     rows = {"baseline": Row("region", "II", {"baseline": True}), "CM-MaskSD": Row("region", "II")}
     runs = {"baseline": [run(0, 80.0, 60.0), run(1, 84.0, 62.0)], "CM-MaskSD": [run(0, 70.0, 61.0), run(1, 72.0, 64.0)]}
@@ -481,10 +483,12 @@ def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
     torch.manual_seed(0)
     s = Settings(steps=4, scenes=32, split="val", eval_scenes=8, lr=2e-2, backbone_lr_scale=1.0, best_of="test")
     run = run_one(Row("scratch", "", {"baseline": True}), 0, s, tmp_path, {"scratch": None}, eval_every=2)
-    assert set(run["curve"]) == {"2", "4"} and run["best_step"] == max(run["curve"], key=run["curve"].get)
+    assert set(run.curve) == {"2", "4"} and run.best_step == max(run.curve, key=run.curve.get)
     best, _ = load_segmenter(tmp_path / "best.pt")
-    assert run["val"] == score(best, "val", 8) and run["train"] == score(best, "train", 8, seed=0)
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == int(run["best_step"])
+    assert run.scores["val"] == score(best, "val", 8) and run.scores["train"] == score(best, "train", 8, seed=0)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == int(run.best_step)
+    assert list(run.to_json("val")) == ["seed", "steps", "seconds", "val", "compositional", "guidance_after", "curve",
+                                        "best_step", "train"]  # the layout every stored table has
 
 
 def test_gpu_check_plans_say_which_is_the_cpu_stand_in():
@@ -518,7 +522,7 @@ def _regime_store(scenes, pairs, steps=400, numerics="n"):
     """An ablation runs file with baseline and CM-MaskSD runs: pairs = [(seed, (train, val, comp) baseline, (...) CM-MaskSD)]."""
     def run(seed, train, val, comp):
         m = lambda x: {"mIoU": x, "oIoU": x, "Prec@0.5": x, "Prec@0.7": x, "Prec@0.9": x}  # noqa: E731
-        return {"seed": seed, "train": m(train), "val": m(val), "compositional": m(comp)}
+        return {"seed": seed, "seconds": 1.0, "train": m(train), "val": m(val), "compositional": m(comp)}
 
     settings = {"steps": steps, "scenes": scenes, "split": "val", "eval_scenes": 2000, "lr": 2e-3, "backbone_lr_scale": 1.0,
                 "best_of": "test", "eval_every": 40}
@@ -529,25 +533,28 @@ def _regime_store(scenes, pairs, steps=400, numerics="n"):
 def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
     from benchmarks import common
     from benchmarks import regime_map
+    from benchmarks.runs import RunsFile
 
     small = _regime_store(200, [(0, (80, 30, 28), (70, 33, 29)), (1, (82, 34, 30), (71, 35, 30)), (2, (78, 32, 29), (69, 32, 31))])
-    row = regime_map.size_row(200, small)
+    row = regime_map.size_row(200, RunsFile.from_json(small))
     assert row["seeds"] == [0, 1, 2] and row["baseline"][0] == pytest.approx(32.0) and row["steps_taken"] == []
     small["runs"]["baseline"][0]["steps"] = 384
-    assert regime_map.size_row(200, small)["steps_taken"] == [384]
+    assert regime_map.size_row(200, RunsFile.from_json(small))["steps_taken"] == [384]
     assert row["gap"][0] == pytest.approx(48.0) and row["masksd_gap"][0] == pytest.approx((37 + 36 + 37) / 3)
     gain = row["gain"]["val"]  # differences 3, 1, 0
     assert gain["mean"] == pytest.approx(4 / 3) and gain["n"] == 3
     assert gain["high"] - gain["mean"] == pytest.approx(4.303 * math.sqrt(7 / 3) / math.sqrt(3))
     assert row["gain"]["compositional"]["mean"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no seed has both"):
-        regime_map.size_row(300, {"settings": small["settings"], "runs": {"baseline": small["runs"]["baseline"]}})
+        regime_map.size_row(300, RunsFile.from_json({"settings": small["settings"], "runs": {"baseline": small["runs"]["baseline"]}}))
     with pytest.raises(ValueError, match="differ in \\['steps'\\]"):
-        regime_map.check_comparable({200: ("a", small), 1000: ("b", _regime_store(1000, [], steps=500))})
+        regime_map.check_comparable({200: ("a", RunsFile.from_json(small)),
+                                     1000: ("b", RunsFile.from_json(_regime_store(1000, [], steps=500)))})
     with pytest.raises(ValueError, match="not 300"):
-        regime_map.check_comparable({300: ("a", small)})
+        regime_map.check_comparable({300: ("a", RunsFile.from_json(small))})
     with pytest.raises(ValueError, match="numerics"):
-        regime_map.check_comparable({200: ("a", small), 1000: ("b", _regime_store(1000, [], numerics="other"))})
+        regime_map.check_comparable({200: ("a", RunsFile.from_json(small)),
+                                     1000: ("b", RunsFile.from_json(_regime_store(1000, [], numerics="other")))})
 
     monkeypatch.setattr(regime_map, "RESULTS", tmp_path)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
@@ -584,7 +591,7 @@ def _table_store(scenes, rows, numerics="n"):
     """An ablation runs file with the given rows: rows = {name: [(seed, val, compositional, best test), ...]}."""
     def run(seed, val, comp, test):
         m = lambda x: {"mIoU": x, "oIoU": x, "Prec@0.5": x, "Prec@0.7": x, "Prec@0.9": x}  # noqa: E731
-        return {"seed": seed, "train": m(val + 10), "val": m(val), "compositional": m(comp), "best_step": "80",
+        return {"seed": seed, "seconds": 1.0, "train": m(val + 10), "val": m(val), "compositional": m(comp), "best_step": "80",
                 "curve": {"40": test - 5, "80": test}}
 
     store = _regime_store(scenes, [], numerics=numerics)
@@ -595,20 +602,21 @@ def _table_store(scenes, rows, numerics="n"):
 def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_numbers(tmp_path, monkeypatch):
     from benchmarks import common
     from benchmarks import regime_tables
+    from benchmarks.runs import Run, RunsFile
 
     base = [(0, 40, 30, 50), (1, 42, 31, 52), (2, 41, 29, 51)]
     # test (best.pt) gains: size 200 -> +1, +3, +2 (mean 2, low 2 - 4.303/sqrt 3); size 3000 -> +0.5 each (std 0: low 0.5)
     small = _table_store(200, {"baseline": base, "CM-MaskSD": [(s, v - 1, c, t + d) for (s, v, c, t), d in zip(base, (1, 3, 2))]})
     large = _table_store(3000, {"baseline": base, "CM-MaskSD": [(s, v, c, t + 0.5) for s, v, c, t in base]})
-    chosen, gains = regime_tables.choose_size({200: small, 3000: large}, [0, 1, 2])
+    chosen, gains = regime_tables.choose_size({200: RunsFile.from_json(small), 3000: RunsFile.from_json(large)}, [0, 1, 2])
     assert chosen == 3000 and gains[3000]["low"] == pytest.approx(0.5) and gains[200]["mean"] == pytest.approx(2.0)
     assert gains[200]["low"] == pytest.approx(2.0 - 4.303 * 1.0 / math.sqrt(3))
     with pytest.raises(ValueError, match=r"size 200: baseline has no run for seeds \[3\]"):
-        regime_tables.choose_size({200: small, 3000: large}, [0, 1, 2, 3])
+        regime_tables.choose_size({200: RunsFile.from_json(small), 3000: RunsFile.from_json(large)}, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="at least 2 seeds"):
-        regime_tables.choose_size({200: small}, [0])
-    with pytest.raises(ValueError, match="no `test` validation at its best step"):
-        regime_tables.best_test({"seed": 4, "curve": {"40": 1.0}, "best_step": "80"})
+        regime_tables.choose_size({200: RunsFile.from_json(small)}, [0])
+    with pytest.raises(ValueError, match="seed 4: no validation at a best step"):
+        regime_tables.best_test(Run.from_json({"seed": 4, "seconds": 1.0, "curve": {"40": 1.0}, "best_step": "80"}))
 
     assert regime_tables.verdict({"n": 3, "mean": 1.0, "low": 0.2, "high": 1.8}) == "holds"
     assert regime_tables.verdict({"n": 3, "mean": -1.0, "low": -1.8, "high": -0.2}) == "reversed"
@@ -622,19 +630,19 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     assert all(d > 0 for d in paper.values())  # each ordering is stated the way the paper found it
     broken = json.loads(json.dumps(large))
     broken["runs"]["CM-MaskSD"][1]["best_step"] = "120"
-    with pytest.raises(ValueError, match=r"size 3000, CM-MaskSD: seed 1: no `test` validation at its best step '120'"):
-        regime_tables.choose_size({3000: broken}, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"size 3000, CM-MaskSD or baseline: seed 1: no validation at a best step"):
+        regime_tables.choose_size({3000: RunsFile.from_json(broken)}, [0, 1, 2])
 
     # at the chosen size the table's rows pair with the map's baseline; val differences below are exact
     large["runs"]["+LMVSD"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + d}}
                                for r, d in zip(large["runs"]["baseline"], (2.0, 2.5, 3.0))]
     large["runs"]["+LMVSD, α=0.75"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + 4}} for r in large["runs"]["baseline"][:2]]
-    assert [r["seed"] for r in regime_tables.complete_seeds(large["runs"])["baseline"]] == [0, 1]  # the α row has two seeds
-    rows = regime_tables.table_rows(large["runs"], "val")
+    runs = RunsFile.from_json(large).runs  # rows of 3, 3 and 2 seeds: each difference on the seeds both rows have
+    rows = regime_tables.table_rows(runs, "val")
     assert list(rows) == ["baseline", "+LMVSD", "CM-MaskSD", "+LMVSD, α=0.75"]  # the paper's order, rows run so far
     assert rows["+LMVSD"]["delta_val"]["mean"] == pytest.approx(2.5) and rows["+LMVSD"]["paper_delta"] == pytest.approx(0.68)
     assert rows["+LMVSD, α=0.75"]["delta_val"]["seeds"] == [0, 1] and rows["baseline"]["val"] == pytest.approx((41.0, 1.0))
-    orders = {o["claim"]: o for o in regime_tables.orderings(large["runs"], "val")}
+    orders = {o["claim"]: o for o in regime_tables.orderings(runs, "val")}
     alpha = orders["α=0.25 beats α=0.75 (III)"]  # +LMVSD − the α row on seeds 0, 1: -2, -1.5
     assert alpha["val"]["mean"] == pytest.approx(-1.75) and alpha["paper"] == pytest.approx(0.66)
     assert orders["LMVSD helps (II/VII)"]["verdict"] == "holds" and orders["masking beats no masking (V)"]["verdict"] == "not run"
@@ -646,7 +654,8 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     regime_tables.main(["--sizes", "200=small", "3000=large", "--seeds", "0", "1", "2", "--report"])
     text = (tmp_path / "ablation_regime_tables.md").read_text()
     assert "**3,000 training scenes** (`ablation_large`)" in text and "| 3,000 | 3 | +0.50 [+0.50, +0.50] | ✓ |" in text
-    assert "| +LMVSD | VII | 71.13 | +0.68 | 43.25 ± 1.77 | +2.25 [-0.93, +5.43] | +0.00 [+0.00, +0.00] | 2 |" in text  # seeds 0, 1
+    assert "| +LMVSD | VII | 71.13 | +0.68 | 43.50 ± 1.32 | +2.50 [+1.26, +3.74] | +0.00 [+0.00, +0.00] | 3 |" in text  # its own 3 seeds
+    assert "| +LMVSD, α=0.75 | III(b) | 70.79 | +0.34 | 45.00 ± 1.41 | +4.00 [+4.00, +4.00] |" in text  # seeds 0, 1 only
     assert (tmp_path / "ablation_regime_tables.png").is_file()
     for bad in (["--sizes", "3000"], ["--sizes", "16000=missing"]):
         with pytest.raises(SystemExit):
@@ -655,12 +664,13 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
 
 def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
     from benchmarks import regime_map
+    from benchmarks.runs import RunsFile
 
     # seed 0: gains +3 at 100 scenes, +1 at 1,000, -1 at 10,000 -> slope -2 per decade; seed 1: +2, +2, -2 -> -2 as well
     # (least squares over x = 2, 3, 4); seed 2 has one size only and is left out
-    small = _regime_store(100, [(0, (0, 50, 40), (0, 53, 43)), (1, (0, 50, 40), (0, 52, 42)), (2, (0, 50, 40), (0, 50, 40))])
-    mid = _regime_store(1000, [(0, (0, 50, 40), (0, 51, 41)), (1, (0, 50, 40), (0, 52, 40))])
-    large = _regime_store(10000, [(0, (0, 50, 40), (0, 49, 39)), (1, (0, 50, 40), (0, 48, 39))])
+    small = RunsFile.from_json(_regime_store(100, [(0, (0, 50, 40), (0, 53, 43)), (1, (0, 50, 40), (0, 52, 42)), (2, (0, 50, 40), (0, 50, 40))]))
+    mid = RunsFile.from_json(_regime_store(1000, [(0, (0, 50, 40), (0, 51, 41)), (1, (0, 50, 40), (0, 52, 40))]))
+    large = RunsFile.from_json(_regime_store(10000, [(0, (0, 50, 40), (0, 49, 39)), (1, (0, 50, 40), (0, 48, 39))]))
     t = regime_map.trend({100: small, 1000: mid, 10000: large}, "val")
     assert t["seeds"] == [0, 1] and t["slopes"] == [pytest.approx(-2.0), pytest.approx(-2.0)] and t["mean"] == pytest.approx(-2.0)
     assert t["low"] == pytest.approx(-2.0) and t["high"] == pytest.approx(-2.0)  # no spread between seeds
@@ -713,8 +723,8 @@ def test_ablation_budget_starts_no_run_after_it_and_jobs_are_checked(tmp_path, m
     clock = iter(range(0, 1000, 10))  # each look at the clock: 10 s later
     monkeypatch.setattr(ablation.time, "perf_counter", lambda: float(next(clock)))
     trained = []
-    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or {
-        "seed": seed, "steps": 5, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}})
+    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or ablation.Run.from_json({
+        "seed": seed, "steps": 5, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}}))
     ablation.main(["--tag", "b", "--only", "baseline", "--seeds", "0", "1", "2", "3", "--budget", "25"])
     assert trained == [0, 1] and "2 runs left for the next call" in capsys.readouterr().out
     stored = json.loads((tmp_path / "ablation_b_runs.json").read_text())
@@ -735,3 +745,20 @@ def test_ablation_numerics_of_a_gpu_run_never_equal_a_cpu_runs(monkeypatch):
     gpu = ablation.current_numerics("cuda")
     assert gpu["gpu"] == "NVIDIA H100 80GB HBM3" and {"cuda", "cudnn", "deterministic", "matmul_precision"} <= set(gpu)
     assert gpu != cpu and {k: gpu[k] for k in cpu} == cpu
+
+
+def test_runs_file_reads_and_writes_every_stored_table_unchanged(tmp_path):
+    """The typed record round-trips each stored runs file to the same JSON (layout, order, values)."""
+    from benchmarks.runs import RunsFile
+
+    stored = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("ablation_*_runs.json"))
+    assert len(stored) >= 8
+    for path in stored:
+        record = RunsFile.read(path)
+        assert record.runs and all(r.seed == s for rs in record.runs.values() for r, s in zip(rs, sorted(r.seed for r in rs)))
+        record.path = tmp_path / path.name
+        record.write()
+        assert json.loads(record.path.read_text()) == json.loads(path.read_text()), path.name
+    with pytest.raises(ValueError, match="not an ablation runs file"):
+        (tmp_path / "bad_runs.json").write_text('{"runs": {"baseline": [{"seeds": 1}]}}')
+        RunsFile.read(tmp_path / "bad_runs.json")
