@@ -71,13 +71,17 @@ class CorrelationFilter(nn.Module):
         """The same selection on precomputed scores: scores (B, N) float; valid (B, N) bool or None.
 
         Returns a (B, N) bool tensor, True at the ``ceil(top_k * n_valid)`` highest-scoring valid tokens
-        (lowest-scoring for ``select="bottom"``).
+        (lowest-scoring for ``select="bottom"``). A NaN score ranks last among the valid tokens, in either
+        direction, and an invalid token is never selected, whatever the valid ones score (-inf included).
         """
         check_tensor("scores", scores, dims=2, floating=True)
         batch, length = scores.shape
         valid = check_mask("valid", valid, (batch, length), scores.device)
         scores = scores.float() if self.direction == "top" else -scores.float()  # the least correlated rank first
-        scores = scores.masked_fill(~valid, float("-inf"))
+        # NaN and -inf (a hook's "never") rank below every finite score but above the invalid tokens' -inf:
+        # sorted first, a NaN would be chosen before real scores; tied with -inf, an invalid token could be chosen
+        lowest = torch.finfo(torch.float32).min
+        scores = scores.nan_to_num(nan=lowest, posinf=float("inf"), neginf=lowest).masked_fill(~valid, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)  # (B, N) token indices, chosen first
         counts = topk_counts(self.top_k, valid.sum(dim=1))  # (B,)
         take = torch.arange(length, device=scores.device) < counts[:, None]  # (B, N) by rank
