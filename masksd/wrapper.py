@@ -125,7 +125,8 @@ class DistillBranch(nn.Module):
         elif self.site == "input":
             inputs = InputSpec() if inputs is None else inputs
             self.masker = (PixelPatchMasker(inputs.patch_size, inputs.fill, *masking) if name == "lmvsd" else
-                           WordIdMasker(inputs.mask_token_id, inputs.vocab_size, inputs.word_replacement, *masking))
+                           WordIdMasker(inputs.mask_token_id, inputs.vocab_size, inputs.word_replacement, *masking,
+                                        special_ids=inputs.special_token_ids))
         else:
             self.masker = GuidedMasker(dim, *masking)
         self.criterion = SelfDistillLoss(

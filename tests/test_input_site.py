@@ -78,6 +78,32 @@ def test_word_replacement_is_80_10_10_on_a_large_draw():
     assert torch.equal(new[~drawn], ids[~drawn]) and int(new.max()) < 30522
 
 
+def test_random_replacement_words_are_uniform_over_the_vocabulary_without_its_special_ids():
+    """A random [SEP]/[PAD] (or CLIP's end-of-text id, where CLIP pools) mid-sentence would change its structure."""
+    special = (0, 3, 4, 9)  # scattered, so that stepping past each one is tested
+    ids = torch.full((200, 100), 5)
+    masker = WordIdMasker(mask_token_id=4, vocab_size=12, replacement=(0.0, 1.0), ratio=1.0, special_ids=special + (40,))
+    new, drawn = masker.mask(ids, torch.ones_like(ids, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert bool(drawn.all()) and not bool(torch.isin(new, torch.tensor(special)).any()) and int(new.max()) < 12
+    counts = torch.bincount(new.flatten(), minlength=12)[[1, 2, 5, 6, 7, 8, 10, 11]].double()  # the 8 other ids
+    assert bool((counts / counts.mean() - 1).abs().max() < 0.1)  # each about 20000 / 8 = 2500 times
+    with pytest.raises(ValueError, match="vocab_size must leave a word that is not special"):
+        WordIdMasker(mask_token_id=0, vocab_size=2, replacement=(0.8, 0.1), ratio=0.15, special_ids=(0, 1))
+
+
+def test_the_input_site_draws_no_special_id_as_a_random_word():
+    images, ids, masks = plain_batch()
+    spec = InputSpec.from_tokenizer(bert_tokenizer(), patch_size=16, word_replacement=(0.0, 1.0))
+    config = MaskSDConfig.maskris(lmvsd=BranchConfig(enabled=False), vmlsd=BranchConfig.vmlsd(site="input", top_k=1.0, ratio=1.0))
+    model = MaskSD(PlainRIS(vocab=len(WORDS)), config, inputs=spec).train()
+    seen = []
+    model.segmenter.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    for seed in range(20):  # 20 draws of the 17 words among 9 non-special ids: a special id would show up
+        model(images, ids, masks, generator=torch.Generator().manual_seed(seed))
+    for view in seen[1::2]:
+        assert not bool((torch.isin(view, torch.tensor(spec.special_token_ids)) & (view != ids)).any())
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 12), ratio=st.floats(0, 1), min_count=st.integers(0, 4), seed=st.integers(0, 99))
 def test_bernoulli_draw_masks_only_candidates_and_at_least_min_count(n, ratio, min_count, seed):
