@@ -3,6 +3,7 @@ the maskris preset as published, and a plain ``forward(images, token_ids)`` mode
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -204,6 +205,24 @@ def test_prediction_guidance_at_the_input_site_masks_the_pixel_patches_under_the
     out = MaskSD(Fixed(vocab=len(WORDS)), config, inputs=InputSpec(patch_size=16)).train()(images, ids, masks)
     on = Fixed(vocab=len(WORDS))(images, ids) > 0
     assert torch.equal(out.image_masked, on.flatten(1))
+
+
+def test_prediction_guidance_scores_a_cut_pixel_patch_by_the_pixels_on_it():
+    """40-px images in 16-px patches: the last row of patches is 8 px tall. The prediction is sure on those 8 px and
+    mildly positive (0.6) on the first patch row: the cut row ranks first (an even 3-way split of the 40 px would
+    mix the cut row with 6 px of background and rank the first row above it)."""
+    class Fixed(PlainRIS):
+        def forward(self, images, token_ids):
+            logits = torch.full((images.shape[0], 1, 40, 40), -6.0)
+            logits[:, :, :16] = math.log(0.6 / 0.4)
+            logits[:, :, 32:] = 6.0
+            return logits + 0 * super().forward(images, token_ids).mean()
+
+    images, ids, masks = torch.randn(2, 3, 40, 40), plain_batch()[1][:2], torch.ones(2, 1, 40, 40)
+    config = MaskSDConfig(lmvsd=BranchConfig(site="input", guidance="prediction", top_k=1 / 3, ratio=1.0), vmlsd=BranchConfig(enabled=False))
+    model = MaskSD(Fixed(vocab=len(WORDS)), config, inputs=InputSpec(patch_size=16)).train()
+    out = model(images, ids, masks)
+    assert model.image_grid(images) == (3, 3) and out.image_masked.nonzero().tolist() == [[0, 6], [0, 7], [0, 8], [1, 6], [1, 7], [1, 8]]
 
 
 def test_an_adapter_masked_at_the_input_site_re_embeds_the_masked_pixels():
