@@ -1,14 +1,14 @@
 """What MaskSD costs per training step on each model family's tiny example (examples/families/), on this CPU.
 
-    python benchmarks/families.py                  # every family, 10 rounds after 2 warm-up steps
-    python benchmarks/families.py --families lavt etris --rounds 20
+    python -m benchmarks.families                  # every family, 10 rounds after 2 warm-up steps
+    python -m benchmarks.families --families lavt etris --rounds 20
 
 Each family's tiny random-init model (two samples, 32-64 px) is wrapped twice around the same
 weights: MaskSD with both branches off (the bare model's training step) and MaskSD with the family's
 configuration (docs/families.md). A step is forward, backward and Adam; the two alternate, one step
 of each per round, and the median over rounds is reported with its ratio, beside the FLOP ratio
 (FlopCounterMode, 2 per multiply-add, the same step). Tiny-model CPU time: it says how the branches
-scale each family's step, not what a real model costs on a GPU (benchmarks/train_step.py measures
+scale each family's step, not what a real model costs on a GPU (benchmarks.train_step measures
 CRIS there). Also the adapter's measured line count. Writes benchmarks/results/families.{md,json}.
 """
 
@@ -19,8 +19,7 @@ import time
 
 import torch
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import command_line, count_flops, markdown_table, write_results
+from benchmarks.common import command_line, count_flops, markdown_table, write_results
 from examples.families import FAMILIES, adapter_lines, load
 from examples.pipeline.cli import ScriptParser, run_script
 from masksd import MaskSD, MaskSDConfig
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(markdown)
     paths = write_results("families", markdown, {"threads": args.threads, "rounds": args.rounds, "families": data},
-                          command_line("benchmarks/families.py", argv))
+                          command_line("benchmarks.families", argv))
     print(f"wrote {paths[0]} and {paths[1]}")
 
 

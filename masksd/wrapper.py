@@ -125,7 +125,8 @@ class DistillBranch(nn.Module):
         elif self.site == "input":
             inputs = InputSpec() if inputs is None else inputs
             self.masker = (PixelPatchMasker(inputs.patch_size, inputs.fill, *masking) if name == "lmvsd" else
-                           WordIdMasker(inputs.mask_token_id, inputs.vocab_size, inputs.word_replacement, *masking))
+                           WordIdMasker(inputs.mask_token_id, inputs.vocab_size, inputs.word_replacement, *masking,
+                                        special_ids=inputs.special_token_ids))
         else:
             self.masker = GuidedMasker(dim, *masking)
         self.criterion = SelfDistillLoss(
@@ -350,7 +351,8 @@ class MaskSD(nn.Module):
         if branch.site == "input" and name == "lmvsd":
             pixels = self.inputs.pixels(main.images)  # (B, C, H, W)
             grid = patch_grid(pixels.shape[-2], pixels.shape[-1], self.inputs.patch_size)
-            selected = self._select(name, main, None, (pixels.shape[0], grid[0] * grid[1]), grid, pixels.device)
+            selected = self._select(name, main, None, (pixels.shape[0], grid[0] * grid[1]), grid, pixels.device,
+                                    image_size=tuple(pixels.shape[-2:]))
             if branch.masker is None:
                 return main.images, torch.zeros_like(selected)
             masked, applied = branch.masker.mask(pixels, selected, generator)
@@ -389,9 +391,11 @@ class MaskSD(nn.Module):
         shape: tuple[int, int],
         grid: tuple[int, int] | None,
         device: torch.device,
+        image_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The (B, N) bool tokens branch ``name`` keeps, ranked by its guidance among ``candidates`` (B, N) or
-        all; ``grid``: the image tokens' (h, w), where known. K = 1 keeps every candidate and reads no score."""
+        all; ``grid``: the image tokens' (h, w), where known; ``image_size``: (H, W) of the pixels where the tokens
+        are the input site's pixel patches. K = 1 keeps every candidate and reads no score."""
         branch = self.branches[name]
         if not branch.reads_scores:
             return check_mask("candidates", candidates, shape, device)
@@ -406,7 +410,8 @@ class MaskSD(nn.Module):
                 raise ValueError("lmvsd.guidance='prediction' pools the predicted mask onto the image tokens' grid: return "
                                  "Embeddings(..., grid=(h, w)) from embed_image (tokens in row-major order)")
             logits = main.logits if main.logits is not None else self._decode_main(main)
-            scores = prediction_scores(logits, grid)  # (B, N)
+            patch = None if image_size is None else self.inputs.patch_size
+            scores = prediction_scores(logits, grid, patch, image_size)  # (B, N)
         else:
             with torch.no_grad():
                 scores = self.segmenter.relevance(name, main.visual, main.text)
