@@ -162,23 +162,28 @@ def current_numerics(device: str = "cpu") -> dict[str, Any]:
     if device == "cuda":
         numerics.update(
             gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-            deterministic=torch.are_deterministic_algorithms_enabled(), cudnn_tf32=torch.backends.cudnn.allow_tf32,
+            deterministic="warn_only" if torch.is_deterministic_algorithms_warn_only_enabled()
+            else torch.are_deterministic_algorithms_enabled(), cudnn_tf32=torch.backends.cudnn.allow_tf32,
             matmul_precision=torch.get_float32_matmul_precision(),
         )
     return numerics
 
 
 def start_worker(threads: int, device: str) -> None:
-    """Pin a run's process to ``threads`` CPU threads and, on CUDA, to deterministic kernels (cuBLAS needs its
-    workspace setting before the first CUDA call), so that a run rounds alike in any process and in any order."""
+    """Pin a run's process to ``threads`` CPU threads and, on CUDA, to deterministic kernels where torch has them
+    (cuBLAS needs its workspace setting before the first CUDA call), so that a run rounds alike in any process and in
+    any order. CUDA has no deterministic backward for bilinear upsampling (CRIS's projector): those kernels still add
+    atomically, so a GPU run reproduces only to that rounding (``warn_only``, recorded in the numerics)."""
     import os
+    import warnings
 
     import torch
 
     torch.set_num_threads(threads)
     if device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        warnings.filterwarnings("once", message=".*does not have a deterministic implementation.*")
         torch.backends.cudnn.benchmark = False
 
 
