@@ -171,6 +171,13 @@ class TrainConfig(LoopConfig):
             raise ValueError(f"eval_threshold must be in (0, 1), got {self.eval_threshold}")
         if not 0 <= self.distill_ramp <= 1:
             raise ValueError(f"distill_ramp must be a fraction of the training in [0, 1], got {self.distill_ramp}")
+        vmlsd = self.masksd_config().vmlsd
+        if vmlsd.enabled and vmlsd.site == "input" and self.masksd.masking:
+            raise ValueError(
+                f"masksd.vmlsd.site='input' (the maskris preset's) replaces words by the tokenizer's [MASK] id, and {self.model} "
+                "tokenizes with CLIP's tokenizer, which has none: add --vmlsd-site embedding to mask the drawn words with a "
+                "learnable mask token at the word embeddings instead (docs/method.md, MaskRIS's recipe)"
+            )
 
 
 def _model(variant: str) -> dict[str, Any]:
@@ -201,7 +208,9 @@ Keys are TrainConfig fields (dotted paths for nested ones, e.g. ``masksd.vmlsd.r
 
 MASKSD_PRESETS: dict[str, Callable[[], MaskSDConfig]] = {"paper": MaskSDConfig, "maskris": MaskSDConfig.maskris}
 """MaskSD's named recipes (``--masksd-preset``), each the ``MaskSDConfig`` constructor that defines it: the paper's
-CM-MaskSD (the defaults) and MaskRIS's random masking (:meth:`MaskSDConfig.maskris`)."""
+CM-MaskSD (the defaults) and MaskRIS as published (:meth:`MaskSDConfig.maskris`: pixel patches and word ids masked at
+the inputs, one combined view). The pipeline's CLIP tokenizers have no [MASK] id, so ``maskris`` is refused unless
+``--vmlsd-site embedding`` replaces that part (TrainConfig says so)."""
 
 
 def masksd_preset(name: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from examples.cris.config import SHIPPED_WEIGHTS
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
-from masksd import MaskSD
+from masksd import InputSpec, MaskSD
 from masksd.data import ManifestConfig, ManifestDataset, ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
@@ -103,8 +103,10 @@ def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
 
 
 def build_model(cfg: TrainConfig) -> MaskSD:
-    """The CRIS-style segmenter wrapped in MaskSD (branches off for ``--baseline``)."""
-    return MaskSD(build_segmenter(cfg), cfg.masksd_config())
+    """The CRIS-style segmenter wrapped in MaskSD (branches off for ``--baseline``). Masking at the inputs finds the
+    images as the pipeline passes them, a (B, 3, S, S) tensor, in MaskRIS's 32-px patches; the pipeline's models
+    tokenize with CLIP, which has no mask id, so TrainConfig refuses ``--vmlsd-site input``."""
+    return MaskSD(build_segmenter(cfg), cfg.masksd_config(), inputs=InputSpec())
 
 
 def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
