@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     from examples.pipeline.evaluation import evaluate
     from examples.pipeline.distributed import resolve_device
     from examples.pipeline.factory import build_dataset, load_segmenter
+    from examples.pipeline.workers import exit_with_parent
     from masksd.data import ReferDataset, collate
     from masksd.metrics import format_table
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(TrainConfig.from_dict(run, source=str(args.checkpoint)), **overrides)
     split = args.split or cfg.eval_split
     dataset = build_dataset(cfg, split, train=False)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
+                        worker_init_fn=exit_with_parent())
     metrics = evaluate(segmenter, loader, segmenter.tokenize, device, args.threshold, args.amp, args.progress, cfg.restore)
 
     name = f"{cfg.dataset}" + (f"({cfg.split_by})" if cfg.split_by else "") + f" {split}"
