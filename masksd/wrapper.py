@@ -23,6 +23,7 @@ from masksd.adapter import (
     check_head_logits,
     missing_feature_maps,
 )
+from masksd._checks import check_finite_values, check_nonempty
 from masksd.config import BranchConfig, MaskSDConfig
 from masksd.correlation import CorrelationFilter
 from masksd.loss import SelfDistillLoss, check_mask_values, segmentation_loss
@@ -198,7 +199,7 @@ class MaskSD(nn.Module):
 
         batch = image_embedded.tokens.shape[0]
         logits = check_head_logits(seg.decode_head(visual, text), "segmenter.decode_head", batch)  # (B, 1, h, w)
-        seg_loss = segmentation_loss(logits, ground_truth)
+        seg_loss = segmentation_loss(logits, ground_truth, check_values=False)  # values: check_inputs
         out = MaskSDOutput(loss=seg_loss, seg_loss=seg_loss, logits=logits)
 
         if "lmvsd" in self.branches and self.branches["lmvsd"].site == "features":  # masked maps; nothing re-encoded
@@ -211,14 +212,14 @@ class MaskSD(nn.Module):
                 branch.replace_maps(head.feature_maps(visual), a), visual, text
             )
             student = self._run_branch(decode, out.image_masked, batch)
-            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.lmvsd_loss
         elif "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused
             branch = self.branches["lmvsd"]
             masked, out.image_masked = branch.perturb(image_embedded, text.pooled, visual, generator)
             head = self._head(branch)
             student = self._run_branch(lambda m, head=head: head(seg.encode_image(m), text), masked, batch)  # head bound now
-            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.lmvsd_loss
 
         if "vmlsd" in self.branches:  # image-guided masking of words; visual features reused
@@ -226,7 +227,7 @@ class MaskSD(nn.Module):
             masked, out.text_masked = branch.perturb(text_embedded, visual.pooled, text, generator)
             head = self._head(branch)
             student = self._run_branch(lambda m: head(visual, seg.encode_text(m)), masked, batch)
-            out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.vmlsd_loss
 
         return out
@@ -256,12 +257,17 @@ class MaskSD(nn.Module):
     def check_inputs(self, images: Any, texts: Any, ground_truth: torch.Tensor | None = None) -> None:
         """The checks of tensor values that a training step skips, so that it never waits for the device.
 
-        Raises a ValueError naming the argument (and the samples) when ``ground_truth`` is outside
-        [0, 1], when an enabled branch has samples without a candidate token (an empty text?), or
+        Raises a ValueError naming the argument (and the samples) when ``images`` (a tensor) is an empty
+        batch or holds NaN or ±inf, when ``ground_truth`` holds NaN or lies outside [0, 1] (a {0, 255} mask:
+        divide by 255), when an enabled branch has samples without a candidate token (an empty text?), or
         when the segmenter's own ``check_inputs(images, texts)`` (if it defines one) finds a problem.
-        Call it on the first batch of each epoch and whenever inputs come from a new source.
+        Call it on the first batch of each epoch and whenever inputs come from a new source: the training
+        forward checks shapes only (reading values would wait for the device in every step).
         """
         seg = self.segmenter
+        if torch.is_tensor(images):
+            check_nonempty("images", images)
+            check_finite_values("images", images)
         if callable(getattr(seg, "check_inputs", None)):
             seg.check_inputs(images, texts)
         if ground_truth is not None:
