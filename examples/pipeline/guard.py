@@ -77,7 +77,6 @@ class DivergenceGuard:
             f"stopped at step {stopped_at}; {kept}. Lower --lr, or set --grad-clip"
         )
 
-
     def check_weights(self, state: Mapping[str, torch.Tensor], stopped_at: int, kept: str) -> None:
         """Raise :class:`TrainingDiverged` if the state dict ``state`` about to be saved holds NaN or ±inf (a step
         whose loss was finite can still overflow its update). Every rank computes the same answer (DDP keeps

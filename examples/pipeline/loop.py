@@ -326,17 +326,20 @@ class TrainingLoop:
 
     def _write_rows(self, rows: list[tuple[dict, torch.Tensor, Any]], log: CsvLog | None, bar: tqdm,
                     stop_on_divergence: bool = True) -> None:
-        """Write the logged rows; a row whose step saw a non-finite loss so far (on any rank) stops the run."""
+        """Write the logged rows; if a row's step had seen a non-finite loss (on any rank), stop the run after
+        writing them all (the rows are the evidence)."""
+        diverged = False
         for row, parts, ready in rows:
             if ready is not None:
                 ready.synchronize()  # recorded a log interval ago: long done
-            *losses, nonfinite = parts.tolist()  # the loss parts, then the guard's count (summed over ranks)
+            *losses, nonfinite = parts.tolist()  # the loss parts, then the guard's count (its mean over ranks)
             values = dict(zip(self.log_fields, losses))
+            diverged = diverged or nonfinite > 0
             if log is not None:
                 log.write(**row, **values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if nonfinite > 0 and stop_on_divergence:
-                self.guard.stop(self.step, self._kept())
+        if diverged and stop_on_divergence:
+            self.guard.stop(self.step, self._kept())
 
     def _validation_due(self, epoch: int, last_of_epoch: bool) -> bool:
         every = self.cfg.eval_every
