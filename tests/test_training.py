@@ -236,10 +236,9 @@ def test_distill_ramp_grows_the_branch_losses_from_zero(tmp_path):
 def test_generalisation_gap_scores_each_stored_run_on_its_training_scenes(finished_run, tmp_path, monkeypatch):
     import shutil
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ablation
-    import common
-    import generalisation_gap
+    from benchmarks import ablation
+    from benchmarks import common
+    from benchmarks import generalisation_gap
     from examples.pipeline.factory import load_segmenter
 
     out, _ = finished_run
