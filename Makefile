@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/train_cris_masksd.py
+	$(PY) examples/train_cris_masksd.py --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
