@@ -655,7 +655,7 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     (tmp_path / "ablation_small_runs.json").write_text(json.dumps(small))
     (tmp_path / "ablation_large_runs.json").write_text(json.dumps(large))
-    regime_tables.main(["--sizes", "200=small", "3000=large", "--seeds", "0", "1", "2", "--report"])
+    regime_tables.main(["--sizes", "200=small", "3000=large", "--choice-seeds", "0", "1", "2", "--report"])
     text = (tmp_path / "ablation_regime_tables.md").read_text()
     assert "**3,000 training scenes** (`ablation_large`)" in text and "| 3,000 | 3 | +0.50 [+0.50, +0.50] | ✓ |" in text
     assert "| +LMVSD | VII | 71.13 | +0.68 | 43.50 ± 1.32 | +2.50 [+1.26, +3.74] | +0.00 [+0.00, +0.00] | 3 |" in text  # its own 3 seeds
