@@ -1,6 +1,7 @@
-"""Segment the object a sentence refers to in one image, with a trained checkpoint.
+"""Segment the object a sentence refers to in one image, with a trained checkpoint or an export.
 
     python examples/predict.py --checkpoint runs/demo/last.pt --image photo.jpg --text "the dog on the left"
+    python examples/predict.py --checkpoint runs/demo/export --image photo.jpg --text "the dog on the left"
 
 Writes <output-dir>/<image stem>_mask.png (the binary mask at the image's size) and
 <image stem>_overlay.png (the image with the mask tinted red).
@@ -22,7 +23,9 @@ from masksd.data.config import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser = ScriptParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a last.pt or best.pt written by train_cris_masksd.py, an export folder (<output>/export, "
+                             "examples/export.py) or the Hugging Face Hub id of one")
     parser.add_argument("--image", required=True, help="an image file (JPEG, PNG, ...)")
     parser.add_argument("--text", required=True, help="the referring expression")
     parser.add_argument("--output-dir", default=".", help="where the PNGs go (default: .)")
@@ -37,12 +40,12 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         parser.error("--text is empty")
 
     import numpy as np
-    import torch
     from PIL import Image
 
     from examples.pipeline.factory import load_segmenter
     from examples.pipeline.distributed import resolve_device
-    from masksd.data import InputTransform, read_rgb, restore
+    from examples.pipeline.inference import segment, tint
+    from masksd.data import read_rgb
 
     image_path = Path(args.image)
     if not image_path.is_file():
@@ -55,21 +58,14 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
     run_cfg = TrainConfig.from_dict(run, source=args.checkpoint)
-    transform = InputTransform(segmenter.config.image_size, args.resize or run_cfg.resize)
-    image, _, frame = transform(rgb)
-    with torch.no_grad():
-        logits = segmenter(image[None].to(device), segmenter.tokenize([args.text]).to(device))  # (1, 1, h, w)
-    probs = torch.sigmoid(logits.float()).cpu()[0]  # (1, h, w)
-    mask = (restore(probs, frame, args.restore or run_cfg.restore)[0] > args.threshold).numpy()  # (H0, W0)
+    mask = segment(segmenter, rgb, args.text, args.resize or run_cfg.resize, args.restore or run_cfg.restore, args.threshold).mask  # (H0, W0)
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_path = out_dir / f"{image_path.stem}_mask.png"
     overlay_path = out_dir / f"{image_path.stem}_overlay.png"
     Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
-    tinted = rgb.astype(np.float32)
-    tinted[mask] = 0.45 * tinted[mask] + 0.55 * np.array([230, 40, 40], dtype=np.float32)
-    Image.fromarray(tinted.astype(np.uint8)).save(overlay_path)
+    Image.fromarray(tint(rgb, mask)).save(overlay_path)
     print(f"{args.text!r}: {int(mask.sum())} of {mask.size} pixels; wrote {mask_path} and {overlay_path}")
     return mask_path, overlay_path
 
