@@ -67,10 +67,10 @@ def start_wandb(cfg: Any, output: Path, resumed: bool, tensorboard: Any = None) 
     folder = Path(output) / "wandb"
     folder.mkdir(parents=True, exist_ok=True)
     id_file = folder / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
-    id_file.write_text(run_id + "\n")
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None  # None: W&B draws a new id
     run = wandb.init(
         project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name or Path(output).resolve().name,
-        dir=str(output), config=asdict(cfg), id=run_id, resume="allow", job_type="train",
+        dir=str(output), config=asdict(cfg), id=run_id, resume="allow" if run_id else None, job_type="train",
     )
+    id_file.write_text(run.id + "\n")
     return WandbLog(run, tensorboard)
