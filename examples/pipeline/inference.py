@@ -102,11 +102,11 @@ def explain(segmenter: torch.nn.Module, image: torch.Tensor, tokens: object, con
 
 def to_image_frame(grid_map: np.ndarray, frame: Frame, nearest: bool = False) -> np.ndarray:
     """A (gh, gw) map over the input's patches -> (H0, W0) over the original image (bilinear, or nearest for masks)."""
+    mode = {"mode": "nearest"} if nearest else {"mode": "bilinear", "align_corners": False}
     x = torch.from_numpy(np.asarray(grid_map, dtype=np.float32))[None, None]  # (1, 1, gh, gw)
-    x = F.interpolate(x, size=(frame.size, frame.size), mode="nearest" if nearest else "bilinear", align_corners=False)
+    x = F.interpolate(x, size=(frame.size, frame.size), **mode)  # (1, 1, S, S)
     crop = x[..., frame.top: frame.top + frame.height, frame.left: frame.left + frame.width]
-    out = F.interpolate(crop, size=(frame.orig_height, frame.orig_width), mode="nearest" if nearest else "bilinear", align_corners=False)
-    return out[0, 0].numpy()
+    return F.interpolate(crop, size=(frame.orig_height, frame.orig_width), **mode)[0, 0].numpy()  # (H0, W0)
 
 
 def tint(rgb: np.ndarray, where: np.ndarray, colour: tuple[int, int, int] = PREDICTION_COLOUR, alpha: float = 0.55) -> np.ndarray:
