@@ -71,7 +71,8 @@ def expected(served, tmp_path_factory):
     mask_path, _ = predict_main(["--checkpoint", str(export), "--image", str(image), "--text", TEXT, "--threshold",
                                  str(model.run.eval_threshold), "--output-dir", str(tmp_path_factory.mktemp("predicted"))])
     mask = np.asarray(Image.open(mask_path))
-    assert 0.2 < (mask > 0).mean() < 0.8  # a mask that a wrong pipeline would not reproduce by chance
+    if "MASKSD_APP_MODEL" not in os.environ:  # the seeded model at its median: half the image
+        assert 0.2 < (mask > 0).mean() < 0.8  # a mask that a wrong pipeline would not reproduce by chance
     return mask
 
 

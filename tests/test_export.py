@@ -243,6 +243,9 @@ def test_clipseg_exports_with_its_processor_and_loads_without_the_snapshot(tmp_p
         assert torch.equal(loaded.tokenize(["a red ball"])["input_ids"], segmenter.tokenize(["a red ball"])["input_ids"])
         with torch.no_grad():
             assert torch.equal(loaded(images, tokens), segmenter(images, tokens))
+        again = save_export(loaded, tmp_path / f"again-{pretrained is None}")  # a loaded export saves again, processor and all
+        with torch.no_grad():
+            assert torch.equal(SegmenterExport.from_pretrained(again)(images, tokens), segmenter(images, tokens))
         card = (folder / "README.md").read_text()
         assert "license: other" in card and "Not evaluated at this step" in card
         assert ("random initialisation" if pretrained is None else "a local CLIPSeg snapshot") in card

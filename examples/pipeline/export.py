@@ -118,7 +118,7 @@ class SegmenterExport(
         with weights_follow():
             segmenter, architecture = segmenter_from_entries(entries, f"export {folder}")
         load_weights(segmenter, {"model": _read_weights(folder), **architecture}, folder / WEIGHTS_NAME, architecture, "from_pretrained")
-        return cls(segmenter.to(map_location), config)
+        return cls(segmenter.to(map_location), entries)  # processor/ as a path here: save_pretrained copies it from there
 
 
 @dataclass
