@@ -257,3 +257,25 @@ def test_without_the_hub_extra_training_with_export_stops_before_it_starts(tmp_p
     with pytest.raises(ImportError, match=r"pip install 'masksd\[hub\]' \(or pass --no-export\)"):
         train(tiny(tmp_path / "run"))
     assert not (tmp_path / "run" / "train_log.csv").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"baseline": True, "lr": 1e-4}, {"model": "clipseg", "pretrained": None, "masksd.vmlsd.enabled": False},
+    {"masksd.lmvsd.ratio": 0.5, "masksd.masking": False, "text_key": "sent", "deep_level": "projected"},
+])
+def test_the_cards_training_command_gives_back_the_runs_settings(overrides):
+    import shlex
+
+    from examples.pipeline.cli import flatten
+    from examples.pipeline.config import preset, runtime_fields
+    from examples.pipeline.export import training_command
+    from examples.train_cris_masksd import parse_args
+
+    for name in ("demo", "refcocog-vitb"):
+        run = preset(name, **overrides)
+        command = training_command(run)
+        assert command.startswith("python examples/train_cris_masksd.py") and (name == "demo") == ("--preset" not in command)
+        rebuilt = parse_args(shlex.split(command)[2:])
+        runtime = runtime_fields(TrainConfig)
+        assert {k: v for k, v in flatten(rebuilt).items() if k.split(".")[0] not in runtime} == \
+               {k: v for k, v in flatten(run).items() if k.split(".")[0] not in runtime}

@@ -74,7 +74,7 @@ class SegmenterExport(
         super().__init__()
         if architecture_name(config) is None or config.get("architecture") != architecture_name(config):
             raise ValueError(f"config must name its architecture (one of {sorted(ARCHITECTURES)}) with that architecture's entry")
-        self.segmenter = segmenter.eval()
+        self.segmenter = segmenter  # its train/eval mode left as it is: the trainer's model is exported in place
         self.export_config = dict(config)
 
     def forward(self, images: torch.Tensor, texts: Any) -> torch.Tensor:
@@ -118,7 +118,7 @@ class SegmenterExport(
         with weights_follow():
             segmenter, architecture = segmenter_from_entries(entries, f"export {folder}")
         load_weights(segmenter, {"model": _read_weights(folder), **architecture}, folder / WEIGHTS_NAME, architecture, "from_pretrained")
-        return cls(segmenter.to(map_location), entries)  # processor/ as a path here: save_pretrained copies it from there
+        return cls(segmenter.to(map_location).eval(), entries)  # processor/ as a path here: save_pretrained copies it from there
 
 
 @dataclass
