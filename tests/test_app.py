@@ -51,15 +51,15 @@ def served(tmp_path_factory):
     run = replace(shipped.run, eval_threshold=threshold)
     export = save_export(SegmenterExport(shipped.segmenter, export_config(shipped.segmenter, asdict(run), 0, None)), folder / "export")
     model = load_model(str(export))
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
-    app = build_app(model)
-    app.queue()
-    _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size="50mb")
-    try:
-        yield url.rstrip("/"), Path(image), export, model
-    finally:
-        app.close()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        env.setenv("NO_PROXY", "127.0.0.1,localhost")  # the client and the browser talk to 127.0.0.1, never through a proxy
+        app = build_app(model)
+        _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size="50mb")
+        try:
+            yield url.rstrip("/"), Path(image), export, model
+        finally:
+            app.close()
 
 
 @pytest.fixture(scope="module")
