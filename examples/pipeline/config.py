@@ -22,8 +22,8 @@ __all__ = [
     "runtime_fields",
 ]
 
-DatasetName = Literal["synthetic", ReferDatasetName]
-"""The built-in synthetic referring scenes, or a refer dataset read from files."""
+DatasetName = Literal["synthetic", ReferDatasetName, "manifest"]
+"""The built-in synthetic referring scenes, a refer dataset read from files, or your own data as a manifest."""
 DATASETS = get_args(DatasetName)
 
 _DEMO = VARIANTS["tiny"]
@@ -98,10 +98,11 @@ class TrainConfig(LoopConfig):
     ``--preset`` switches to the paper's settings; flags given after it override it."""
 
     # data
-    dataset: DatasetName = documented("synthetic", help="synthetic (built-in referring scenes, no files), refcoco, refcoco+ or refcocog.")
-    split_by: SplitBy | None = documented(None, help="Refer split scheme: unc (RefCOCO/RefCOCO+), umd or google (G-Ref). None: the dataset's usual one (unc, unc, umd).")
-    data_root: str = documented("data", runtime=True, help="Folder holding <dataset>/refs(<split_by>).p and <dataset>/instances.json.")
-    image_root: str | None = documented(None, runtime=True, help="COCO train2014 images; None: <data_root>/images/mscoco/images/train2014 (the refer layout).")
+    dataset: DatasetName = documented("synthetic", help="synthetic (built-in referring scenes, no files), refcoco, refcoco+, refcocog, refclef (ReferItGame), grefcoco (GRES: multi- and no-target expressions), or manifest (your own data, --manifest FILE).")
+    split_by: SplitBy | None = documented(None, help="Refer split scheme: unc (RefCOCO/RefCOCO+/gRefCOCO, RefClef), umd or google (G-Ref), berkeley (RefClef). None: the dataset's usual one (unc, unc, umd, berkeley, unc).")
+    data_root: str = documented("data", runtime=True, help="Folder holding <dataset>/refs(<split_by>).p (gRefCOCO: grefcoco/grefs(unc).json) and <dataset>/instances.json.")
+    image_root: str | None = documented(None, runtime=True, help="The images: COCO train2014 (None: <data_root>/images/mscoco/images/train2014, the refer layout), RefClef's SAIAPR TC-12 folder (None: <data_root>/images/saiapr_tc-12), or the folder a manifest's relative paths resolve against (None: the manifest's folder).")
+    manifest: str | None = documented(None, runtime=True, help="With --dataset manifest: the manifest file, a JSON Lines or CSV file with a row per expression (image, text, split, and a PNG mask, polygons, an RLE or no_target; see docs/data.md).")
     train_split: str = documented("train", help="Split to train on.")
     eval_split: str = documented("val", runtime=True, help="Split validated during training and evaluated at the end (synthetic: val, test or compositional).")
     text_key: TextKey = documented(ReferConfig.text_key, help="Refer sentence field: raw (as typed) or sent (lower-cased and tokenised, what CRIS reads; the paper presets use it).")
@@ -157,7 +158,14 @@ class TrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # also every choice: dataset, split_by, resize, text_key, deep_level, restore...
-        if self.split_by is None and self.dataset != "synthetic":
+        if self.dataset == "manifest":
+            if not self.manifest:
+                raise ValueError("dataset 'manifest' needs a manifest file: --manifest FILE (JSON Lines or CSV, see docs/data.md)")
+            if self.split_by is not None:
+                raise ValueError(f"split_by is a refer partition; dataset 'manifest' has none, got split_by={self.split_by!r}")
+        elif self.manifest is not None:
+            raise ValueError(f"manifest {self.manifest!r} is read only with --dataset manifest, got dataset {self.dataset!r}")
+        elif self.split_by is None and self.dataset != "synthetic":
             self.split_by = DEFAULT_SPLIT_BY[self.dataset]
         if not isinstance(self.masksd, MaskSDConfig):
             raise TypeError(f"masksd must be a MaskSDConfig, got {type(self.masksd).__name__}")
@@ -170,6 +178,13 @@ class TrainConfig(LoopConfig):
             raise ValueError(f"eval_threshold must be in (0, 1), got {self.eval_threshold}")
         if not 0 <= self.distill_ramp <= 1:
             raise ValueError(f"distill_ramp must be a fraction of the training in [0, 1], got {self.distill_ramp}")
+        vmlsd = self.masksd_config().vmlsd
+        if vmlsd.enabled and vmlsd.site == "input" and self.masksd.masking:
+            raise ValueError(
+                f"masksd.vmlsd.site='input' (the maskris preset's) replaces words by the tokenizer's [MASK] id, and {self.model} "
+                "tokenizes with CLIP's tokenizer, which has none: add --vmlsd-site embedding to mask the drawn words with a "
+                "learnable mask token at the word embeddings instead (docs/method.md, MaskRIS's recipe)"
+            )
 
 
 def _model(variant: str) -> dict[str, Any]:
@@ -200,7 +215,9 @@ Keys are TrainConfig fields (dotted paths for nested ones, e.g. ``masksd.vmlsd.r
 
 MASKSD_PRESETS: dict[str, Callable[[], MaskSDConfig]] = {"paper": MaskSDConfig, "maskris": MaskSDConfig.maskris}
 """MaskSD's named recipes (``--masksd-preset``), each the ``MaskSDConfig`` constructor that defines it: the paper's
-CM-MaskSD (the defaults) and MaskRIS's random masking (:meth:`MaskSDConfig.maskris`)."""
+CM-MaskSD (the defaults) and MaskRIS as published (:meth:`MaskSDConfig.maskris`: pixel patches and word ids masked at
+the inputs, one combined view). The pipeline's CLIP tokenizers have no [MASK] id, so ``maskris`` is refused unless
+``--vmlsd-site embedding`` replaces that part (TrainConfig says so)."""
 
 
 def masksd_preset(name: str) -> dict[str, Any]:

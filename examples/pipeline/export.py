@@ -340,11 +340,12 @@ def model_card(config: dict[str, Any], parameters: int) -> ModelCard:
     command, the evaluation table, where the weights started, how to load it and the masksd version."""
     run = TrainConfig.from_dict(dict(config.get("training") or {}), source="")
     weights, evaluation = config.get("weights") or {}, config.get("evaluation")
-    data = "synthetic referring scenes (masksd.data.synthetic)" if run.dataset == "synthetic" else f"{run.dataset} ({run.split_by})"
+    data = {"synthetic": "synthetic referring scenes (masksd.data.synthetic)",
+            "manifest": f"the manifest {run.manifest} (your own data)"}.get(run.dataset, f"{run.dataset} ({run.split_by})")
     card_data = ModelCardData(
         library_name="masksd", license=weights.get("license") or "other", pipeline_tag="image-segmentation",
         tags=sorted({"referring-image-segmentation", "cm-masksd", "model_hub_mixin", config["architecture"]}),
-        datasets=None if run.dataset == "synthetic" else [run.dataset],
+        datasets=None if run.dataset in ("synthetic", "manifest") else [run.dataset],
     )
     m = run.masksd_config()
     branches = [f"{name.upper()} K={b.top_k}, α={b.ratio}, λ={b.weight}" for name, b in (("lmvsd", m.lmvsd), ("vmlsd", m.vmlsd)) if b.enabled]

@@ -19,8 +19,8 @@ from examples.cris.config import SHIPPED_WEIGHTS
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
-from masksd import MaskSD
-from masksd.data import ReferConfig, ReferDataset
+from masksd import InputSpec, MaskSD
+from masksd.data import ManifestConfig, ManifestDataset, ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
@@ -43,10 +43,15 @@ BACKBONE_PREFIXES = ("segmenter.backbone.",)
 
 
 def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
-    """The ``split`` of the configured dataset; ``train`` draws one sentence per ref (refer)."""
+    """The ``split`` of the configured dataset; ``train`` draws one sentence per ref (refer, manifest)."""
     if cfg.dataset == "synthetic":
         size = cfg.synthetic_train_size if train else cfg.synthetic_eval_size
         return SyntheticReferDataset(SyntheticConfig(image_size=cfg.image_size, num_samples=size, split=split, seed=cfg.seed))
+    if cfg.dataset == "manifest":
+        return ManifestDataset(ManifestConfig(
+            cfg.manifest, split, root=cfg.image_root, image_size=cfg.image_size, resize_mode=cfg.resize,
+            mode="train" if train else "eval", seed=cfg.seed,
+        ))
     return ReferDataset(
         ReferConfig(
             root=cfg.data_root,
@@ -105,8 +110,10 @@ def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
 
 
 def build_model(cfg: TrainConfig) -> MaskSD:
-    """The CRIS-style segmenter wrapped in MaskSD (branches off for ``--baseline``)."""
-    return MaskSD(build_segmenter(cfg), cfg.masksd_config())
+    """The CRIS-style segmenter wrapped in MaskSD (branches off for ``--baseline``). Masking at the inputs finds the
+    images as the pipeline passes them, a (B, 3, S, S) tensor, in MaskRIS's 32-px patches; the pipeline's models
+    tokenize with CLIP, which has no mask id, so TrainConfig refuses ``--vmlsd-site input``."""
+    return MaskSD(build_segmenter(cfg), cfg.masksd_config(), inputs=InputSpec())
 
 
 def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from masksd import MaskSD, MaskSDConfig
+from masksd import InputSpec, MaskSD, MaskSDConfig
 from masksd.data import Frame, InputTransform, RestoreMethod, ResizeMode, restore
 from masksd.guidance import correlation_scores
 
@@ -67,9 +67,10 @@ class Explanation:
     never masks anything)."""
 
     correlation: np.ndarray
-    """(gh, gw) float32: LMVSD's ranking p_i = v_i · w of each patch against the sentence."""
+    """(gh, gw) float32: LMVSD's ranking p_i = v_i · w of each patch token against the sentence."""
     masked_patches: np.ndarray
-    """(gh, gw) bool: the patches LMVSD would replace by its mask token (α of the top K, drawn with ``seed``)."""
+    """(h, w) bool: the patches LMVSD would replace by its mask token (α of the top K, drawn with ``seed``); the
+    patch tokens' grid, or the pixel patches' for masking at the input site."""
     words: list[str]
     """The text's tokens, SOT and EOT included."""
     masked_words: list[bool]
@@ -86,15 +87,16 @@ def explain(segmenter: torch.nn.Module, image: torch.Tensor, tokens: object, con
     config = replace(config, lmvsd=replace(config.lmvsd, enabled=True), vmlsd=replace(config.vmlsd, enabled=True))
     device = next(segmenter.parameters()).device
     images = image[None].to(device)
-    model = MaskSD(segmenter, config).to(device).eval()  # new mask tokens: where they go does not depend on them
+    model = MaskSD(segmenter, config, inputs=InputSpec()).to(device).eval()  # the factory's; fresh mask tokens: where they go does not depend on them
     patch_scores, _, _ = correlation_scores(segmenter, images, tokens)  # (1, N)
     image_masked, text_masked = model.masked_tokens(images, tokens, generator=torch.Generator(device).manual_seed(seed))
     grid = tuple(segmenter.grid_size)
+    masked_grid = tuple(model.image_grid(images) or grid)
     ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens  # CLIPSeg's tokenizer gives a mapping
     words = segmenter.token_strings(ids[0])
     return Explanation(
         correlation=patch_scores[0].view(grid).float().cpu().numpy(),
-        masked_patches=image_masked[0].view(grid).cpu().numpy(),
+        masked_patches=image_masked[0].view(masked_grid).cpu().numpy(),
         words=words,
         masked_words=text_masked[0, : len(words)].cpu().tolist(),
     )

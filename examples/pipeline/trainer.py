@@ -72,6 +72,8 @@ class _Run(TrainingLoop):
     def __init__(self, cfg: TrainConfig, env: Dist):
         if cfg.export and env.is_main:
             import examples.pipeline.export  # noqa: F401  a missing masksd[hub] fails now, not after training
+        if cfg.masksd.views == "combined":  # MaskRIS's one masked view has its own loss column
+            self.log_fields = (*type(self).log_fields, "combined")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         check_norm_batch(model, cfg.batch_size, env.world_size)
@@ -106,7 +108,7 @@ class _Run(TrainingLoop):
         ramp = self.cfg.distill_ramp * self.total_steps
         scale = min(1.0, self.step / ramp) if ramp > 0 else 1.0  # ours: λ grows with the teacher
         out = self.train_model(images, tokens, masks, generator=self.generator, distill_scale=scale)
-        return {"loss": out.loss, "seg": out.seg_loss, "lmvsd": out.lmvsd_loss, "vmlsd": out.vmlsd_loss}
+        return {"loss": out.loss, "seg": out.seg_loss, "lmvsd": out.lmvsd_loss, "vmlsd": out.vmlsd_loss, "combined": out.combined_loss}
 
     def validate(self) -> dict[str, float]:
         return self._evaluate(write=False)
@@ -194,7 +196,7 @@ class _Run(TrainingLoop):
         image_masked, text_masked = self.model.masked_tokens(
             images, tokens, generator=torch.Generator(self.device).manual_seed(self.cfg.seed)
         )
-        grid = self.segmenter.grid_size
+        grid = self.model.image_grid(images) or self.segmenter.grid_size  # the pixel patches at the input site
         ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens  # CLIPSeg's tokenizer gives a mapping
         paths = [self.out / f"overlay_{i:02d}.png" for i in range(count)]
         for i in range(count):
