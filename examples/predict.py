@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from examples.pipeline.choices import Device  # noqa: E402
-from examples.pipeline.cli import ScriptParser, run_script  # noqa: E402
+from examples.pipeline.cli import ScriptParser, run_script, utf8_text  # noqa: E402
 from examples.pipeline.config import TrainConfig  # noqa: E402
 from masksd.data.config import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
                         help="a last.pt or best.pt written by train_cris_masksd.py, an export folder (<output>/export, "
                              "examples/export.py) or the Hugging Face Hub id of one")
     parser.add_argument("--image", help="an image file (JPEG, PNG, ...)")
-    parser.add_argument("--text", help="the referring expression")
+    parser.add_argument("--text", type=utf8_text, help="the referring expression (UTF-8)")
     parser.add_argument("--manifest", help="instead of --image/--text: predict every row of this manifest (JSON Lines or CSV)")
     parser.add_argument("--split", help="with --manifest: only the rows of this split (default: every row)")
     parser.add_argument("--output-dir", default=".", help="where the PNGs go (default: .)")
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
     if args.manifest is None:
         image_path = Path(args.image)
+        if image_path.is_dir():
+            parser.error(f"--image {image_path} is a folder, not an image file")
         if not image_path.is_file():
             parser.error(f"--image not found: {image_path}")
         try:
@@ -82,13 +85,19 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     for rgb, text, stem, row in jobs:
         if callable(rgb):
             rgb = rgb()  # a manifest row's image, read when its turn comes
-        mask = segment(segmenter, rgb, text, args.resize or run_cfg.resize, args.restore or run_cfg.restore, args.threshold).mask  # (H0, W0)
+        cut_before = segmenter.truncation.cut  # a text longer than the context is cut: said below
+        result = segment(segmenter, rgb, text, args.resize or run_cfg.resize, args.restore or run_cfg.restore, args.threshold)
+        mask = result.mask  # (H0, W0)
 
         mask_path = out_dir / f"{stem}_mask.png"
         overlay_path = out_dir / f"{stem}_overlay.png"
         Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
         Image.fromarray(tint(rgb, mask)).save(overlay_path)
-        print(f"{text!r}: {int(mask.sum())} of {mask.size} pixels; wrote {mask_path} and {overlay_path}")
+        read = ""
+        if segmenter.truncation.cut > cut_before:  # say what the model read, not only what was typed
+            ids = result.tokens["input_ids"] if isinstance(result.tokens, Mapping) else result.tokens  # CLIPSeg's tokenizer gives a mapping
+            read = f" (read as {' '.join(segmenter.token_strings(ids[0])[1:-1])!r}: cut to {segmenter.config.max_words} token positions)"
+        print(f"{text!r}{read}: {int(mask.sum())} of {mask.size} pixels; wrote {mask_path} and {overlay_path}")
         written.append({**row, "text": text, "mask": str(mask_path), "overlay": str(overlay_path), "pixels": int(mask.sum())})
     if args.manifest is not None:
         import json

@@ -28,6 +28,7 @@ from masksd.adapter import (
     missing_feature_maps,
     missing_protocol,
 )
+from masksd._checks import check_finite_values, check_nonempty
 from masksd.config import BranchConfig, BranchName, MaskSDConfig
 from masksd.correlation import CorrelationFilter, prediction_scores, spread_scores, token_scores
 from masksd.inputs import InputSpec
@@ -272,7 +273,7 @@ class MaskSD(nn.Module):
         main = self._main_pass(images, texts)
         logits = main.logits
         batch = logits.shape[0]
-        seg_loss = segmentation_loss(logits, ground_truth)
+        seg_loss = segmentation_loss(logits, ground_truth, check_values=False)  # values: check_inputs
         out = MaskSDOutput(loss=seg_loss, seg_loss=seg_loss, logits=logits)
 
         if self.combined is not None:  # MaskRIS: one pass with every enabled branch's modality masked
@@ -280,7 +281,7 @@ class MaskSD(nn.Module):
             text, out.text_masked = self._perturb("vmlsd", main, generator) if "vmlsd" in self.branches else (None, None)
             decode = partial(self._decode_view, self._head(self.combined), main)
             student = self._run_branch(decode, (image, text), batch)
-            out.combined_loss = distill_scale * self.combined.criterion(student, logits, ground_truth)
+            out.combined_loss = distill_scale * self.combined.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.combined_loss
             return out
 
@@ -295,20 +296,20 @@ class MaskSD(nn.Module):
                 branch.replace_maps(head.feature_maps(visual), a), visual, text
             )
             student = self._run_branch(decode, (out.image_masked,), batch)
-            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.lmvsd_loss
         elif "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused (towers)
             branch = self.branches["lmvsd"]
             masked, out.image_masked = self._perturb("lmvsd", main, generator)
             student = self._run_branch(partial(self._decode_view, self._head(branch), main), (masked, None), batch)
-            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.lmvsd_loss
 
         if "vmlsd" in self.branches:  # image-guided masking of words; visual features reused (towers)
             branch = self.branches["vmlsd"]
             masked, out.text_masked = self._perturb("vmlsd", main, generator)
             student = self._run_branch(partial(self._decode_view, self._head(branch), main), (None, masked), batch)
-            out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.vmlsd_loss
 
         return out
@@ -448,13 +449,18 @@ class MaskSD(nn.Module):
     def check_inputs(self, images: Any, texts: Any, ground_truth: torch.Tensor | None = None) -> None:
         """The checks of tensor values that a training step skips, so that it never waits for the device.
 
-        Raises a ValueError naming the argument (and the samples) when ``ground_truth`` is outside
-        [0, 1], when an enabled branch has samples without a candidate token (an empty text?), when
+        Raises a ValueError naming the argument (and the samples) when ``images`` (a tensor) is an empty
+        batch or holds NaN or ±inf, when ``ground_truth`` holds NaN or lies outside [0, 1] (a {0, 255} mask:
+        divide by 255), when an enabled branch has samples without a candidate token (an empty text?), when
         input-site word ids lie outside ``inputs.vocab_size``, or when the segmenter's own
         ``check_inputs(images, texts)`` (if it defines one) finds a problem.
-        Call it on the first batch of each epoch and whenever inputs come from a new source.
+        Call it on the first batch of each epoch and whenever inputs come from a new source: the training
+        forward checks shapes only (reading values would wait for the device in every step).
         """
         seg = self.segmenter
+        if torch.is_tensor(images):
+            check_nonempty("images", images)
+            check_finite_values("images", images)
         if callable(getattr(seg, "check_inputs", None)):
             seg.check_inputs(images, texts)
         if ground_truth is not None:

@@ -279,3 +279,17 @@ def test_the_cards_training_command_gives_back_the_runs_settings(overrides):
         runtime = runtime_fields(TrainConfig)
         assert {k: v for k, v in flatten(rebuilt).items() if k.split(".")[0] not in runtime} == \
                {k: v for k, v in flatten(run).items() if k.split(".")[0] not in runtime}
+
+
+def test_overwriting_a_run_removes_its_export_with_its_checkpoints(tmp_path, capsys):
+    from examples.pipeline.runfolder import prepare_run_folder
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.safetensors").write_bytes(b"old")
+    (tmp_path / "last.pt").write_bytes(b"old")
+    with pytest.raises(ValueError, match="holds a run"):
+        prepare_run_folder(tmp_path, None, overwrite=False)
+    assert (tmp_path / "export").is_dir()
+    prepare_run_folder(tmp_path, None, overwrite=True)
+    assert not (tmp_path / "export").exists() and not (tmp_path / "last.pt").exists()
+    assert "removed the previous run's last.pt, export/" in capsys.readouterr().out
