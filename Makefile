@@ -1,18 +1,18 @@
-# `make demo`, `make test` and `make gpu-check` do all set-up on a fresh machine: they create .venv when
-# missing and install the project with its extras, then run the main job, the test suite or the GPU check.
+# `make demo`, `make test`, `make app` and `make gpu-check` do all set-up on a fresh machine: they create .venv when
+# missing and install the project with its extras, then run the main job, the test suite, the demo page or the GPU check.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu-check gpu-table gpu-wheels install clean
+.PHONY: demo test app gpu-check gpu-table gpu-wheels install clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,examples,transformers]"
+	$(PY) -m pip install --quiet -e ".[dev,examples,transformers,hub,app,wandb]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# The demo page on http://127.0.0.1:7860: the model `make demo` exported, else the shipped tiny CLIP (untrained decoder).
+app: $(STAMP)
+	$(PY) examples/app.py $(if $(wildcard runs/demo/export/config.json),--model runs/demo/export)
 
 # The one prepared GPU check (benchmarks/gpu_check.py): under 8 minutes on one H200; the log beside its results.
 # On the lent GPU machine (no network, its own python3 with torch) it runs there directly, with the wheels

@@ -217,8 +217,8 @@ def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[
     return preset(
         "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
         max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=1, progress=False, overlays=0,
-        eval_untrained=False, log_every=50, save_every=250, output=str(folder), resume="auto", eval_every=eval_every,
-        eval_split=s.best_of or s.split, device=device, **row.overrides,
+        eval_untrained=False, export=False, log_every=50, save_every=250, output=str(folder), resume="auto",
+        eval_every=eval_every, eval_split=s.best_of or s.split, device=device, **row.overrides,
     )
 
 

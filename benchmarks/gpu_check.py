@@ -150,7 +150,7 @@ class Plan:
             "--batch-size", str(self.batch), "--max-steps", str(self.steps), "--epochs", "1", "--warmup-epochs", "0",
             "--synthetic-train-size", str(self.batch * self.steps), "--synthetic-eval-size", str(self.eval_size),
             "--lr", "1e-5", "--amp", self.amp, "--workers", str(self.workers), "--log-every", "1", "--overlays", "0",
-            "--no-eval-untrained", "--no-progress", "--device", device.type, "--output", str(output),
+            "--no-eval-untrained", "--no-export", "--no-progress", "--device", device.type, "--output", str(output),
         ]
 
 

@@ -7,6 +7,7 @@ The data settings default to the checkpoint's own; e.g.
     python examples/evaluate.py --checkpoint runs/refcoco-vitb/last.pt --split testA
     python examples/evaluate.py --checkpoint runs/demo/last.pt --split compositional
     python examples/evaluate.py --checkpoint runs/mine/last.pt --manifest my_data.jsonl --split test
+    python examples/evaluate.py --checkpoint runs/demo/export          # an export folder, or a Hub id owner/name
 
 gRefCOCO and any split with expressions that refer to nothing also report gIoU, cIoU, N-acc and T-acc.
 """
@@ -29,7 +30,9 @@ from masksd.data.config import RESTORE_METHODS, SplitBy, TextKey  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = ScriptParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a last.pt or best.pt written by train_cris_masksd.py, an export folder (<output>/export, "
+                             "examples/export.py) or the Hugging Face Hub id of one")
     parser.add_argument("--split", help="split to evaluate (default: the run's eval split)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the run's")
     parser.add_argument("--manifest", help="evaluate on a manifest (implies --dataset manifest); default: the run's, if it trained on one")
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=get_args(Device), default="auto")
     parser.add_argument("--amp", choices=get_args(Amp), default="none")
-    parser.add_argument("--output", help="JSON file for the results (default: eval_<dataset>_<split>.json beside the checkpoint)")
+    parser.add_argument("--output", help="JSON file for the results (default: eval_<dataset>_<split>.json beside the checkpoint "
+                                          "or export folder; in the current folder for a Hub id)")
     parser.add_argument("--guidance", action="store_true",
                         help="also measure the correlation filters' guidance (masksd.guidance) with the run's K: "
                              "LMVSD ROC AUC, kept share and top-1 hit of the target's patches; VMLSD precision of "
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from examples.pipeline.evaluation import evaluate
     from examples.pipeline.distributed import resolve_device
-    from examples.pipeline.factory import build_dataset, load_segmenter
+    from examples.pipeline.factory import build_dataset, is_export_source, load_segmenter
     from examples.pipeline.workers import exit_with_parent
     from masksd.data import ManifestDataset, ReferDataset, collate
     from masksd.metrics import format_table
@@ -105,7 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(cut_summary)
     if guidance:
         report["guidance"] = guidance
-    output = Path(args.output) if args.output else Path(args.checkpoint).with_name(f"eval_{cfg.dataset}_{split}.json")
+    name = f"eval_{cfg.dataset}_{split}.json"
+    if args.output:
+        output = Path(args.output)
+    elif is_export_source(args.checkpoint) and not Path(args.checkpoint).is_dir():  # a Hub id: nothing of it is local
+        output = Path(f"eval_{str(args.checkpoint).replace('/', '--')}_{cfg.dataset}_{split}.json")
+    else:  # beside the checkpoint file or the export folder
+        output = (Path(args.checkpoint).resolve() if Path(args.checkpoint).is_dir() else Path(args.checkpoint)).with_name(name)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
     return report

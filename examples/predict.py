@@ -1,6 +1,8 @@
-"""Segment the object a sentence refers to in one image, or in every row of a manifest, with a trained checkpoint.
+"""Segment the object a sentence refers to in one image, or in every row of a manifest, with a trained checkpoint
+or an export.
 
     python examples/predict.py --checkpoint runs/demo/last.pt --image photo.jpg --text "the dog on the left"
+    python examples/predict.py --checkpoint runs/demo/export --image photo.jpg --text "the dog on the left"
     python examples/predict.py --checkpoint runs/mine/last.pt --manifest my_data.jsonl --split test --output-dir preds
 
 Writes <output-dir>/<image stem>_mask.png (the binary mask at the image's size) and
@@ -27,7 +29,9 @@ from masksd.data.config import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
 
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser = ScriptParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a last.pt or best.pt written by train_cris_masksd.py, an export folder (<output>/export, "
+                             "examples/export.py) or the Hugging Face Hub id of one")
     parser.add_argument("--image", help="an image file (JPEG, PNG, ...)")
     parser.add_argument("--text", type=utf8_text, help="the referring expression (UTF-8)")
     parser.add_argument("--manifest", help="instead of --image/--text: predict every row of this manifest (JSON Lines or CSV)")
@@ -51,12 +55,12 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         parser.error("--split is empty")
 
     import numpy as np
-    import torch
     from PIL import Image
 
     from examples.pipeline.factory import load_segmenter
     from examples.pipeline.distributed import resolve_device
-    from masksd.data import InputTransform, read_rgb, restore
+    from examples.pipeline.inference import segment, tint
+    from masksd.data import read_rgb
 
     if args.manifest is None:
         image_path = Path(args.image)
@@ -75,30 +79,23 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
     run_cfg = TrainConfig.from_dict(run, source=args.checkpoint)
-    transform = InputTransform(segmenter.config.image_size, args.resize or run_cfg.resize)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for rgb, text, stem, row in jobs:
         if callable(rgb):
             rgb = rgb()  # a manifest row's image, read when its turn comes
-        image, _, frame = transform(rgb)
-        cut_before = segmenter.truncation.cut
-        tokens = segmenter.tokenize([text])  # a text longer than the context is cut: said below
-        with torch.no_grad():
-            logits = segmenter(image[None].to(device), tokens.to(device))  # (1, 1, h, w)
-        probs = torch.sigmoid(logits.float()).cpu()[0]  # (1, h, w)
-        mask = (restore(probs, frame, args.restore or run_cfg.restore)[0] > args.threshold).numpy()  # (H0, W0)
+        cut_before = segmenter.truncation.cut  # a text longer than the context is cut: said below
+        result = segment(segmenter, rgb, text, args.resize or run_cfg.resize, args.restore or run_cfg.restore, args.threshold)
+        mask = result.mask  # (H0, W0)
 
         mask_path = out_dir / f"{stem}_mask.png"
         overlay_path = out_dir / f"{stem}_overlay.png"
         Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
-        tinted = rgb.astype(np.float32)
-        tinted[mask] = 0.45 * tinted[mask] + 0.55 * np.array([230, 40, 40], dtype=np.float32)
-        Image.fromarray(tinted.astype(np.uint8)).save(overlay_path)
+        Image.fromarray(tint(rgb, mask)).save(overlay_path)
         read = ""
         if segmenter.truncation.cut > cut_before:  # say what the model read, not only what was typed
-            ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens  # CLIPSeg's tokenizer gives a mapping
+            ids = result.tokens["input_ids"] if isinstance(result.tokens, Mapping) else result.tokens  # CLIPSeg's tokenizer gives a mapping
             read = f" (read as {' '.join(segmenter.token_strings(ids[0])[1:-1])!r}: cut to {segmenter.config.max_words} token positions)"
         print(f"{text!r}{read}: {int(mask.sum())} of {mask.size} pixels; wrote {mask_path} and {overlay_path}")
         written.append({**row, "text": text, "mask": str(mask_path), "overlay": str(overlay_path), "pixels": int(mask.sum())})

@@ -125,7 +125,7 @@ def test_a_ground_truth_of_another_aspect_ratio_is_refused_not_stretched():
     assert torch.isfinite(segmentation_loss(logits, torch.zeros(2, 1, 64, 64)))  # same ratio: resized as before
 
 
-@pytest.mark.parametrize("script", ["train_cris_masksd.py", "evaluate.py", "predict.py", "pretrain_clip.py"])
+@pytest.mark.parametrize("script", ["train_cris_masksd.py", "evaluate.py", "predict.py", "pretrain_clip.py", "export.py", "app.py"])
 def test_help_imports_neither_torch_nor_open_clip(script):
     """--help is built from the torch-free configs, so it prints at once (torch's import alone takes ~2 s here)."""
     code = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shlex
 import types
 import typing
 import warnings
@@ -22,7 +23,7 @@ from typing import Any, Iterator, Literal, TypeVar
 T = TypeVar("T")
 
 __all__ = [
-    "ScriptParser", "USER_ERRORS", "add_dataclass_arguments", "one_line", "run_script", "check_choices", "dataclass_from_args",
+    "ScriptParser", "USER_ERRORS", "add_dataclass_arguments", "dataclass_to_args", "one_line", "run_script", "check_choices", "dataclass_from_args",
     "dataclass_from_dict", "field_help", "flatten", "unflatten", "utf8_text", "worker_died",
 ]
 
@@ -253,3 +254,21 @@ def utf8_text(text: str) -> str:
                 f"character {position}): pass the text in UTF-8"
             )
     return text
+
+
+def dataclass_to_args(config: Any, base: Any, skip: typing.Collection[str] = ()) -> list[str]:
+    """The flags that turn dataclass ``base`` into ``config`` (the inverse of :func:`dataclass_from_args`), for
+    the fields where they differ; top-level fields named in ``skip`` are left out. A bool becomes ``--x`` or
+    ``--no-x``, None ``none``."""
+    want, have = flatten(config), flatten(base)
+    args = []
+    for spec in _flags(type(config)):
+        if spec.dest.split(".")[0] in skip or want[spec.dest] == have.get(spec.dest):
+            continue
+        value = want[spec.dest]
+        if isinstance(value, bool):
+            args.append(f"--{'' if value else 'no-'}{spec.flag}")
+        else:
+            text = "none" if value is None else str(value)
+            args.append(f"--{spec.flag} {shlex.quote(text) if text else chr(39) * 2}")
+    return args

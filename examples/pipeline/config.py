@@ -133,6 +133,13 @@ class TrainConfig(LoopConfig):
     eval_untrained: bool = documented(True, runtime=True, help="Also evaluate the freshly initialised model before training, for comparison.")
     eval_guidance: bool = documented(True, runtime=True, help="The final evaluation (and the untrained one) also measures the correlation filters' guidance (masksd.guidance) on the eval split.")
 
+    # sharing and tracking
+    export: bool = documented(True, runtime=True, help="At the end of training write <output>/export: the bare segmenter as model.safetensors, config.json and a model card, which from_pretrained, evaluate.py, predict.py and app.py load (needs masksd[hub]).")
+    wandb: bool = documented(False, runtime=True, help="Also log the config, losses, validation metrics and overlays to Weights & Biases under <output>/wandb (needs masksd[wandb]; WANDB_MODE=offline logs without a network).")
+    wandb_project: str = documented("masksd", runtime=True, help="W&B project of --wandb.")
+    wandb_entity: str | None = documented(None, runtime=True, help="W&B entity (user or team) of --wandb; None: your default.")
+    wandb_run_name: str | None = documented(None, runtime=True, help="W&B run name of --wandb; None: the run folder's name.")
+
     def masksd_config(self) -> MaskSDConfig:
         """The MaskSD configuration to train with: ``masksd``, with both branches off for ``baseline``."""
         if not self.baseline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,13 +24,19 @@ from masksd.data import ManifestConfig, ManifestDataset, ReferConfig, ReferDatas
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
-    "BACKBONE_PREFIXES", "Segmenter", "backbone_prefixes", "compile_segmenter", "build_dataset", "build_segmenter", "build_model",
-    "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config", "load_segmenter",
+    "ARCHITECTURES", "BACKBONE_PREFIXES", "Segmenter", "architecture_name", "backbone_prefixes", "compile_segmenter", "build_dataset",
+    "build_segmenter", "build_model", "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config",
+    "is_export_source", "load_segmenter", "segmenter_from_entries",
 ]
 
 Segmenter = Any
 """CRIS or examples.clipseg.CLIPSegRIS (imported only for --model clipseg: it needs transformers)."""
 
+
+ARCHITECTURES: dict[str, str] = {"cris": "cris_config", CLIPSEG: "clipseg_config"}
+"""The pipeline's segmenter kinds, by the name an export's config.json stores, each with the checkpoint entry
+holding its architecture: :func:`checkpoint_architecture` writes that entry, :func:`segmenter_from_entries`
+rebuilds the segmenter from it. A new reference model adds its name here and a branch in both."""
 
 BACKBONE_PREFIXES = ("segmenter.backbone.",)
 """Parameter-name prefixes of CLIP's two towers inside MaskSD(CRIS): what --backbone-lr-scale scales."""
@@ -123,11 +130,22 @@ def checkpoint_architecture(segmenter: Segmenter) -> dict[str, Any]:
     return {"clipseg_config": asdict(segmenter.config), "hf_config": segmenter.hf_config()}
 
 
+def architecture_name(entries: dict[str, Any]) -> str | None:
+    """The :data:`ARCHITECTURES` name of the segmenter that checkpoint entries (or an export's config) describe; None if none."""
+    return next((name for name, key in ARCHITECTURES.items() if key in entries), None)
+
+
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
-    """The trained segmenter (main branch only: CRIS or CLIPSeg) from a training checkpoint, in eval mode,
-    and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``; a checkpoint of
+    """The trained segmenter (main branch only: CRIS or CLIPSeg) from a training checkpoint, an export folder
+    (``examples/pipeline/export.py``) or the Hub id of one, in eval mode, and the run's TrainConfig as a dict.
+    Checkpoints load with ``weights_only=True``, exports from safetensors and JSON; a checkpoint of
     another model (another family, such as a CLIP pretraining run, or weights that do not fit the
     architecture it records) raises one ValueError naming both and the number of mismatched tensors."""
+    if is_export_source(path):
+        from examples.pipeline.export import load_export  # needs masksd[hub]
+
+        exported = load_export(path, device)
+        return exported.segmenter, exported.training
     checkpoint = load_checkpoint(path, map_location="cpu")
     run = checkpoint.get("config", {})
     try:
@@ -138,6 +156,18 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tupl
         model, architecture = _segmenter_for(checkpoint, cfg, path)
     load_weights(model, checkpoint, path, {"family": type(model).__name__, **architecture}, "evaluate.py / predict.py")
     return model.segmenter.to(device).eval(), run
+
+
+def is_export_source(path: str | Path) -> bool:
+    """Whether ``path`` names an export rather than a checkpoint file: a folder, or (nothing by that name
+    here) a Hugging Face Hub id ``owner/name`` not ending in .pt."""
+    local = Path(path)
+    if local.is_dir():
+        return True
+    return not local.exists() and local.suffix not in (".pt", ".pth") and _HUB_ID.fullmatch(str(path)) is not None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @contextlib.contextmanager
@@ -159,24 +189,33 @@ def weights_follow() -> Iterator[None]:
 
 def _segmenter_for(checkpoint: dict[str, Any], cfg: TrainConfig | None, path: str | Path) -> tuple[MaskSD, dict[str, Any]]:
     """MaskSD around the segmenter a checkpoint records (CRIS or CLIPSeg), and the architecture entries it expects."""
-    if "clipseg_config" in checkpoint:
+    if architecture_name(checkpoint) is not None:
+        segmenter, architecture = segmenter_from_entries(checkpoint, f"checkpoint {path}")
+    elif cfg is not None:  # not written by train_cris_masksd.py: rebuild what its config names, so the error can count
+        cris = replace(cris_config(cfg), pretrained=None)
+        segmenter, architecture = CRIS(cris), {"cris_config": asdict(cris)}
+    else:
+        raise ValueError(f"checkpoint {path} holds {describe_model(checkpoint)} and no cris_config: not written by examples/train_cris_masksd.py")
+    return MaskSD(segmenter, (cfg or TrainConfig()).masksd_config()), architecture  # the whole state is checked
+
+
+def segmenter_from_entries(entries: dict[str, Any], source: str) -> tuple[Segmenter, dict[str, Any]]:
+    """The segmenter that :func:`checkpoint_architecture`'s entries describe (a checkpoint's, or an export's
+    config.json), built without pretrained weights (no download; the caller loads the trained ones), and the
+    architecture entries it expects. ``source`` names the file in errors."""
+    name = architecture_name(entries)
+    if name == CLIPSEG:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 
         try:
-            config = dataclass_from_dict(CLIPSegRISConfig, checkpoint["clipseg_config"], source=f"{path} clipseg_config")
+            config = dataclass_from_dict(CLIPSegRISConfig, entries["clipseg_config"], source=f"{source} clipseg_config")
         except FileNotFoundError as error:  # the snapshot holds the tokenizer and the processor's normalisation
             raise FileNotFoundError(
-                f"checkpoint {path} was trained from the CLIPSeg snapshot {checkpoint['clipseg_config'].get('pretrained')!r}, "
+                f"{source} was trained from the CLIPSeg snapshot {entries['clipseg_config'].get('pretrained')!r}, "
                 f"which is gone: its tokenizer and image normalisation are read from there again ({error})"
             ) from None
-        segmenter = CLIPSegRIS(config, hf_config=checkpoint["hf_config"])  # the tokenizer from config.pretrained
-        architecture = {"clipseg_config": asdict(config)}
-    else:
-        if "cris_config" in checkpoint:
-            cris = dataclass_from_dict(CRISConfig, checkpoint["cris_config"], source=f"{path} cris_config")
-        elif cfg is not None:  # not written by train_cris_masksd.py: rebuild what its config names, so the error can count
-            cris = replace(cris_config(cfg), pretrained=None)
-        else:
-            raise ValueError(f"checkpoint {path} holds {describe_model(checkpoint)} and no cris_config: not written by examples/train_cris_masksd.py")
-        segmenter, architecture = CRIS(cris), {"cris_config": asdict(cris)}
-    return MaskSD(segmenter, (cfg or TrainConfig()).masksd_config()), architecture  # the whole state is checked
+        return CLIPSegRIS(config, hf_config=entries["hf_config"]), {"clipseg_config": asdict(config)}  # the tokenizer from config.pretrained
+    if name == "cris":
+        cris = dataclass_from_dict(CRISConfig, entries["cris_config"], source=f"{source} cris_config")
+        return CRIS(cris), {"cris_config": asdict(cris)}
+    raise ValueError(f"{source} names no segmenter architecture of the pipeline (one of the entries {sorted(ARCHITECTURES.values())})")

@@ -3,6 +3,7 @@ behind (temporary checkpoint files) is cleared at the next start."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from examples.pipeline.checkpoint import remove_stale_temporaries
@@ -11,6 +12,9 @@ __all__ = ["RUN_FILES", "prepare_run_folder", "run_files"]
 
 RUN_FILES = ("last.pt", "best.pt", "train_log.csv", "eval_log.csv")
 """What the training loop writes into its folder: finding any of them there means the folder holds a run."""
+RUN_FOLDERS = ("export",)
+"""Folders a finished run leaves beside them (its export, examples/pipeline/export.py): --overwrite removes them too,
+so that no export of the replaced run sits beside the new run's checkpoints."""
 
 
 def run_files(folder: Path) -> list[str]:
@@ -46,7 +50,10 @@ def prepare_run_folder(folder: str | Path, resume: str | None, overwrite: bool, 
     if overwrite and found:
         for name in found:
             (folder / name).unlink()
-        print(f"--overwrite: removed the previous run's {', '.join(found)} from {folder}")
+        folders = [name for name in RUN_FOLDERS if (folder / name).is_dir()]
+        for name in folders:
+            shutil.rmtree(folder / name)
+        print(f"--overwrite: removed the previous run's {', '.join(found + [f'{name}/' for name in folders])} from {folder}")
 
 
 def _describe(folder: Path, found: list[str]) -> str:

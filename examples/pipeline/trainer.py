@@ -42,6 +42,8 @@ class TrainResult:
     """The run folder."""
     model: MaskSD | None = None
     """The trained model (MaskSD around the segmenter), on its device."""
+    export: Path | None = None
+    """The export folder written at the end (``<output>/export``; ``export``), or None."""
 
 
 def train(cfg: TrainConfig, evaluate_at_end: bool = True) -> TrainResult:
@@ -69,6 +71,8 @@ class _Run(TrainingLoop):
     best_metric = "mIoU"
 
     def __init__(self, cfg: TrainConfig, env: Dist):
+        if cfg.export and env.is_main:
+            import examples.pipeline.export  # noqa: F401  a missing masksd[hub] fails now, not after training
         if cfg.masksd.views == "combined":  # MaskRIS's one masked view has its own loss column
             self.log_fields = (*type(self).log_fields, "combined")
         seed_everything(cfg.seed)  # identical initial weights on every rank
@@ -79,6 +83,11 @@ class _Run(TrainingLoop):
         self.segmenter = self.model.segmenter
         self.tokenize = self.segmenter.tokenize
         self._eval_set = None  # built at the first evaluation, then reused
+        self.wandb = None
+        if cfg.wandb and env.is_main:  # the loop's scalar writer becomes W&B, with TensorBoard (if any) behind it
+            from examples.pipeline.wandb_log import start_wandb
+
+            self.wandb = self.tensorboard = start_wandb(cfg, self.out, resumed=self.step > 0, tensorboard=self.tensorboard)
 
     def compile_model(self) -> None:
         compile_segmenter(self.model.segmenter)
@@ -106,7 +115,25 @@ class _Run(TrainingLoop):
         return self._evaluate(write=False)
 
     def run(self, evaluate_at_end: bool) -> TrainResult:
-        """The untrained evaluation (fresh runs), training, the final evaluation and figures."""
+        """The untrained evaluation (fresh runs), training, the final evaluation and figures, the export."""
+        try:
+            result = self._train_and_evaluate(evaluate_at_end)
+            if self.cfg.export and self.env.is_main:
+                from examples.pipeline.export import export_run, run_evaluation
+
+                evaluation = run_evaluation(self.out, self.cfg.eval_split, self.step)
+                result.export = export_run(self.model.segmenter, self.cfg, self.step, self.out / "export", evaluation)
+        except BaseException:
+            if self.wandb is not None:
+                self.wandb.finish(failed=True)
+            raise
+        if self.wandb is not None:
+            for prefix, values in (("final", result.metrics), ("guidance", result.guidance), ("untrained", result.untrained)):
+                self.wandb.summarise(prefix, values)
+            self.wandb.finish()
+        return result
+
+    def _train_and_evaluate(self, evaluate_at_end: bool) -> TrainResult:
         result = TrainResult(steps=self.step, output=self.out, model=self.model)
         if evaluate_at_end and self.cfg.eval_untrained and self.step == 0:
             result.untrained = self._evaluate(write=False)
@@ -173,6 +200,7 @@ class _Run(TrainingLoop):
         )
         grid = self.model.image_grid(images) or self.segmenter.grid_size  # the pixel patches at the input site
         ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens  # CLIPSeg's tokenizer gives a mapping
+        paths = [self.out / f"overlay_{i:02d}.png" for i in range(count)]
         for i in range(count):
             words = self.segmenter.token_strings(ids[i])
             panel = render_overlay(
@@ -182,4 +210,6 @@ class _Run(TrainingLoop):
                 masked_words=None if text_masked is None else text_masked[i, : len(words)].tolist(),
                 threshold=self.cfg.eval_threshold,
             )
-            panel.save(self.out / f"overlay_{i:02d}.png")
+            panel.save(paths[i])
+        if self.wandb is not None:
+            self.wandb.log_images("overlays", paths, list(batch["text"]), self.step)
