@@ -111,8 +111,8 @@ class TrainConfig(LoopConfig):
     synthetic_eval_size: int = documented(500, runtime=True, help="Synthetic scenes evaluated.")
 
     # model
-    model: str = documented(_DEMO["model_name"], help="open_clip model of CRIS: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14; or clipseg (transformers' CLIPSeg, with --pretrained DIR or none).")
-    pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init.")
+    model: str = documented(_DEMO["model_name"], help="open_clip model of CRIS: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14; or clipseg (transformers' CLIPSeg), or lavt (a LAVT-style Swin + BERT segmenter, docs/lavt.md), each with --pretrained DIR or none.")
+    pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init; with --model clipseg or lavt: a folder of transformers snapshots, or none.")
     image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
     max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
     deep_level: DeepLevel = documented(CRISConfig.deep_level, help="What feeds CRIS's 1/32 level: block (the last feature block's output, CRIS on a ViT) or projected (CLIP's projected final tokens, ETRIS-style, so segmentation trains the tokens MaskSD correlates; ours).")

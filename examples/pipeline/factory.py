@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from examples.clipseg import CLIPSEG, CLIPSegRISConfig
 from examples.cris import CRIS, CRISConfig
 from examples.cris.config import SHIPPED_WEIGHTS
+from examples.lavt.config import LAVT_MODEL, SNAPSHOT_HINT, LAVTConfig
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
@@ -24,11 +25,12 @@ from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
     "BACKBONE_PREFIXES", "Segmenter", "backbone_prefixes", "compile_segmenter", "build_dataset", "build_segmenter", "build_model",
-    "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config", "load_segmenter",
+    "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config", "lavt_config", "load_segmenter",
 ]
 
 Segmenter = Any
-"""CRIS or examples.clipseg.CLIPSegRIS (imported only for --model clipseg: it needs transformers)."""
+"""CRIS, examples.clipseg.CLIPSegRIS or examples.lavt.LAVT (the last two imported only for their --model: they need
+transformers)."""
 
 
 BACKBONE_PREFIXES = ("segmenter.backbone.",)
@@ -76,23 +78,47 @@ def clipseg_config(cfg: TrainConfig) -> CLIPSegRISConfig:
     return CLIPSegRISConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
 
 
+def lavt_config(cfg: TrainConfig) -> LAVTConfig:
+    """The LAVT segmenter of ``--model lavt``: local Swin and BERT snapshots (``--pretrained DIR``) or the random tiny one."""
+    if cfg.pretrained in SHIPPED_WEIGHTS:
+        raise ValueError(
+            f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {LAVT_MODEL} pass --pretrained DIR "
+            f"({SNAPSHOT_HINT}) or --pretrained none (a random tiny LAVT)"
+        )
+    if cfg.deep_level != "block":
+        raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; LAVT's decoder reads its four fused Swin stages")
+    return LAVTConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
+
+
 def build_segmenter(cfg: TrainConfig) -> Segmenter:
-    """The segmenter a run trains: CRIS on ``cfg.model``'s CLIP, or CLIPSeg for ``--model clipseg``."""
+    """The segmenter a run trains: CRIS on ``cfg.model``'s CLIP, CLIPSeg for ``--model clipseg`` or LAVT for ``--model lavt``."""
     if cfg.model == CLIPSEG:
         from examples.clipseg import CLIPSegRIS
 
         return CLIPSegRIS(clipseg_config(cfg))
+    if cfg.model == LAVT_MODEL:
+        from examples.lavt import LAVT
+
+        return LAVT(lavt_config(cfg))
     return CRIS(cris_config(cfg))
 
 
 def backbone_prefixes(segmenter: Segmenter) -> tuple[str, ...]:
-    """Parameter-name prefixes of the CLIP towers inside MaskSD(segmenter): what --backbone-lr-scale scales."""
-    return BACKBONE_PREFIXES if isinstance(segmenter, CRIS) else ("segmenter.towers.",)
+    """Parameter-name prefixes of the pretrained encoders inside MaskSD(segmenter): what --backbone-lr-scale scales
+    (CRIS's CLIP, CLIPSeg's CLIP towers, LAVT's Swin and BERT but not its fusion modules)."""
+    if isinstance(segmenter, CRIS):
+        return BACKBONE_PREFIXES
+    if isinstance(segmenter.config, LAVTConfig):
+        return ("segmenter.swin.", "segmenter.bert.")
+    return ("segmenter.towers.",)
 
 
 def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
-    """``--compile``: compile the four pieces MaskSD calls (in place); the wrapper's own glue stays eager."""
-    for name in ("encode_image", "encode_text"):
+    """``--compile``: compile the pieces MaskSD calls (in place: both encoders, or the fused ``encode``, and the decode
+    head); the wrapper's own glue stays eager."""
+    from masksd.adapter import is_fused
+
+    for name in ("encode",) if is_fused(segmenter) else ("encode_image", "encode_text"):
         setattr(segmenter, name, torch.compile(getattr(segmenter, name), backend=backend))
     segmenter.decode_head.compile(backend=backend)
 
@@ -110,14 +136,17 @@ def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
 
 def checkpoint_architecture(segmenter: Segmenter) -> dict[str, Any]:
     """What a checkpoint stores to rebuild ``segmenter`` without its pretrained weights: ``cris_config``,
-    or ``clipseg_config`` with the transformers architecture (``hf_config``)."""
+    or ``clipseg_config`` / ``lavt_config`` with the transformers architecture (``hf_config``: CLIPSeg's, or LAVT's
+    Swin and BERT as ``{"swin": ..., "bert": ...}``)."""
     if isinstance(segmenter, CRIS):
         return {"cris_config": checkpoint_cris_config(segmenter)}
+    if isinstance(segmenter.config, LAVTConfig):
+        return {"lavt_config": asdict(segmenter.config), "hf_config": segmenter.hf_configs()}
     return {"clipseg_config": asdict(segmenter.config), "hf_config": segmenter.hf_config()}
 
 
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
-    """The trained segmenter (main branch only: CRIS or CLIPSeg) from a training checkpoint, in eval mode,
+    """The trained segmenter (main branch only: CRIS, CLIPSeg or LAVT) from a training checkpoint, in eval mode,
     and the checkpoint's TrainConfig as a dict. Loads with ``weights_only=True``; a checkpoint of
     another model (another family, such as a CLIP pretraining run, or weights that do not fit the
     architecture it records) raises one ValueError naming both and the number of mismatched tensors."""
@@ -151,8 +180,20 @@ def weights_follow() -> Iterator[None]:
 
 
 def _segmenter_for(checkpoint: dict[str, Any], cfg: TrainConfig | None, path: str | Path) -> tuple[MaskSD, dict[str, Any]]:
-    """MaskSD around the segmenter a checkpoint records (CRIS or CLIPSeg), and the architecture entries it expects."""
-    if "clipseg_config" in checkpoint:
+    """MaskSD around the segmenter a checkpoint records (CRIS, CLIPSeg or LAVT), and the architecture entries it expects."""
+    if "lavt_config" in checkpoint:
+        from examples.lavt import LAVT
+
+        try:
+            config = dataclass_from_dict(LAVTConfig, checkpoint["lavt_config"], source=f"{path} lavt_config")
+        except FileNotFoundError as error:  # the snapshot holds the tokenizer and the image processor's normalisation
+            raise FileNotFoundError(
+                f"checkpoint {path} was trained from the LAVT snapshots in {checkpoint['lavt_config'].get('pretrained')!r}, "
+                f"which are gone: the tokenizer and image normalisation are read from there again ({error})"
+            ) from None
+        segmenter = LAVT(config, hf_configs=checkpoint["hf_config"])
+        architecture = {"lavt_config": asdict(config)}
+    elif "clipseg_config" in checkpoint:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 
         try:
