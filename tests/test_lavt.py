@@ -1,0 +1,218 @@
+"""The LAVT-style segmenter (examples/lavt) at its tiny size: the fused protocol, MaskSD on it, its snapshot loading,
+and --model lavt through the training, evaluation and prediction scripts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+
+from examples.lavt import LAVT, LAVTConfig  # noqa: E402
+from examples.pipeline.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from examples.pipeline.config import TrainConfig  # noqa: E402
+from masksd import BranchConfig, MaskSD, MaskSDConfig, verify_segmenter  # noqa: E402
+
+SENTENCES = ["the red circle left of the large blue square", "a dog"]
+SEGMENTER_GUIDED = MaskSDConfig(lmvsd=BranchConfig(guidance="segmenter"), vmlsd=BranchConfig(guidance="segmenter"))
+
+
+def tiny(seed: int = 0, **overrides) -> LAVT:
+    torch.manual_seed(seed)
+    return LAVT(LAVTConfig(**overrides))
+
+
+def batch(model: LAVT, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    truth = torch.zeros(2, 1, 64, 64)
+    truth[0, :, :32, :32] = 1
+    truth[1, :, 16:, 32:] = 1
+    return images, model.tokenize(SENTENCES), truth
+
+
+def test_fused_protocol_shapes_and_forward():
+    model = tiny().eval()
+    images, texts, _ = batch(model)
+    assert model.token_strings(texts["input_ids"][1]) == ["[CLS]", "a", "d", "##o", "##g", "[SEP]"]  # any text spells out
+    image_embedded, text_embedded = model.embed_image(images), model.embed_text(texts)
+    assert image_embedded.tokens.shape == (2, 256, 16) and image_embedded.grid == (16, 16)  # patch 4 on 64 px
+    assert text_embedded.tokens.shape == (2, 20, 32)
+    assert text_embedded.candidates[1].tolist() == [False] + [True] * 4 + [False] * 15  # not [CLS], [SEP], padding
+    visual, text = model.encode(image_embedded, text_embedded)
+    assert [tuple(m.shape) for m in visual.context.maps] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
+    assert visual.tokens is None and visual.pooled is None and text.tokens.shape == (2, 20, 32)
+    with torch.no_grad():
+        logits = model(images, texts)
+        assert logits.shape == (2, 1, 64, 64)  # LAVT upsamples to the input
+        assert torch.equal(logits, model.decode_head(visual, text))
+    relevance = model.relevance("vmlsd", visual, text)
+    assert relevance.shape == (2, 20) and torch.all(relevance[1, 6:] == 0)  # padding gets no attention
+    assert model.relevance("lmvsd", visual, text).shape == (2, 256)  # stage 1 among the stages: the patch grid
+    coarse = LAVT(LAVTConfig(relevance_stages=(3, 4)))
+    assert coarse.relevance("lmvsd", *coarse.encode(coarse.embed_image(images), coarse.embed_text(texts))).shape == (2, 4, 4)
+
+
+def test_verify_segmenter_passes_and_the_wrapped_eval_output_is_the_bare_one():
+    model = tiny()
+    images, texts, _ = batch(model)
+    report = verify_segmenter(model, images, texts, config=SEGMENTER_GUIDED)
+    assert not report.skipped, report
+    prediction = MaskSDConfig(lmvsd=BranchConfig(guidance="prediction"), vmlsd=BranchConfig(top_k=1.0))
+    for config in (SEGMENTER_GUIDED, prediction, MaskSDConfig.maskris()):
+        wrapped = MaskSD(model, config, inputs=InputSpec_for(model)).eval()
+        with torch.no_grad():
+            assert torch.equal(wrapped(images, texts), model.eval()(images, texts))
+
+
+def InputSpec_for(model: LAVT):
+    from masksd import InputSpec
+
+    return InputSpec.from_tokenizer(model.tokenizer, patch_size=8)
+
+
+@pytest.mark.parametrize("guidance", ["segmenter", "prediction"])
+def test_one_masksd_step_reaches_every_trainable_parameter_and_both_mask_tokens(guidance):
+    model = tiny()
+    images, texts, truth = batch(model)
+    config = MaskSDConfig(lmvsd=BranchConfig(guidance=guidance), vmlsd=BranchConfig(guidance="segmenter"))
+    wrapped = MaskSD(model, config).train()
+    out = wrapped(images, texts, truth, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert out.image_masked.sum(dim=1).tolist() == [32, 32]  # α 0.25 of K 0.5 of 256 patches
+    assert out.text_masked.sum(dim=1).tolist() == [1, 1]  # VMLSD masks at least one word
+    dead = [n for n, p in wrapped.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert dead == []
+    assert wrapped.branches["lmvsd"].masker.mask_token.grad.abs().sum() > 0
+    assert wrapped.branches["vmlsd"].masker.mask_token.grad.abs().sum() > 0
+
+
+def test_relevance_guides_lmvsd_to_the_patches_pwam_scores_highest():
+    model = tiny().eval()
+    images, texts, truth = batch(model)
+    wrapped = MaskSD(model, MaskSDConfig(lmvsd=BranchConfig(guidance="segmenter", ratio=1.0), vmlsd=BranchConfig(enabled=False)))
+    with torch.no_grad():
+        scores = model.relevance("lmvsd", *model.encode(model.embed_image(images), model.embed_text(texts)))  # (B, N)
+        image_masked, _ = wrapped.masked_tokens(images, texts)
+    top = scores.argsort(dim=1, descending=True, stable=True)[:, :128]  # K = 0.5 of 256, α = 1: exactly the top half
+    expected = torch.zeros_like(image_masked).scatter_(1, top, True)
+    assert torch.equal(image_masked, expected)
+
+
+def test_config_and_inputs_are_checked_by_name(tmp_path):
+    with pytest.raises(ValueError, match="image_size must be a multiple of 32"):
+        LAVTConfig(image_size=48)
+    with pytest.raises(ValueError, match="smaller than Swin's window 4: use image_size >= 128"):
+        LAVT(LAVTConfig(tiny_window=4))
+    with pytest.raises(FileNotFoundError, match=r"lacks \['swin', 'bert'\]"):
+        LAVTConfig(pretrained=str(tmp_path))
+    with pytest.raises(ValueError, match="relevance_stages must be distinct stages among 1-4"):
+        LAVTConfig(relevance_stages=(0, 1))
+    model = tiny()
+    with pytest.raises(ValueError, match="texts\\[1\\] must be a non-empty string"):
+        model.tokenize(["ok", " "])
+    with pytest.raises(TypeError, match="texts must be the tokenizer's mapping"):
+        model.embed_text(torch.zeros(2, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 64 px"):
+        model.embed_image(torch.randn(1, 3, 32, 32))
+
+
+def test_a_local_snapshot_loads_its_weights_tokenizer_and_normalisation(tmp_path):
+    from tests.hf_snapshot import IMAGENET_MEAN, IMAGENET_STD, write_lavt_snapshot
+
+    snapshot = write_lavt_snapshot(tmp_path / "lavt-snapshot")
+    model = LAVT(LAVTConfig(pretrained=str(snapshot))).eval()
+    swin = transformers.SwinModel.from_pretrained(snapshot / "swin").eval()
+    bert = transformers.BertModel.from_pretrained(snapshot / "bert", add_pooling_layer=False).eval()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    from masksd.data import CLIP_MEAN, CLIP_STD
+
+    clip = (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    imagenet = (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    texts = model.tokenize(SENTENCES)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed_image(clip).tokens, swin.embeddings(imagenet)[0])  # the processor's statistics
+        words = model.encode(model.embed_image(clip), model.embed_text(texts))[1].tokens
+        assert torch.equal(words, bert(**texts).last_hidden_state)  # BERT's own forward, bit for bit
+    assert model.swin_config.drop_path_rate == 0.3  # LAVT's, over the snapshot's
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def run_config(output: Path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        model="lavt", pretrained=None, synthetic_train_size=32, synthetic_eval_size=8, batch_size=8, epochs=1,
+        warmup_epochs=0.5, workers=0, log_every=1, progress=False, overlays=1, eval_every=2, output=str(output),
+        masksd=SEGMENTER_GUIDED,
+    )
+    return replace(base, **overrides)
+
+
+@pytest.fixture(scope="module")
+def lavt_run(tmp_path_factory):
+    from examples.pipeline.trainer import train
+
+    out = tmp_path_factory.mktemp("lavt_job")
+    return out, train(run_config(out))
+
+
+def test_lavt_trains_validates_checkpoints_and_measures_its_guidance(lavt_run):
+    out, result = lavt_run
+    assert result.steps == 4
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert {"lavt_config", "hf_config"} <= set(checkpoint) and set(checkpoint["hf_config"]) == {"swin", "bert"}
+    assert {"branches.lmvsd.masker.mask_token", "branches.vmlsd.masker.mask_token"} <= set(checkpoint["model"])
+    assert (out / "best.pt").is_file() and len((out / "eval_log.csv").read_text().splitlines()) == 3  # header + 2
+    assert set(result.metrics) >= {"mIoU", "oIoU"}
+    assert {"lmvsd_auc", "vmlsd_precision"} <= set(result.guidance)  # PWAM's relevance, against the targets
+    with Image.open(out / "overlay_00.png") as im:
+        assert im.width > 4 * 64
+
+
+def test_lavt_checkpoint_evaluates_and_predicts_through_the_scripts(lavt_run, tmp_path):
+    from examples.evaluate import main as evaluate_main
+    from examples.predict import main as predict_main
+
+    out, result = lavt_run
+    report = evaluate_main(["--checkpoint", str(out / "last.pt"), "--split", "val", "--workers", "0",
+                            "--no-progress", "--output", str(tmp_path / "val.json")])
+    assert {k: report[k] for k in result.metrics} == pytest.approx(result.metrics)
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(image)
+    mask_path, _ = predict_main(["--checkpoint", str(out / "last.pt"), "--image", str(image), "--text", "the red cube",
+                                 "--output-dir", str(tmp_path)])
+    with Image.open(mask_path) as mask:
+        assert mask.size == (80, 48)
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(lavt_run, tmp_path):
+    from dataclasses import asdict
+
+    from examples.pipeline.factory import build_model, checkpoint_architecture, load_segmenter
+    from examples.pipeline.trainer import train
+
+    cris = TrainConfig(pretrained=None, output=str(tmp_path / "cris"))
+    model = build_model(cris)  # a CRIS run's checkpoint, as the trainer writes it (no training needed)
+    save_atomic({"model": model.state_dict(), "family": "MaskSD", "config": asdict(cris), **checkpoint_architecture(model.segmenter)},
+                tmp_path / "cris.pt")
+    with pytest.raises(ValueError, match=r"holds MaskSD around CRIS variant 'tiny' \(masksd-tiny, 64 px\), but --resume into "
+                                         r"this run needs MaskSD around LAVT \(random tiny, 64 px\): \d+ of \d+ tensors do not match"):
+        train(run_config(tmp_path / "b", resume=str(tmp_path / "cris.pt")), evaluate_at_end=False)
+    out, _ = lavt_run
+    trained, run = load_segmenter(out / "last.pt")
+    assert isinstance(trained, LAVT) and run["model"] == "lavt"
+
+
+def test_pipeline_options_cris_alone_has_are_refused_by_name(tmp_path):
+    from examples.pipeline.factory import build_segmenter
+
+    with pytest.raises(ValueError, match="--pretrained masksd-tiny-synthetic holds CLIP weights for CRIS; with --model lavt"):
+        build_segmenter(run_config(tmp_path, pretrained="masksd-tiny-synthetic"))
+    with pytest.raises(ValueError, match="--deep-level projected is CRIS's switch"):
+        build_segmenter(run_config(tmp_path, deep_level="projected"))
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        build_segmenter(run_config(tmp_path, pretrained=str(tmp_path)))
