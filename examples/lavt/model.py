@@ -69,7 +69,7 @@ class LAVT(SegmenterAdapter):
             raise ValueError(f"LAVT reads four Swin stages; this Swin has {len(dims)} ({swin.config.depths})")
         text_dim = int(bert.config.hidden_size)
         self.fusions = nn.ModuleList(PixelWordFusion(d, text_dim, h, config.fusion_dropout) for d, h in zip(dims, config.fusion_heads))
-        self.gates = nn.ModuleList(LanguageGate(d) for d in dims)
+        self.gates = nn.ModuleList(LanguageGate(d) for d in dims[:-1])  # LAVT's gate after stage 4 feeds nothing
         self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
         self.decode_head = LAVTDecodeHead(dims)
         self.image_embed_dim, self.text_embed_dim = dims[0], text_dim
@@ -124,15 +124,14 @@ class LAVT(SegmenterAdapter):
             x = x + embeddings.interpolate_pos_encoding(x, *layout.image_size)
         x = embeddings.dropout(x)
         grid, maps, attentions = layout.grid, [], []
-        for stage, fusion, gate, norm in zip(self.swin["stages"], self.fusions, self.gates, self.norms):
+        for index, (stage, fusion, norm) in enumerate(zip(self.swin["stages"], self.fusions, self.norms)):
             for block in stage.blocks:
                 x = block(x, grid)[0]  # (B, h·w, C_s)
             fused, weights = fusion(x, words, word_mask)  # (B, h·w, C_s)
-            x = gate(x, fused)
             maps.append(rearrange(norm(fused), "b (h w) c -> b c h w", h=grid[0]))  # what the decoder reads
             attentions.append(weights)
-            if stage.downsample is not None:
-                x = stage.downsample(x, grid)  # (B, h·w / 4, 2 C_s)
+            if stage.downsample is not None:  # the gated stream feeds the next stage
+                x = stage.downsample(self.gates[index](x, fused), grid)  # (B, h·w / 4, 2 C_s)
                 grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         context = LAVTVisualContext(tuple(maps), tuple(attentions), candidates, layout.image_size)
         return Features(tokens=None, pooled=None, context=context), Features(tokens=words, pooled=None, context=attention)

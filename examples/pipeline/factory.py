@@ -19,13 +19,14 @@ from examples.lavt.config import LAVT_MODEL, SNAPSHOT_HINT, LAVTConfig
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
-from masksd import MaskSD
+from masksd import InputSpec, MaskSD, MaskSDConfig
 from masksd.data import ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
     "BACKBONE_PREFIXES", "Segmenter", "backbone_prefixes", "compile_segmenter", "build_dataset", "build_segmenter", "build_model",
-    "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config", "lavt_config", "load_segmenter",
+    "checkpoint_architecture", "check_guidance", "cris_config", "clipseg_config", "checkpoint_cris_config", "input_patch_size",
+    "input_spec", "lavt_config", "load_segmenter",
 ]
 
 Segmenter = Any
@@ -123,9 +124,45 @@ def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
     segmenter.decode_head.compile(backend=backend)
 
 
+MASKRIS_PATCH = (32, 480)
+"""MaskRIS's pixel patch side at ``site="input"`` and the input size it was chosen for (naver-ai/maskris)."""
+
+
+def input_patch_size(image_size: int) -> int:
+    """The pixel patch side of ``site="input"`` at ``image_size``: MaskRIS's 32 px at 480, the same share of the
+    image at any other size (4 px at the tiny models' 64)."""
+    patch, size = MASKRIS_PATCH
+    return max(1, round(patch * image_size / size))
+
+
+def input_spec(segmenter: Segmenter, image_size: int) -> InputSpec:
+    """How ``site="input"`` finds and masks this segmenter's inputs: its tokenizer's mask id, vocabulary and special
+    ids (CLIP's tokenizer has no mask id: VMLSD at the input site is then refused by name), patches of
+    :func:`input_patch_size`."""
+    tokenizer = getattr(segmenter, "tokenizer", None) or segmenter._tokenizer  # LAVT's is public; CRIS's and CLIPSeg's not
+    return InputSpec.from_tokenizer(tokenizer, patch_size=input_patch_size(image_size))
+
+
 def build_model(cfg: TrainConfig) -> MaskSD:
-    """The CRIS-style segmenter wrapped in MaskSD (branches off for ``--baseline``)."""
-    return MaskSD(build_segmenter(cfg), cfg.masksd_config())
+    """The run's segmenter wrapped in MaskSD (branches off for ``--baseline``)."""
+    segmenter, config = build_segmenter(cfg), cfg.masksd_config()
+    check_guidance(segmenter, config)
+    return MaskSD(segmenter, config, inputs=input_spec(segmenter, cfg.image_size))
+
+
+def check_guidance(segmenter: Segmenter, config: MaskSDConfig) -> None:
+    """Refuse, by its flags, a branch that ranks in a joint image-text space (``guidance="joint"``, K < 1, the default)
+    for a model without one (LAVT), here rather than at the first training step."""
+    if not isinstance(getattr(segmenter, "config", None), LAVTConfig):
+        return
+    for name in ("lmvsd", "vmlsd"):
+        branch = config.branch(name)
+        if branch.enabled and branch.guidance == "joint" and branch.top_k < 1 and branch.site != "input":
+            other = "segmenter (PWAM's attention) or prediction" if name == "lmvsd" else "segmenter (PWAM's attention)"
+            raise ValueError(
+                f"--{name}-guidance joint (the default) ranks tokens in a joint image-text space, which --model {LAVT_MODEL} "
+                f"lacks: pass --{name}-guidance {other}, or --{name}-top-k 1 (random masking), or --no-{name}"
+            )
 
 
 def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
@@ -213,4 +250,6 @@ def _segmenter_for(checkpoint: dict[str, Any], cfg: TrainConfig | None, path: st
         else:
             raise ValueError(f"checkpoint {path} holds {describe_model(checkpoint)} and no cris_config: not written by examples/train_cris_masksd.py")
         segmenter, architecture = CRIS(cris), {"cris_config": asdict(cris)}
-    return MaskSD(segmenter, (cfg or TrainConfig()).masksd_config()), architecture  # the whole state is checked
+    run = cfg or TrainConfig()
+    inputs = input_spec(segmenter, segmenter.config.image_size)
+    return MaskSD(segmenter, run.masksd_config(), inputs=inputs), architecture  # the whole state is checked
