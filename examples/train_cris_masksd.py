@@ -2,7 +2,8 @@
 
 With no arguments: the CPU demo (tiny model, synthetic scenes, a few minutes on 2 cores).
 Paper runs: ``--preset refcoco-vitb --data-root data`` (see ``--help`` for every flag); MaskRIS's
-masking recipe instead of CM-MaskSD's: ``--masksd-preset maskris`` (combines with ``--preset``);
+recipe instead of CM-MaskSD's: ``--masksd-preset maskris --vmlsd-site embedding`` (combines with ``--preset``;
+CLIP's tokenizer has no [MASK] id for MaskRIS's word replacement, see docs/method.md);
 several GPUs: ``torchrun --nproc_per_node=8 examples/train_cris_masksd.py --preset ...``.
 """
 
@@ -27,8 +28,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = ScriptParser(description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="paper settings to start from; later flags override")
     parser.add_argument("--masksd-preset", choices=sorted(MASKSD_PRESETS),
-                        help="MaskSD recipe to start from (default: the paper's, or what --preset sets): maskris = random "
-                        "masking of 75%% of patches and 15%% of words at λ 0.5 (masksd.MaskSDConfig.maskris); later flags override")
+                        help="MaskSD recipe to start from (default: the paper's, or what --preset sets): maskris = MaskRIS as "
+                        "published (masksd.MaskSDConfig.maskris: 75%% of 32-px pixel patches and 15%% of words masked at the inputs, "
+                        "one combined view); CLIP's tokenizer has no [MASK], so add --vmlsd-site embedding; later flags override")
     add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(**PRESETS[known.preset])
     if known.masksd_preset:

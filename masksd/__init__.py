@@ -1,7 +1,8 @@
 """masksd: cross-modality masked self-distillation (CM-MaskSD) for referring image segmentation.
 
-Wrap any segmenter that implements :class:`MaskableSegmenter` in :class:`MaskSD`;
-train with the returned loss, evaluate with ``.eval()`` at the bare model's cost.
+Wrap any segmenter that implements :class:`MaskableSegmenter` (or :class:`FusedSegmenter`, for encoders
+that read each other) in :class:`MaskSD`, or any ``forward(images, token_ids)`` model at the inputs
+(:class:`InputSpec`); train with the returned loss, evaluate with ``.eval()`` at the bare model's cost.
 """
 
 from masksd._lazy import lazy_exports
@@ -11,8 +12,10 @@ __all__ = [
     "CorrelationFilter",
     "Embeddings",
     "Features",
+    "FusedSegmenter",
     "GuidanceMeter",
     "GuidedMasker",
+    "InputSpec",
     "MaskSD",
     "MaskSDConfig",
     "MaskSDOutput",
@@ -32,6 +35,7 @@ __version__ = "0.1.0"
 __getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported on first use
     "Embeddings": "masksd.adapter",
     "Features": "masksd.adapter",
+    "FusedSegmenter": "masksd.adapter",
     "MaskableSegmenter": "masksd.adapter",
     "SegmenterAdapter": "masksd.adapter",
     "CorrelationFilter": "masksd.correlation",
@@ -41,6 +45,7 @@ __getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported
     "SelfDistillLoss": "masksd.loss",
     "segmentation_loss": "masksd.loss",
     "GuidedMasker": "masksd.masking",
+    "InputSpec": "masksd.inputs",
     "BranchConfig": "masksd.config",
     "MaskSDConfig": "masksd.config",
     "MaskSD": "masksd.wrapper",

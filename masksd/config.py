@@ -16,6 +16,8 @@ from masksd._checks import check_choice, check_fraction, check_nonnegative, chec
 __all__ = [
     "BranchConfig",
     "BranchName",
+    "Draw",
+    "Guidance",
     "MASKRIS_BRANCHES",
     "MaskSDConfig",
     "NormStats",
@@ -25,6 +27,7 @@ __all__ = [
     "Supervision",
     "Target",
     "TeacherGradient",
+    "Views",
     "documented",
 ]
 
@@ -41,9 +44,20 @@ TeacherGradient = Literal["detach", "flow"]
 ours and MaskRIS's) or flow (yes: Eq. 9 read literally, BCE differentiating its target M_seg)."""
 Select = Literal["top", "bottom"]
 """Which candidate tokens correlation filtering keeps: the most correlated (the paper) or the least (AMLRIS's direction)."""
-Site = Literal["embedding", "features"]
-"""Where LMVSD masks: the patch embeddings before the image encoder (re-encoded), or the visual maps the
-decode head reads, after the encoder (per-position learnable values, no second encode)."""
+Site = Literal["embedding", "features", "input"]
+"""Where a branch masks: the token embeddings before the encoder (re-encoded; the paper), the visual maps the
+decode head reads, after the encoder (LMVSD only: per-position learnable values, no second encode), or the
+model's inputs (square pixel patches, word ids; MaskRIS's site: the whole forward re-runs, no adapter needed)."""
+Guidance = Literal["joint", "prediction", "segmenter"]
+"""What ranks the tokens correlation filtering keeps: the dot product with the other modality's pooled feature in
+a joint image-text space (the paper), the main branch's own detached predicted mask pooled onto the image token
+grid (LMVSD only; any segmenter), or the segmenter's own ``relevance(branch, visual, text)`` scores."""
+Draw = Literal["count", "bernoulli"]
+"""How many of the kept tokens are masked: exactly round(α·kept) per sample (the paper), or each independently with
+probability α (MaskRIS's per-word draw)."""
+Views = Literal["separate", "combined"]
+"""How the masked passes are arranged: one per branch, each masking its own modality (the paper), or MaskRIS's one
+combined view masking both modalities in a single extra pass."""
 
 PAPER_BRANCHES: dict[str, dict[str, float]] = {
     "lmvsd": {"top_k": 0.5, "ratio": 0.25, "weight": 0.75, "min_masked": 0},  # Table III
@@ -55,12 +69,14 @@ almost every RefCOCO expression (3.6 words on average), yet Table IV shows its �
 branch masked; at least one word per sentence is the reading that makes it mask (see the README)."""
 
 
-MASKRIS_BRANCHES: dict[str, dict[str, float]] = {
-    "lmvsd": {"top_k": 1.0, "ratio": 0.75, "weight": 0.5},  # MaskRIS: 75 % of the image, λ = 0.5
-    "vmlsd": {"top_k": 1.0, "ratio": 0.15, "weight": 0.5},  # MaskRIS: 15 % of the words, λ = 0.5
+MASKRIS_BRANCHES: dict[str, dict[str, Any]] = {
+    # 75 % of the 32-px pixel patches, zero-filled (util/aug_mask.py); round(0.75·n) is its n - int(0.25·n) on square grids
+    "lmvsd": {"site": "input", "top_k": 1.0, "ratio": 0.75, "weight": 0.5, "min_masked": 0, "draw": "count"},
+    # each word with probability 0.15, then [MASK] / a random id / kept at 80/10/10 (data/dataset_refer_bert.py)
+    "vmlsd": {"site": "input", "top_k": 1.0, "ratio": 0.15, "weight": 0.5, "min_masked": 0, "draw": "bernoulli"},
 }
-"""The ``maskris`` preset's K, α and λ per branch (:meth:`MaskSDConfig.maskris`); ``min_masked`` stays each
-branch's (at least one word, as for VMLSD)."""
+"""The ``maskris`` preset's branches (:meth:`MaskSDConfig.maskris`): MaskRIS as published (naver-ai/maskris). The
+two λ = 0.5 add up to the weight of its one combined view (:attr:`MaskSDConfig.views`)."""
 
 
 def documented(
@@ -87,7 +103,9 @@ class BranchConfig:
     weight: float | None = documented(None, help="λ: weight of this branch's loss in the total.")
     min_masked: int | None = documented(None, help="Mask at least this many selected tokens in every sample that has them, when α > 0 (0: round(α·kept) alone, which is 0 for short sentences).")
     select: Select = documented("top", help="Which candidates correlation filtering keeps: top (the ceil(K·n) most correlated, the paper) or bottom (the least, AMLRIS's direction).")
-    site: Site = documented("embedding", help="Where the branch masks: embedding (the tokens before the encoder, which re-runs) or features (LMVSD only: the decode head's visual maps, with a learnable value per position and level; no second image encode).")
+    site: Site = documented("embedding", help="Where the branch masks: embedding (the tokens before the encoder, which re-runs), features (LMVSD only: the decode head's visual maps, with a learnable value per position and level; no second image encode) or input (square pixel patches filled, or word ids replaced, at the model's inputs, as MaskRIS; the whole forward re-runs; needs top_k=1, or guidance=prediction for LMVSD).")
+    guidance: Guidance = documented("joint", help="What ranks the tokens top_k keeps: joint (dot product with the other modality's pooled feature in a joint image-text space, the paper), prediction (LMVSD only: the main branch's detached predicted mask pooled onto the image token grid) or segmenter (the segmenter's relevance(branch, visual, text) scores). Unused at top_k=1.")
+    draw: Draw = documented("count", help="How many kept tokens are masked: count (exactly round(α·kept) per sample, the paper) or bernoulli (each independently with probability α, MaskRIS's per-word draw); min_masked applies to both.")
 
     @classmethod
     def lmvsd(cls, **overrides: Any) -> BranchConfig:
@@ -118,8 +136,19 @@ class BranchConfig:
             raise ValueError(f"{branch}.min_masked must be an int >= 0, got {config.min_masked!r}")
         check_choice(f"{branch}.select", config.select, get_args(Select))
         check_choice(f"{branch}.site", config.site, get_args(Site))
-        if branch == "vmlsd" and config.site != "embedding":
-            raise ValueError(f"vmlsd.site must be 'embedding' (words have no feature maps; site='features' is LMVSD's), got {config.site!r}")
+        check_choice(f"{branch}.guidance", config.guidance, get_args(Guidance))
+        check_choice(f"{branch}.draw", config.draw, get_args(Draw))
+        if branch == "vmlsd" and config.site == "features":
+            raise ValueError("vmlsd.site must be 'embedding' or 'input' (words have no feature maps; site='features' is LMVSD's), got 'features'")
+        if branch == "vmlsd" and config.guidance == "prediction":
+            raise ValueError("vmlsd.guidance='prediction' is LMVSD's (a predicted mask ranks image patches, not words): "
+                             "use 'joint' or 'segmenter' for VMLSD, or top_k=1")
+        if config.site == "input" and config.top_k < 1 and not (branch == "lmvsd" and config.guidance == "prediction"):
+            raise ValueError(
+                f"{branch}.site='input' masks the raw inputs, which have no features to rank: give {branch}.top_k=1 (random "
+                f"masking, as MaskRIS)" + (" or lmvsd.guidance='prediction'" if branch == "lmvsd" else "")
+                + f", got top_k={config.top_k} with guidance={config.guidance!r}"
+            )
         return config
 
     def require_resolved(self) -> None:
@@ -163,6 +192,9 @@ class MaskSDConfig:
     checkpoint_branches: bool = documented(
         False, help="Recompute each masked branch (its encoder pass and decode) in the backward pass instead of keeping its activations: less memory, more time, the same gradients."
     )
+    views: Views = documented(
+        "separate", help="separate: one masked pass per branch, each masking its own modality (the paper); combined: one extra pass with both enabled branches' modalities masked (MaskRIS), distilled at the sum of their λ."
+    )
 
     def __post_init__(self) -> None:
         for name in get_args(BranchName):
@@ -183,6 +215,10 @@ class MaskSDConfig:
         check_choice("branch_norm_stats", self.branch_norm_stats, get_args(NormStats))
         if not isinstance(self.checkpoint_branches, bool):
             raise TypeError(f"checkpoint_branches must be True or False, got {self.checkpoint_branches!r}")
+        check_choice("views", self.views, get_args(Views))
+        if self.views == "combined" and self.lmvsd.enabled and self.lmvsd.site == "features":
+            raise ValueError("views='combined' re-runs the model on masked inputs or embeddings; lmvsd.site='features' masks "
+                             "the decode head's maps instead: use lmvsd.site='embedding' or 'input', or views='separate'")
 
     @classmethod
     def baseline(cls, **overrides: Any) -> MaskSDConfig:
@@ -191,15 +227,18 @@ class MaskSDConfig:
 
     @classmethod
     def maskris(cls, **overrides: Any) -> MaskSDConfig:
-        """MaskRIS's recipe in our branches: random masking (K = 1) of 75 % of the patches and 15 % of the
-        words, each branch distilled from the detached soft main prediction at λ = 0.5. Keyword overrides
-        replace whole fields. What still differs from MaskRIS (its 32-px pixel patches, its 80/10/10 word
-        replacement, its per-word draw) is in the README."""
+        """MaskRIS as published (naver-ai/maskris): one combined view with 75 % of the 32-px pixel patches of the
+        image zero-filled and each word drawn with probability 0.15 (then [MASK] / a random id / kept at 80/10/10),
+        no correlation filtering (K = 1), distilled from the detached soft main prediction; total loss
+        seg + (0.5 + 0.5)·L_masked. Masks at the inputs, so the segmenter needs only ``forward(images, token_ids)``
+        and MaskSD needs ``inputs=InputSpec.from_tokenizer(tokenizer)`` (the mask id, vocabulary, special ids).
+        Keyword overrides replace whole fields. What still differs from MaskRIS is in docs/method.md."""
         values: dict[str, Any] = dict(
             lmvsd=BranchConfig.lmvsd(**MASKRIS_BRANCHES["lmvsd"]),
             vmlsd=BranchConfig.vmlsd(**MASKRIS_BRANCHES["vmlsd"]),
             target="soft",
             teacher_gradient="detach",
+            views="combined",
         )
         return cls(**{**values, **overrides})
 

@@ -1,16 +1,20 @@
-"""Correlation filtering: keep the tokens most related to the other modality (paper Eq. 3 and 6)."""
+"""Correlation filtering: keep the tokens most related to the other modality (paper Eq. 3 and 6), ranked by
+the joint-space dot product (:func:`token_scores`), by the main branch's own prediction (:func:`prediction_scores`)
+or by scores a segmenter gives, on the tokens' grid or a coarser one that tiles it (:func:`spread_scores`)."""
 
 from __future__ import annotations
 
 from typing import get_args
 
 import torch
+import torch.nn.functional as F
+from einops import repeat
 from torch import nn
 
 from masksd._checks import check_choice, check_fraction, check_mask, check_tensor
 from masksd.config import Select
 
-__all__ = ["CorrelationFilter", "token_scores", "topk_counts"]
+__all__ = ["CorrelationFilter", "prediction_scores", "spread_scores", "token_scores", "topk_counts"]
 
 # Slack for products like 0.1 * 30 = 3.0000000000000004, which must count as 3, not 4.
 _COUNT_EPS = 1e-6
@@ -83,3 +87,25 @@ class CorrelationFilter(nn.Module):
 def token_scores(query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """p_i = tokens_i · query in float32 (paper Eq. 3 and 6): query (B, C), tokens (B, N, C) -> (B, N)."""
     return torch.einsum("bnc,bc->bn", tokens.float(), query.float())
+
+
+def spread_scores(scores: torch.Tensor, coarse: tuple[int, int], fine: tuple[int, int]) -> torch.Tensor:
+    """Scores on a coarse grid spread to the fine grid's tokens each coarse cell covers (nearest, i.e. repeat).
+
+    scores: (B, h'·w') or (B, h', w') on ``coarse`` (h', w'), which must tile ``fine`` (h, w).
+    Returns (B, h·w) in row-major order of the fine grid."""
+    (hc, wc), (hf, wf) = coarse, fine
+    if hf % hc or wf % wc:
+        raise ValueError(f"coarse grid {coarse} does not tile the fine grid {fine} (h % h' and w % w' must be 0)")
+    if scores.shape[1:] not in ((hc * wc,), (hc, wc)):
+        raise ValueError(f"scores must have shape (B, {hc * wc}) or (B, {hc}, {wc}) on the grid {coarse}, got {tuple(scores.shape)}")
+    on_grid = scores.reshape(-1, hc, wc)  # (B, h', w')
+    return repeat(on_grid, "b h w -> b (h p w q)", p=hf // hc, q=wf // wc)  # (B, h·w)
+
+
+def prediction_scores(logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The main branch's predicted mask as scores for LMVSD's ``guidance="prediction"``: sigmoid of the detached
+    (B, 1, h, w) logits, average-pooled onto the token ``grid`` (gh, gw). Returns (B, gh·gw) float32, row-major."""
+    check_tensor("logits", logits, dims=4, floating=True)
+    probs = torch.sigmoid(logits.detach().float())  # (B, 1, h, w)
+    return F.adaptive_avg_pool2d(probs, grid).flatten(1)  # (B, gh·gw)

@@ -27,7 +27,7 @@ from torch import nn
 from masksd._checks import check_fraction, check_tensor
 from masksd.correlation import CorrelationFilter, token_scores
 from masksd.metrics import sum_over_ranks
-from masksd.wrapper import MaskSD, check_segmenter, encode_pair
+from masksd.wrapper import MaskSD, check_segmenter, encode_pair, joint_features
 
 __all__ = ["GuidanceMeter", "correlation_scores", "patch_targets"]
 
@@ -85,8 +85,10 @@ def correlation_scores(model: nn.Module, images: Any, texts: Any) -> tuple[torch
     segmenter = model.segmenter if isinstance(model, MaskSD) else model
     check_segmenter(segmenter)
     _, text_embedded, visual, text = encode_pair(segmenter, images, texts)
-    patch_scores = token_scores(text.pooled, visual.tokens)  # (B, N): what LMVSD ranks
-    word_scores = token_scores(visual.pooled, text.tokens)  # (B, L): what VMLSD ranks
+    patches, sentence = joint_features("lmvsd", visual, text)  # (B, N, D), (B, D)
+    words, image = joint_features("vmlsd", text, visual)  # (B, L, D), (B, D)
+    patch_scores = token_scores(sentence, patches)  # (B, N): what LMVSD ranks
+    word_scores = token_scores(image, words)  # (B, L): what VMLSD ranks
     candidates = text_embedded.candidates
     if candidates is None:
         candidates = torch.ones(word_scores.shape, dtype=torch.bool, device=word_scores.device)

@@ -1,17 +1,23 @@
 """Cross-modality guided masking: replace a random share of the selected tokens with a learnable token (Eq. 4 and 7),
-or, at LMVSD's features site, the selected positions of the decode head's visual maps with learnable values."""
+or, at LMVSD's features site, the selected positions of the decode head's visual maps with learnable values, or, at
+the input site (MaskRIS's), square pixel patches of the images with a fill value and word ids with the mask id, a
+random id or themselves."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
+from einops import repeat
 from torch import nn
 
-from masksd._checks import check_fraction, check_mask, check_tensor
+from masksd._checks import check_choice, check_fraction, check_mask, check_tensor
+from masksd.config import Draw
 
-__all__ = ["FeatureMapMasker", "GuidedMasker", "choose_masked", "mask_counts"]
+__all__ = ["FeatureMapMasker", "GuidedMasker", "PixelPatchMasker", "WordIdMasker", "choose_masked", "mask_counts", "patch_grid"]
 
 
 def mask_counts(ratio: float, n_candidates: torch.Tensor, min_count: int = 0) -> torch.Tensor:
@@ -26,12 +32,21 @@ def mask_counts(ratio: float, n_candidates: torch.Tensor, min_count: int = 0) ->
 
 
 def choose_masked(
-    candidates: torch.Tensor, ratio: float, min_count: int = 0, generator: torch.Generator | None = None
+    candidates: torch.Tensor,
+    ratio: float,
+    min_count: int = 0,
+    generator: torch.Generator | None = None,
+    draw: Draw = "count",
 ) -> torch.Tensor:
-    """A uniformly random ``mask_counts(ratio, n_candidates, min_count)`` of each sample's candidates.
+    """Which candidates a branch masks. ``draw="count"``: a uniformly random ``mask_counts(ratio, n_candidates,
+    min_count)`` of each sample's candidates. ``draw="bernoulli"``: each candidate independently with probability
+    ``ratio``, and, unless ratio is 0, at least ``min(min_count, n_candidates)`` (the lowest-keyed ones, so the
+    extra ones are uniformly random too).
 
     candidates: (B, N) bool. Returns (B, N) bool, True at the chosen positions (draws one (B, N) uniform).
     """
+    if draw == "bernoulli":
+        return _choose_bernoulli(candidates, ratio, min_count, generator)
     batch, length = candidates.shape
     # A uniform random order over the candidates: non-candidates get keys above every candidate's.
     keys = torch.rand((batch, length), generator=generator, device=candidates.device)  # (B, N) in [0, 1)
@@ -42,6 +57,25 @@ def choose_masked(
     return torch.zeros_like(candidates).scatter(1, order, take)  # (B, N)
 
 
+def _choose_bernoulli(candidates: torch.Tensor, ratio: float, min_count: int, generator: torch.Generator | None) -> torch.Tensor:
+    keys = torch.rand(candidates.shape, generator=generator, device=candidates.device)  # (B, N) in [0, 1)
+    chosen = candidates & (keys < ratio)  # (B, N)
+    if not min_count or ratio == 0:
+        return chosen
+    # the min_count lowest keys among the candidates: those a larger ratio would have drawn first
+    order = keys.masked_fill(~candidates, 2.0).argsort(dim=1)  # (B, N)
+    least = candidates.sum(dim=1).clamp(max=min_count)  # (B,)
+    take = torch.arange(candidates.shape[1], device=candidates.device) < least[:, None]  # (B, N) by rank
+    return chosen | torch.zeros_like(candidates).scatter(1, order, take)
+
+
+def _check_ratio_and_count(ratio: float, min_count: int, draw: str) -> None:
+    check_fraction("ratio", ratio, low_open=False)
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+        raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
+    check_choice("draw", draw, get_args(Draw))
+
+
 def _init_like_mask_token(x: torch.Tensor) -> None:
     # Truncate at two standard deviations (torch's default bounds are ±2 absolute, i.e. no truncation here).
     nn.init.trunc_normal_(x, std=0.02, a=-0.04, b=0.04)
@@ -50,28 +84,28 @@ def _init_like_mask_token(x: torch.Tensor) -> None:
 class GuidedMasker(nn.Module):
     """Replaces ``round(ratio * n_candidates)`` randomly chosen candidate tokens
     per sample (at least ``min_count`` where a sample has that many, unless ratio
-    is 0) with one learnable mask token of size ``dim``.
+    is 0) with one learnable mask token of size ``dim`` (with ``draw="bernoulli"``:
+    each candidate with probability ``ratio``, see :func:`choose_masked`).
 
     All other positions are returned bit-identical. The token is initialised
     from a normal (std 0.02) truncated at ±2 std and receives gradient through every
     position it replaces.
     """
 
-    def __init__(self, dim: int, ratio: float, min_count: int = 0):
+    def __init__(self, dim: int, ratio: float, min_count: int = 0, draw: Draw = "count"):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        check_fraction("ratio", ratio, low_open=False)
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
+        _check_ratio_and_count(ratio, min_count, draw)
         self.dim = dim
         self.ratio = float(ratio)
         self.min_count = min_count
+        self.draw = draw
         self.mask_token = nn.Parameter(torch.empty(dim))
         _init_like_mask_token(self.mask_token)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, ratio={self.ratio}, min_count={self.min_count}"
+        return f"dim={self.dim}, ratio={self.ratio}, min_count={self.min_count}" + _draw_repr(self.draw)
 
     def mask(
         self,
@@ -89,7 +123,7 @@ class GuidedMasker(nn.Module):
         if channels != self.dim:
             raise ValueError(f"embeddings must have C={self.dim} (the mask token size), got shape {tuple(embeddings.shape)}")
         candidates = check_mask("candidates", candidates, (batch, length), embeddings.device)
-        applied = choose_masked(candidates, self.ratio, self.min_count, generator)  # (B, N)
+        applied = choose_masked(candidates, self.ratio, self.min_count, generator, self.draw)  # (B, N)
 
         token = self.mask_token.to(embeddings.dtype).expand_as(embeddings)  # (B, N, C)
         masked = torch.where(applied[..., None], token, embeddings)
@@ -107,7 +141,9 @@ class FeatureMapMasker(nn.Module):
     through every position they replace.
     """
 
-    def __init__(self, grid: tuple[int, int], shapes: Sequence[tuple[int, int, int]], ratio: float, min_count: int = 0):
+    def __init__(
+        self, grid: tuple[int, int], shapes: Sequence[tuple[int, int, int]], ratio: float, min_count: int = 0, draw: Draw = "count"
+    ):
         super().__init__()
         grid = tuple(grid)
         if len(grid) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
@@ -115,18 +151,17 @@ class FeatureMapMasker(nn.Module):
         shapes = tuple(tuple(shape) for shape in shapes)
         if not shapes or any(len(s) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in s) for s in shapes):
             raise ValueError(f"shapes must be a non-empty sequence of (C, h, w) of positive ints, got {shapes!r}")
-        check_fraction("ratio", ratio, low_open=False)
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
+        _check_ratio_and_count(ratio, min_count, draw)
         self.grid, self.shapes = grid, shapes
         self.ratio = float(ratio)
         self.min_count = min_count
+        self.draw = draw
         self.maps = nn.ParameterList([nn.Parameter(torch.empty(shape)) for shape in shapes])
         for values in self.maps:
             _init_like_mask_token(values)
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, shapes={self.shapes}, ratio={self.ratio}, min_count={self.min_count}"
+        return f"grid={self.grid}, shapes={self.shapes}, ratio={self.ratio}, min_count={self.min_count}" + _draw_repr(self.draw)
 
     def mask(
         self,
@@ -146,7 +181,7 @@ class FeatureMapMasker(nn.Module):
             raise ValueError(f"candidates must be a (B, N={height * width}) bool tensor, got {got}")
         candidates = check_mask("candidates", candidates, (candidates.shape[0], height * width), candidates.device)
         self._check_maps(maps, candidates.shape[0])
-        applied = choose_masked(candidates, self.ratio, self.min_count, generator)  # (B, N)
+        applied = choose_masked(candidates, self.ratio, self.min_count, generator, self.draw)  # (B, N)
         return self.replace(maps, applied), applied
 
     def replace(self, maps: Sequence[torch.Tensor], applied: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -167,3 +202,116 @@ class FeatureMapMasker(nn.Module):
             check_tensor(f"maps[{level}]", x, dims=4, floating=True)
             if tuple(x.shape) != (batch, *shape):
                 raise ValueError(f"maps[{level}] must have shape (B, C, h, w)={(batch, *shape)}, got {tuple(x.shape)}")
+
+
+def _draw_repr(draw: str) -> str:
+    return "" if draw == "count" else f", draw={draw!r}"
+
+
+def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """(h, w) of the square pixel patches covering an image of ``height`` x ``width`` pixels (the last row and
+    column cut to the image where the size is not a multiple)."""
+    return math.ceil(height / patch_size), math.ceil(width / patch_size)
+
+
+class PixelPatchMasker(nn.Module):
+    """LMVSD at the input site (MaskRIS's image masking): fills square ``patch_size`` pixel patches of the images
+    with ``fill`` (0.0: the mean colour of normalised images, as MaskRIS). Which patches: :func:`choose_masked`
+    among the selected ones (all, at K = 1). No parameters; every other pixel is returned bit-identical."""
+
+    def __init__(self, patch_size: int, fill: float, ratio: float, min_count: int = 0, draw: Draw = "count"):
+        super().__init__()
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
+            raise ValueError(f"fill must be a finite number, got {fill!r}")
+        _check_ratio_and_count(ratio, min_count, draw)
+        self.patch_size, self.fill = patch_size, float(fill)
+        self.ratio, self.min_count, self.draw = float(ratio), min_count, draw
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}, fill={self.fill}, ratio={self.ratio}, min_count={self.min_count}" + _draw_repr(self.draw)
+
+    def grid(self, pixels: torch.Tensor) -> tuple[int, int]:
+        """(h, w) of the patch grid of (B, C, H, W) ``pixels``."""
+        return patch_grid(pixels.shape[-2], pixels.shape[-1], self.patch_size)
+
+    def mask(
+        self, pixels: torch.Tensor, selected: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels: (B, C, H, W) float; selected: (B, h·w) bool patches that may be masked (None: all).
+
+        Returns ``(masked pixels (B, C, H, W), applied (B, h·w) bool)``, patches in row-major order."""
+        check_tensor("pixels", pixels, dims=4, floating=True)
+        height, width = self.grid(pixels)
+        selected = check_mask("selected", selected, (pixels.shape[0], height * width), pixels.device)
+        applied = choose_masked(selected, self.ratio, self.min_count, generator, self.draw)  # (B, h·w)
+        return self.replace(pixels, applied), applied
+
+    def replace(self, pixels: torch.Tensor, applied: torch.Tensor) -> torch.Tensor:
+        """``pixels`` (B, C, H, W) with the ``applied`` (B, h·w) patches filled."""
+        return pixels.masked_fill(self.cover(pixels, applied), self.fill)
+
+    def cover(self, pixels: torch.Tensor, applied: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) bool: the pixels of the ``applied`` (B, h·w) patches of ``pixels`` (B, C, H, W)."""
+        height, width = self.grid(pixels)
+        cover = repeat(applied.view(-1, height, width), "b h w -> b 1 (h p) (w q)", p=self.patch_size, q=self.patch_size)
+        return cover[..., : pixels.shape[-2], : pixels.shape[-1]]  # (B, 1, H, W)
+
+
+class WordIdMasker(nn.Module):
+    """VMLSD at the input site (MaskRIS's text masking, BERT's recipe): of the drawn words (:func:`choose_masked`
+    among the candidates), a share ``replacement[0]`` becomes ``mask_token_id``, a share ``replacement[1]`` a
+    uniformly random id in [0, vocab_size), the rest keep their id. No parameters."""
+
+    def __init__(
+        self,
+        mask_token_id: int | None,
+        vocab_size: int | None,
+        replacement: tuple[float, float],
+        ratio: float,
+        min_count: int = 0,
+        draw: Draw = "count",
+    ):
+        super().__init__()
+        to_mask, to_random = replacement
+        check_fraction("replacement[0]", to_mask, low_open=False)
+        check_fraction("replacement[1]", to_random, low_open=False)
+        if to_mask + to_random > 1 + 1e-9:
+            raise ValueError(f"replacement shares must add up to at most 1, got {tuple(replacement)}")
+        for name, value, needed in (("mask_token_id", mask_token_id, to_mask > 0), ("vocab_size", vocab_size, to_random > 0)):
+            if needed and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0 when its replacement share is above 0, got {value!r}")
+        if to_random > 0 and vocab_size == 0:
+            raise ValueError("vocab_size must be positive to draw random words")
+        _check_ratio_and_count(ratio, min_count, draw)
+        self.mask_token_id, self.vocab_size = mask_token_id, vocab_size
+        self.replacement = (float(to_mask), float(to_random))
+        self.ratio, self.min_count, self.draw = float(ratio), min_count, draw
+
+    def extra_repr(self) -> str:
+        return (f"mask_token_id={self.mask_token_id}, vocab_size={self.vocab_size}, replacement={self.replacement}, "
+                f"ratio={self.ratio}, min_count={self.min_count}" + _draw_repr(self.draw))
+
+    def mask(
+        self, ids: torch.Tensor, candidates: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids: (B, L) integer token ids; candidates: (B, L) bool words that may be drawn.
+
+        Returns ``(new ids (B, L), drawn (B, L) bool)``: ``drawn`` marks every drawn word, including the share
+        that kept its id. Draws three (B, L) tensors from ``generator``: the choice, the share, the random ids."""
+        check_tensor("ids", ids, dims=2)
+        if ids.is_floating_point():
+            raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+        candidates = check_mask("candidates", candidates, tuple(ids.shape), ids.device)
+        drawn = choose_masked(candidates, self.ratio, self.min_count, generator, self.draw)  # (B, L)
+        share = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, L): which replacement
+        to_mask, to_random = self.replacement
+        out = ids
+        if to_mask > 0:
+            out = out.masked_fill(drawn & (share < to_mask), self.mask_token_id)
+        if to_random > 0:
+            random_ids = torch.randint(self.vocab_size, ids.shape, generator=generator, device=ids.device, dtype=ids.dtype)
+            chosen = drawn & (share >= to_mask) & (share < to_mask + to_random)
+            out = torch.where(chosen, random_ids, out)
+        return out, drawn

@@ -395,7 +395,10 @@ def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they
     assert policy["+LMVSD at the features site"].lmvsd.site == "features" and not policy["+LMVSD at the features site"].vmlsd.enabled
     assert policy["CM-MaskSD, LMVSD at the features site"] == MaskSDConfig(lmvsd=BranchConfig(site="features"))
     assert policy["CM-MaskSD, LMVSD selects the bottom K"] == MaskSDConfig(lmvsd=BranchConfig(select="bottom"))
-    assert policy["MaskRIS recipe"] == MaskSDConfig.maskris()
+    # the stored row keeps masksd 0.1's maskris preset (MaskSDConfig.maskris() is now MaskRIS as published)
+    old_maskris = MaskSDConfig(lmvsd=BranchConfig.lmvsd(top_k=1.0, ratio=0.75, weight=0.5), vmlsd=BranchConfig.vmlsd(top_k=1.0, ratio=0.15, weight=0.5))
+    assert policy["MaskRIS recipe"] == old_maskris and old_maskris != MaskSDConfig.maskris()
+    assert (old_maskris.lmvsd.site, old_maskris.vmlsd.min_masked, old_maskris.views) == ("embedding", 1, "separate")
     # every stored row still exists under its name and folder, with the new switches where they were before them
     stored = {name for path in (Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("ablation_*_runs.json")
               for name in json.loads(path.read_text())["runs"]}

@@ -12,7 +12,8 @@ from examples.pipeline.checkpoint import load_checkpoint, rng_state, save_atomic
 from examples.pipeline.config import PRESETS, TrainConfig, masksd_preset, preset
 from examples.pipeline.optim import build_optimizer, warmup_cosine
 from examples.pipeline.sampling import EpochSampler, ShardSampler
-from masksd import MaskSDConfig
+from masksd import BranchConfig, MaskSDConfig
+from masksd.config import MASKRIS_BRANCHES
 from examples.train_cris_masksd import parse_args
 
 
@@ -51,12 +52,18 @@ def test_issue_18_switches_are_flags_and_the_maskris_recipe_a_masksd_preset():
     assert (m.teacher_gradient, m.lmvsd.select, m.lmvsd.site, m.vmlsd.select, m.vmlsd.site) == ("flow", "bottom", "features", "bottom", "embedding")
     d = parse_args([]).masksd_config()
     assert (d.teacher_gradient, d.lmvsd.select, d.lmvsd.site) == ("detach", "top", "embedding")
-    maskris = parse_args(["--masksd-preset", "maskris"])
-    assert maskris.masksd_config() == MaskSDConfig.maskris() and maskris.model == TrainConfig().model
-    assert masksd_preset("maskris") == {"masksd.lmvsd.top_k": 1.0, "masksd.lmvsd.ratio": 0.75, "masksd.lmvsd.weight": 0.5,
-                                        "masksd.vmlsd.top_k": 1.0, "masksd.vmlsd.ratio": 0.15, "masksd.vmlsd.weight": 0.5}
+    with pytest.raises(SystemExit):  # MaskRIS replaces words by [MASK]; CLIP's tokenizer has none
+        parse_args(["--masksd-preset", "maskris"])
+    maskris = parse_args(["--masksd-preset", "maskris", "--vmlsd-site", "embedding"])  # the documented substitute
+    assert maskris.masksd_config() == MaskSDConfig.maskris(vmlsd=BranchConfig.vmlsd(**{**MASKRIS_BRANCHES["vmlsd"], "site": "embedding"}))
+    assert maskris.model == TrainConfig().model
+    assert masksd_preset("maskris") == {
+        "masksd.lmvsd.site": "input", "masksd.lmvsd.top_k": 1.0, "masksd.lmvsd.ratio": 0.75, "masksd.lmvsd.weight": 0.5,
+        "masksd.vmlsd.site": "input", "masksd.vmlsd.top_k": 1.0, "masksd.vmlsd.ratio": 0.15, "masksd.vmlsd.weight": 0.5,
+        "masksd.vmlsd.min_masked": 0, "masksd.vmlsd.draw": "bernoulli", "masksd.views": "combined",
+    }
     assert masksd_preset("paper") == {}
-    paper_run = parse_args(["--preset", "ablation-vitb", "--masksd-preset", "maskris", "--lmvsd-ratio", "0.5"])
+    paper_run = parse_args(["--preset", "ablation-vitb", "--masksd-preset", "maskris", "--vmlsd-site", "embedding", "--lmvsd-ratio", "0.5"])
     assert paper_run.image_size == 480 and paper_run.masksd.lmvsd.ratio == 0.5 and paper_run.masksd.vmlsd.ratio == 0.15  # flags win
     with pytest.raises(SystemExit):
         parse_args(["--vmlsd-site", "features"])  # VMLSD has no feature maps

@@ -514,14 +514,15 @@ def test_the_features_site_needs_the_optional_protocol_and_vmlsd_refuses_it():
     MaskSD(ToyViT(), MaskSDConfig(lmvsd=BranchConfig(site="features", enabled=False)))  # a branch that is off needs nothing
 
 
-def test_maskris_preset_is_random_masking_at_half_weight_with_a_detached_soft_target():
+def test_maskris_preset_is_maskris_as_published():
     from masksd.config import MASKRIS_BRANCHES
 
     m = MaskSDConfig.maskris()
-    assert (m.lmvsd.top_k, m.lmvsd.ratio, m.lmvsd.weight) == (1.0, 0.75, 0.5)
-    assert (m.vmlsd.top_k, m.vmlsd.ratio, m.vmlsd.weight) == (1.0, 0.15, 0.5)
-    assert (m.target, m.teacher_gradient, m.supervision, m.masking) == ("soft", "detach", "distill", True)
-    assert m.lmvsd.select == m.vmlsd.select == "top" and m.lmvsd.site == "embedding"
+    assert (m.lmvsd.site, m.lmvsd.top_k, m.lmvsd.ratio, m.lmvsd.weight, m.lmvsd.draw) == ("input", 1.0, 0.75, 0.5, "count")
+    assert (m.vmlsd.site, m.vmlsd.top_k, m.vmlsd.ratio, m.vmlsd.weight, m.vmlsd.draw) == ("input", 1.0, 0.15, 0.5, "bernoulli")
+    assert m.lmvsd.min_masked == m.vmlsd.min_masked == 0  # MaskRIS draws no minimum
+    assert (m.target, m.teacher_gradient, m.supervision, m.masking, m.views) == ("soft", "detach", "distill", True, "combined")
+    assert m.lmvsd.select == m.vmlsd.select == "top"
     assert {k: getattr(m.vmlsd, k) for k in MASKRIS_BRANCHES["vmlsd"]} == MASKRIS_BRANCHES["vmlsd"]
     assert MaskSDConfig.maskris(share_weights=False).share_weights is False
     assert MaskSDConfig.maskris(lmvsd=BranchConfig(enabled=False)).lmvsd.ratio == 0.25  # a whole field replaced

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Literal, get_args
 
 from examples.cris.config import VARIANTS, CRISConfig, DeepLevel
+from examples.lavt.config import LAVT_MODEL
 from examples.pipeline.choices import Amp, Device
 from examples.pipeline.cli import check_choices, dataclass_from_dict, flatten, unflatten
 from masksd.config import MaskSDConfig, documented
@@ -163,6 +164,13 @@ class TrainConfig(LoopConfig):
             raise ValueError(f"eval_threshold must be in (0, 1), got {self.eval_threshold}")
         if not 0 <= self.distill_ramp <= 1:
             raise ValueError(f"distill_ramp must be a fraction of the training in [0, 1], got {self.distill_ramp}")
+        vmlsd = self.masksd_config().vmlsd
+        if vmlsd.enabled and vmlsd.site == "input" and self.masksd.masking and self.model != LAVT_MODEL:  # BERT has [MASK]
+            raise ValueError(
+                f"masksd.vmlsd.site='input' (the maskris preset's) replaces words by the tokenizer's [MASK] id, and {self.model} "
+                "tokenizes with CLIP's tokenizer, which has none: add --vmlsd-site embedding to mask the drawn words with a "
+                f"learnable mask token at the word embeddings instead (docs/method.md, MaskRIS's recipe), or train --model {LAVT_MODEL}"
+            )
 
 
 def _model(variant: str) -> dict[str, Any]:
@@ -193,7 +201,9 @@ Keys are TrainConfig fields (dotted paths for nested ones, e.g. ``masksd.vmlsd.r
 
 MASKSD_PRESETS: dict[str, Callable[[], MaskSDConfig]] = {"paper": MaskSDConfig, "maskris": MaskSDConfig.maskris}
 """MaskSD's named recipes (``--masksd-preset``), each the ``MaskSDConfig`` constructor that defines it: the paper's
-CM-MaskSD (the defaults) and MaskRIS's random masking (:meth:`MaskSDConfig.maskris`)."""
+CM-MaskSD (the defaults) and MaskRIS as published (:meth:`MaskSDConfig.maskris`: pixel patches and word ids masked at
+the inputs, one combined view). The pipeline's CLIP tokenizers have no [MASK] id, so ``maskris`` is refused unless
+``--vmlsd-site embedding`` replaces that part (TrainConfig says so)."""
 
 
 def masksd_preset(name: str) -> dict[str, Any]:

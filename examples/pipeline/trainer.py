@@ -64,7 +64,7 @@ def check_norm_batch(model: torch.nn.Module, batch_size: int, world_size: int) -
 class _Run(TrainingLoop):
     """MaskSD around the CRIS-style segmenter: the loop's step is MaskSD's training forward."""
 
-    log_fields = ("loss", "seg", "lmvsd", "vmlsd")
+    log_fields = ("loss", "seg", "lmvsd", "vmlsd", "combined")
     best_metric = "mIoU"
 
     def __init__(self, cfg: TrainConfig, env: Dist):
@@ -97,7 +97,7 @@ class _Run(TrainingLoop):
         ramp = self.cfg.distill_ramp * self.total_steps
         scale = min(1.0, self.step / ramp) if ramp > 0 else 1.0  # ours: λ grows with the teacher
         out = self.train_model(images, tokens, masks, generator=self.generator, distill_scale=scale)
-        return {"loss": out.loss, "seg": out.seg_loss, "lmvsd": out.lmvsd_loss, "vmlsd": out.vmlsd_loss}
+        return {"loss": out.loss, "seg": out.seg_loss, "lmvsd": out.lmvsd_loss, "vmlsd": out.vmlsd_loss, "combined": out.combined_loss}
 
     def validate(self) -> dict[str, float]:
         return self._evaluate(write=False)
@@ -167,7 +167,7 @@ class _Run(TrainingLoop):
         image_masked, text_masked = self.model.masked_tokens(
             images, tokens, generator=torch.Generator(self.device).manual_seed(self.cfg.seed)
         )
-        grid = self.segmenter.grid_size
+        grid = self.model.image_grid(images) or self.segmenter.grid_size  # the pixel patches at the input site
         ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens  # CLIPSeg's tokenizer gives a mapping
         for i in range(count):
             words = self.segmenter.token_strings(ids[i])
