@@ -62,7 +62,8 @@ def test_verify_segmenter_passes():
     model = tiny()
     images, texts, _ = batch(model)
     report = verify_segmenter(model, images, texts, config=SEGMENTER_GUIDED)
-    assert not report.skipped, report
+    assert report.skipped == ["reference"], report  # no library model of LAVT to compare with
+    assert {"composition", "eval_parity", "leak", "relevance", "feature_maps", "unused_parameters"} <= {c.name for c in report.checks}
 
 
 def test_the_wrapped_eval_output_is_the_bare_one():
