@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LAVT_BASELINE", "MASKRIS_LAVT_GAIN", "lavt_rows"]
 
-LAVT_BASELINE = "LAVT baseline"
+LAVT_BASELINE = "baseline, LAVT"
 """The row every LAVT row is paired with."""
 
 MASKRIS_LAVT_GAIN = {"oIoU": 1.06, "note": "MaskRIS (Lee et al., 2024), LAVT on RefCOCO val: masked views at the input site"}

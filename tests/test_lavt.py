@@ -228,3 +228,24 @@ def test_pipeline_options_cris_alone_has_are_refused_by_name(tmp_path):
         build_segmenter(run_config(tmp_path, deep_level="projected"))
     with pytest.raises(FileNotFoundError, match="lacks"):
         build_segmenter(run_config(tmp_path, pretrained=str(tmp_path)))
+
+
+def test_the_tables_rows_train_lavt_from_scratch_each_paired_with_its_baseline(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # as tests/test_benchmarks.py imports them
+    from ablation import ROWS, Settings, train_config
+    from lavt_rows import LAVT_BASELINE
+
+    settings = Settings(steps=400, scenes=200, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0, best_of="test", eval_every=40)
+    rows = ROWS["lavt"]
+    configs = {name: train_config(row, 0, settings, tmp_path, {"scratch": None}) for name, row in rows.items()}
+    assert all(c.model == "lavt" and c.pretrained is None and c.eval_split == "test" for c in configs.values())
+    assert all(row.versus == LAVT_BASELINE for row in rows.values())
+    m = {name: c.masksd_config() for name, c in configs.items()}
+    assert not m[LAVT_BASELINE].lmvsd.enabled and not m[LAVT_BASELINE].vmlsd.enabled
+    assert m["LAVT, MaskRIS recipe (input site)"] == MaskSDConfig.maskris()
+    assert (m["LAVT, CM-MaskSD, guided by PWAM's attention"].lmvsd.guidance, m["LAVT, CM-MaskSD, guided by PWAM's attention"].vmlsd.guidance) == ("segmenter", "segmenter")
+    assert m["LAVT, CM-MaskSD, LMVSD guided by the prediction"].lmvsd.guidance == "prediction"
+    assert (m["LAVT, CM-MaskSD, K=1 (random)"].lmvsd.top_k, m["LAVT, CM-MaskSD, K=1 (random)"].vmlsd.top_k) == (1.0, 1.0)
+    assert m["LAVT, CM-MaskSD, ground-truth supervision"].supervision == "ground_truth"
