@@ -274,7 +274,7 @@ def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None],
     the rows' ``model`` override, if they train another model than the tiny CRIS."""
     from examples.pipeline.factory import build_model
 
-    cfg = train_config(Row(premise, "", model or {}), 0, s, Path("."), premises)
+    cfg = train_config(Row(premise, "", {**BASELINE, **model} if model else {}), 0, s, Path("."), premises)  # no branch to refuse
     return guidance(build_model(cfg), s.split)
 
 
