@@ -104,6 +104,25 @@ def test_one_masksd_step_reaches_every_trainable_parameter_and_both_mask_tokens(
     assert wrapped.branches["vmlsd"].masker.mask_token.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("config", [
+    MaskSDConfig(lmvsd=BranchConfig(guidance="segmenter", site="features"), vmlsd=BranchConfig(guidance="segmenter")),
+    replace(SEGMENTER_GUIDED, share_weights=False, branch_norm_stats="freeze", checkpoint_branches=True),
+    replace(SEGMENTER_GUIDED, supervision="ground_truth", target="hard"),
+    MaskSDConfig(lmvsd=BranchConfig(top_k=1.0, draw="bernoulli"), vmlsd=BranchConfig(top_k=1.0), views="combined"),
+    MaskSDConfig.maskris(),
+], ids=["features-site", "separate-heads-frozen-bn-checkpointed", "ground-truth", "random-combined", "maskris"])
+def test_every_masksd_switch_trains_a_step_on_lavt(built, config):
+    from examples.pipeline.factory import input_spec
+
+    model = tiny(built)
+    images, texts, truth = batch(model)
+    wrapped = MaskSD(model, config, inputs=input_spec(model, 64)).train()
+    out = wrapped(images, texts, truth, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.loss > out.seg_loss  # a masked view added its loss
+    assert all(p.grad is not None for p in wrapped.segmenter.decode_head.parameters())
+
+
 def test_relevance_guides_lmvsd_to_the_patches_pwam_scores_highest(built):
     model = tiny(built).eval()
     images, texts, truth = batch(model)
@@ -152,6 +171,15 @@ def test_a_local_snapshot_loads_its_weights_tokenizer_and_normalisation(tmp_path
         words = model.encode(model.embed_image(clip), model.embed_text(texts))[1].tokens
         assert torch.equal(words, bert(**texts).last_hidden_state)  # BERT's own forward, bit for bit
     assert model.swin_config.drop_path_rate == 0.3  # LAVT's, over the snapshot's
+
+    from examples.pipeline.factory import load_segmenter
+    from examples.pipeline.trainer import train
+
+    result = train(run_config(tmp_path / "run", pretrained=str(snapshot), max_steps=1, eval_every=0, overlays=0, eval_guidance=False))
+    assert result.steps == 1 and "mIoU" in result.metrics
+    reloaded, run = load_segmenter(tmp_path / "run" / "last.pt")  # the architecture from the checkpoint, the tokenizer from the snapshot
+    assert run["pretrained"] == str(snapshot) and reloaded.config.pretrained == str(snapshot)
+    assert reloaded.renormalise.scale.flatten().tolist() == pytest.approx((torch.tensor(CLIP_STD) / torch.tensor(IMAGENET_STD)).tolist())
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
