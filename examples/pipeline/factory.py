@@ -69,26 +69,26 @@ def cris_config(cfg: TrainConfig) -> CRISConfig:
 
 def clipseg_config(cfg: TrainConfig) -> CLIPSegRISConfig:
     """The CLIPSeg segmenter of ``--model clipseg``: a local snapshot (``--pretrained DIR``) or the random tiny one."""
-    if cfg.pretrained in SHIPPED_WEIGHTS:
-        raise ValueError(
-            f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {CLIPSEG} pass --pretrained DIR "
-            f"(a local CLIPSeg snapshot, e.g. of CIDAS/clipseg-rd64-refined) or --pretrained none (a random tiny CLIPSeg)"
-        )
-    if cfg.deep_level != "block":
-        raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; CLIPSeg's decoder reads its own layers")
+    refuse_cris_switches(cfg, "a local CLIPSeg snapshot, e.g. of CIDAS/clipseg-rd64-refined", "CLIPSeg", "its own layers")
     return CLIPSegRISConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
 
 
 def lavt_config(cfg: TrainConfig) -> LAVTConfig:
     """The LAVT segmenter of ``--model lavt``: local Swin and BERT snapshots (``--pretrained DIR``) or the random tiny one."""
+    refuse_cris_switches(cfg, SNAPSHOT_HINT, "LAVT", "its four fused Swin stages")
+    return LAVTConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
+
+
+def refuse_cris_switches(cfg: TrainConfig, snapshot: str, name: str, decoder_reads: str) -> None:
+    """Refuse, naming the flag, what only CRIS has for a transformers model (``--model clipseg``, ``lavt``): CLIP weights
+    shipped here, and ``--deep-level``. ``snapshot`` says what its ``--pretrained DIR`` holds."""
     if cfg.pretrained in SHIPPED_WEIGHTS:
         raise ValueError(
-            f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {LAVT_MODEL} pass --pretrained DIR "
-            f"({SNAPSHOT_HINT}) or --pretrained none (a random tiny LAVT)"
+            f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {cfg.model} pass --pretrained DIR "
+            f"({snapshot}) or --pretrained none (a random tiny {name})"
         )
     if cfg.deep_level != "block":
-        raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; LAVT's decoder reads its four fused Swin stages")
-    return LAVTConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
+        raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; {name}'s decoder reads {decoder_reads}")
 
 
 def build_segmenter(cfg: TrainConfig) -> Segmenter:
