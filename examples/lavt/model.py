@@ -54,7 +54,17 @@ class LAVT(SegmenterAdapter):
     ``config`` and ``hf_configs`` (the encoders' transformers configs, which a checkpoint stores).
     """
 
-    def __init__(self, config: LAVTConfig | None = None, hf_configs: Mapping[str, dict] | None = None):
+    def __init__(
+        self,
+        config: LAVTConfig | None = None,
+        hf_configs: Mapping[str, dict] | None = None,
+        tokenizer: Any = None,
+        image_statistics: tuple[Sequence[float], Sequence[float]] | None = None,
+    ):
+        """``hf_configs``: the encoders' architecture as :meth:`hf_configs` gives it (a checkpoint's), built with
+        random weights that a state dict replaces; else the snapshot's, or the tiny random model. ``tokenizer`` and
+        ``image_statistics`` ((mean, std) of the image processor): what an export saved beside the weights; default:
+        read from ``config.pretrained`` (or the tiny vocabulary and CLIP's statistics)."""
         super().__init__()
         transformers = require_transformers()
         config = LAVTConfig() if config is None else config
@@ -77,12 +87,12 @@ class LAVT(SegmenterAdapter):
         if config.image_size // 32 < self.window_size:
             raise ValueError(f"image_size={config.image_size} gives a last Swin stage of {config.image_size // 32}x{config.image_size // 32}, "
                              f"smaller than Swin's window {self.window_size}: use image_size >= {32 * self.window_size}")
-        self.tokenizer = load_tokenizer(config.pretrained)
+        self.tokenizer = load_tokenizer(config.pretrained) if tokenizer is None else tokenizer
         if len(self.tokenizer) > bert.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but BERT's vocabulary {bert.config.vocab_size}")
         self.special_token_ids = tuple(sorted({self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id}))
         self.register_buffer("_special", torch.tensor(self.special_token_ids), persistent=False)
-        self.renormalise = Renormalise(*_image_statistics(config.pretrained))
+        self.renormalise = Renormalise(*(_image_statistics(config.pretrained) if image_statistics is None else image_statistics))
 
     # ------------------------------------------------------------------------------------------ protocol
     def embed_image(self, images: torch.Tensor) -> Embeddings:
