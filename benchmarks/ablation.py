@@ -1,9 +1,9 @@
 """The paper's ablations on the synthetic referring scenes, with paired seeds.
 
-    python benchmarks/ablation.py --mode pretrained       # the paper's regime in miniature (7 rows x 5 seeds, ~7 min a run on 2 CPU cores)
-    python benchmarks/ablation.py --mode scratch          # the tiny model from random init (masksd 0.1's setting)
-    python benchmarks/ablation.py --mode pretrained --split test --only baseline CM-MaskSD --seeds 0 1 --tag choose
-    python benchmarks/ablation.py --mode pretrained --policies --only baseline CM-MaskSD "MaskRIS recipe" --tag policies
+    python -m benchmarks.ablation --mode pretrained       # the paper's regime in miniature (7 rows x 5 seeds, ~7 min a run on 2 CPU cores)
+    python -m benchmarks.ablation --mode scratch          # the tiny model from random init (masksd 0.1's setting)
+    python -m benchmarks.ablation --mode pretrained --split test --only baseline CM-MaskSD --seeds 0 1 --tag choose
+    python -m benchmarks.ablation --mode pretrained --policies --only baseline CM-MaskSD "MaskRIS recipe" --tag policies
 
 Every run fine-tunes the tiny CRIS-style model with the demo's settings (``TrainConfig()``), from the
 CLIP weights its row names: ``region`` (region-aligned pretraining: the premise of CM-MaskSD holds),
@@ -26,7 +26,6 @@ before and after fine-tuning. Writes benchmarks/results/ablation_<tag>.{md,json,
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 import time
@@ -34,13 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import RESULTS, command_line, machine, markdown_table, write_results
+from benchmarks.common import RESULTS, command_line, machine, markdown_table, write_results
+from benchmarks.lavt_rows import lavt_rows
+from benchmarks.runs import METRICS, Run, RunsFile, Settings, runs_path
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.pipeline.config import masksd_preset
-from lavt_rows import lavt_rows
 
-METRICS = ("mIoU", "oIoU", "Prec@0.5", "Prec@0.7", "Prec@0.9")
 GUIDANCE = ("lmvsd_auc", "lmvsd_kept", "lmvsd_top1", "vmlsd_precision")
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
@@ -157,33 +155,42 @@ def paired_difference(values: list[float], baseline: list[float]) -> dict[str, f
 
 
 # ----------------------------------------------------------------------------------------------- runs
-@dataclass
-class Settings:
-    steps: int
-    scenes: int
-    split: str
-    eval_scenes: int
-    lr: float
-    backbone_lr_scale: float
-    best_of: str | None = None
-    """The split whose validation during training (every --eval-every steps) picks each run's ``best.pt``; the run
-    is then scored from best.pt, on its own training scenes too (the generalisation gap). None: from the last step."""
-    eval_every: int | None = None
-    """With ``best_of``: the validation interval, which decides the candidates for best.pt (None otherwise)."""
-
-    def record(self) -> dict[str, Any]:
-        """What the runs file stores and compares: every field, less the unset ones (so that files written before
-        a field existed still match)."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-def current_numerics() -> dict[str, Any]:
-    """What decides how a CPU run rounds besides the code: torch's version, its CPU kernel set and thread count.
-    Runs pair exactly only when these agree (a stored table made elsewhere does not reproduce bit for bit)."""
+def current_numerics(device: str = "cpu") -> dict[str, Any]:
+    """What decides how a run rounds besides the code: torch's version, its CPU kernel set and thread count, and on
+    ``device="cuda"`` the GPU, CUDA, cuDNN and the precision and determinism switches. Runs pair exactly only when
+    these agree (a stored table made elsewhere does not reproduce bit for bit); a CPU record has no GPU keys, so CPU
+    and GPU runs never pair."""
     import torch
 
-    return {"torch": torch.__version__, "cpu": machine()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads()}
+    numerics = {"torch": torch.__version__, "cpu": machine()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        numerics.update(
+            gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+            deterministic=torch.are_deterministic_algorithms_enabled(), cudnn_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_precision=torch.get_float32_matmul_precision(),
+        )
+    return numerics
+
+
+def start_worker(threads: int, device: str) -> None:
+    """Pin a run's process to ``threads`` CPU threads and, on CUDA, to deterministic kernels (cuBLAS needs its
+    workspace setting before the first CUDA call), so that a run rounds alike in any process and in any order."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads)
+    if device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def run_job(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int,
+            device: str) -> tuple[Run, dict[str, Any]]:
+    """One run in a worker process (``--jobs N``): what :func:`run_one` returns, and the numerics it was made under."""
+    return run_one(row, seed, s, folder, premises, eval_every, device), current_numerics(device)
 
 
 def run_folder(work: str | Path, tag: str, name: str) -> Path:
@@ -198,7 +205,8 @@ def epochs_for(steps: int, scenes: int) -> int:
     return max(1, math.ceil(steps * TrainConfig().batch_size / scenes))
 
 
-def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0):
+def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0,
+                 device: str = "cpu"):
     from examples.pipeline.config import TrainConfig, preset
 
     epochs = epochs_for(s.steps, s.scenes)
@@ -206,7 +214,7 @@ def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[
         "demo", pretrained=premises[row.premise], seed=seed, epochs=epochs, synthetic_train_size=s.scenes,
         max_steps=s.steps, lr=s.lr, backbone_lr_scale=s.backbone_lr_scale, workers=1, progress=False, overlays=0,
         eval_untrained=False, log_every=50, save_every=250, output=str(folder), resume="auto", eval_every=eval_every,
-        eval_split=s.best_of or s.split, **row.overrides,
+        eval_split=s.best_of or s.split, device=device, **row.overrides,
     )
 
 
@@ -243,43 +251,45 @@ def read_curve(folder: Path) -> dict[str, float]:
         return {row["step"]: float(row["mIoU"]) for row in csv.DictReader(f)}
 
 
-def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0) -> dict:
+def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0,
+            device: str = "cpu") -> Run:
     from examples.pipeline.trainer import train
 
-    cfg = train_config(row, seed, s, folder, premises, eval_every)
+    cfg = train_config(row, seed, s, folder, premises, eval_every, device)
     start = time.perf_counter()
     result = train(cfg, evaluate_at_end=False)
     seconds = time.perf_counter() - start
-    chosen: dict[str, Any] = {}
+    scores: dict[str, dict[str, float]] = {}
+    best_step = None
     if s.best_of is not None:  # score the weights that validated best on `best_of`, not the last step's
         from examples.pipeline.checkpoint import load_checkpoint
 
         best = load_checkpoint(folder / "best.pt")
         result.model.load_state_dict(best["model"])
-        chosen = {"best_step": str(best["best"]["step"]),  # the checkpoint's own record (a resume may have trimmed the log)
-                  "train": score(result.model.segmenter, "train", min(s.scenes, s.eval_scenes), seed)}  # its own scenes
+        best_step = str(best["best"]["step"])  # the checkpoint's own record (a resume may have trimmed the log)
+        scores["train"] = score(result.model.segmenter, "train", min(s.scenes, s.eval_scenes), seed)  # its own scenes
     segmenter = result.model.segmenter
-    return {
-        "seed": seed, "steps": result.steps, "seconds": seconds,
-        s.split: score(segmenter, s.split, s.eval_scenes),
-        "compositional": score(segmenter, "compositional", s.eval_scenes),
-        "guidance_after": guidance(result.model, s.split),
-        "curve": read_curve(folder),  # mIoU on cfg.synthetic_eval_size scenes of `best_of or split` every --eval-every steps
-        **chosen,
-    }
+    scores = {s.split: score(segmenter, s.split, s.eval_scenes), "compositional": score(segmenter, "compositional", s.eval_scenes),
+              **scores}
+    return Run(seed=seed, steps=result.steps, seconds=seconds, scores=scores, guidance_after=guidance(result.model, s.split),
+               curve=read_curve(folder),  # mIoU on cfg.synthetic_eval_size scenes of `best_of or split` every --eval-every steps
+               best_step=best_step)
 
 
 def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None], model: dict[str, str] | None = None) -> dict[str, float]:
-    """The LMVSD/VMLSD guidance of a premise's weights before fine-tuning (the decode head plays no part); ``model``:
-    the rows' ``model`` override, if they train another model than the tiny CRIS."""
+    """The LMVSD/VMLSD guidance of a premise's weights before fine-tuning (the decode head plays no part), from seed 0's
+    initial weights (``scratch``: random ones, the same whatever ran before in this process); ``model``: the rows'
+    ``model`` override, if they train another model than the tiny CRIS."""
     from examples.pipeline.factory import build_model
+    from examples.pipeline.loop import seed_everything
 
     cfg = train_config(Row(premise, "", {**BASELINE, **model} if model else {}), 0, s, Path("."), premises)  # no branch to refuse
+    seed_everything(cfg.seed)
     return guidance(build_model(cfg), s.split)
 
 
 # ----------------------------------------------------------------------------------------------- report
-def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> dict[str, dict]:
+def summarise(rows: dict[str, Row], runs: dict[str, list[Run]], split: str) -> dict[str, dict]:
     summary = {}
     baselines: dict[str, str] = {}  # premise -> its first plain baseline row (later ones are sweep baselines)
     for name, row in rows.items():
@@ -290,25 +300,25 @@ def summarise(rows: dict[str, Row], runs: dict[str, list[dict]], split: str) -> 
         if not done:
             continue
         versus = row.versus or baselines.get(row.premise, "")
-        entry = {"premise": row.premise, "seeds": [r["seed"] for r in done], "versus": versus}
+        entry = {"premise": row.premise, "seeds": [r.seed for r in done], "versus": versus}
         for part in (split, "compositional"):
-            entry[part] = {m: mean_std([r[part][m] for r in done]) for m in METRICS}
-        entry["guidance_after"] = {g: mean_std([r["guidance_after"][g] for r in done]) for g in GUIDANCE if g in done[0]["guidance_after"]}
-        base = runs.get(versus, [])
-        paired = [(r, b) for r in done for b in base if b["seed"] == r["seed"]]
+            entry[part] = {m: mean_std([r.scores[part][m] for r in done]) for m in METRICS}
+        entry["guidance_after"] = {g: mean_std([r.guidance_after[g] for r in done]) for g in GUIDANCE if g in done[0].guidance_after}
+        base = {r.seed: r for r in runs.get(versus, [])}
+        paired = [(r, base[r.seed]) for r in done if r.seed in base]
         if paired and name != versus:
             entry["vs_baseline"] = {
-                part: paired_difference([r[part]["mIoU"] for r, _ in paired], [b[part]["mIoU"] for _, b in paired])
+                part: paired_difference([r.miou(part) for r, _ in paired], [b.miou(part) for _, b in paired])
                 for part in (split, "compositional")
             }
-        if all("train" in r for r in done):  # scored from best.pt (Settings.best_of): the generalisation gap
-            entry["train"] = mean_std([r["train"]["mIoU"] for r in done])
-            entry["gap"] = mean_std([r["train"]["mIoU"] - r[split]["mIoU"] for r in done])
-            entry["best_step"] = [r["best_step"] for r in done]
-        entry["seconds"] = statistics.mean(r["seconds"] for r in done)
-        entry["steps_taken"] = sorted({r["steps"] for r in done if "steps" in r})
-        steps = set.intersection(*(set(r.get("curve", {})) for r in done))  # steps every seed logged
-        entry["curve"] = {k: statistics.mean(r["curve"][k] for r in done) for k in sorted(steps, key=int)}
+        if all("train" in r.scores for r in done):  # scored from best.pt (Settings.best_of): the generalisation gap
+            entry["train"] = mean_std([r.miou("train") for r in done])
+            entry["gap"] = mean_std([r.miou("train") - r.miou(split) for r in done])
+            entry["best_step"] = [r.best_step for r in done]
+        entry["seconds"] = statistics.mean(r.seconds for r in done)
+        entry["steps_taken"] = sorted({r.steps for r in done if r.steps is not None})
+        steps = set.intersection(*(set(r.curve or {}) for r in done))  # steps every seed logged
+        entry["curve"] = {k: statistics.mean(r.curve[k] for r in done) for k in sorted(steps, key=int)}
         summary[name] = entry
     return summary
 
@@ -426,6 +436,47 @@ def plot_curves(summary: dict, split: str, path: Path) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------- runs at a time
+def run_jobs(jobs: list[tuple[str, tuple]], processes: int, threads: int, device: str, budget: float | None = None):
+    """Yield ``(name, run_job(*arguments))`` for each ``(name, arguments)`` of ``jobs`` as it finishes: in this
+    process, in order, when ``processes`` is 1; else in that many worker processes (spawned, each pinned by
+    :func:`start_worker`), submitted in order and yielded as they finish. No job starts after ``budget`` seconds
+    (None: no limit); the running ones finish. A failing job stops the rest and raises its error."""
+    start = time.perf_counter()
+
+    def in_time() -> bool:
+        return budget is None or time.perf_counter() - start < budget
+
+    if processes == 1:
+        for index, (name, arguments) in enumerate(jobs):
+            if not in_time():
+                print(f"--budget {budget:g} s spent: {len(jobs) - index} runs left for the next call", flush=True)
+                return
+            yield name, run_job(*arguments)
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # no CUDA or thread-pool state inherited from this process
+    queue = list(jobs)
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=start_worker, initargs=(threads, device)) as pool:
+        running: dict = {}
+        try:
+            while queue or running:
+                while queue and len(running) < processes and in_time():  # one per free process: the budget stays exact
+                    name, arguments = queue.pop(0)
+                    running[pool.submit(run_job, *arguments)] = name
+                if not running:
+                    print(f"--budget {budget:g} s spent: {len(queue)} runs left for the next call", flush=True)
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield running.pop(future), future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = ScriptParser(description=__doc__.split("\n\n")[0])
@@ -460,9 +511,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for every run (default 1, what the stored tables used): the thread count "
                         "changes how reductions round, so runs pair exactly only at one count on one kind of machine")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process at --threads threads (results identical to --jobs 1; "
+                        "on a 2-core machine use 2 with --threads 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the runs train; cuda records the GPU's numerics (CUDA runs never pair with CPU runs: use "
+                        "another --tag) and runs them with deterministic kernels; many --jobs share the one GPU")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="start no run after this many seconds (the ones started finish and are stored; run again to go on)")
     parser.add_argument("--report", action="store_true",
                         help="only write the tables from the runs stored so far (an interrupted or partial table)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
 
     rows = dict(ROWS[args.mode])
     if args.extra:
@@ -495,58 +558,53 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(args.steps, args.scenes, args.split, args.eval_scenes, args.lr, args.backbone_lr_scale, args.best_of,
                         args.eval_every if args.best_of else None)
     tag = args.tag or args.mode
-    store = RESULTS / f"ablation_{tag}_runs.json"
-    saved = json.loads(store.read_text()) if store.is_file() else {}
-    if saved and saved.get("settings") != settings.record():
-        parser.error(f"{store} holds runs with other settings {saved.get('settings')}: pass another --tag, or delete it and the "
-                     f"runs' folder {Path(args.work) / tag} (its checkpoints would be resumed)")
-    runs: dict[str, list[dict]] = saved.get("runs", {})
-    initial: dict[str, dict] = saved.get("initial", {})
-    numerics = saved.get("numerics")
+    store = RunsFile.read(runs_path(tag, RESULTS))
+    if store.settings is not None and store.settings.record() != settings.record():
+        parser.error(f"{store.path} holds runs with other settings {store.settings.record()}: pass another --tag, or delete it and "
+                     f"the runs' folder {Path(args.work) / tag} (its checkpoints would be resumed)")
+    store.settings = settings
+    runs = store.runs
     if not args.report:
         import torch
 
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-        here = current_numerics()
-        if numerics is not None and numerics != here:
-            parser.error(f"{store} holds runs made under other numerics {numerics}, this run's are {here}: runs would not "
-                         f"pair exactly; pass another --tag (and re-run its baseline), or run where {numerics} holds")
-        if numerics is None and (runs or initial):
-            parser.error(f"{store} predates the record of the numerics its runs were made under (another machine; re-running "
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: torch finds no CUDA device here")
+        start_worker(args.threads, args.device)
+        here = current_numerics(args.device)
+        if store.numerics is not None and store.numerics != here:
+            parser.error(f"{store.path} holds runs made under other numerics {store.numerics}, this run's are {here}: runs would "
+                         f"not pair exactly; pass another --tag (and re-run its baseline), or run where {store.numerics} holds")
+        if store.numerics is None and (runs or store.initial):
+            parser.error(f"{store.path} predates the record of the numerics its runs were made under (another machine; re-running "
                          f"its baseline seed 0 elsewhere changed val mIoU by up to 2.4, see benchmarks/results/reproducibility.md): "
                          f"new runs would not pair with them exactly; pass another --tag, or --report to render it")
-        numerics = here
-
-    def keep() -> None:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        tmp = store.with_suffix(".tmp")
-        stored = {"settings": settings.record(), "numerics": numerics, "runs": runs, "initial": initial}
-        tmp.write_text(json.dumps({k: v for k, v in stored.items() if v is not None}, indent=1))
-        tmp.replace(store)
+        store.numerics = here
 
     if args.report:
         if not runs:
-            parser.error(f"--report: {store} holds no runs")
+            parser.error(f"--report: {store.path} holds no runs")
         args.seeds = []  # run nothing; summarise what is stored
     for premise in sorted({r.premise for r in rows.values()} if not args.report else ()):
-        if premise not in initial:
+        if premise not in store.initial:
             models = {r.overrides["model"] for r in rows.values() if r.premise == premise and "model" in r.overrides}
-            initial[premise] = initial_guidance(premise, settings, premises, {"model": models.pop()} if models else None)
-            keep()
-    for seed in args.seeds:  # seed by seed: an interrupted table still has whole seeds
-        for name, row in rows.items():
-            if any(r["seed"] == seed for r in runs.get(name, [])):
-                continue
-            folder = run_folder(args.work, tag, name) / str(seed)
-            run = run_one(row, seed, settings, folder, premises, args.eval_every)
-            runs.setdefault(name, []).append(run)
-            keep()
-            print(f"{name:36s} seed {seed}: {args.split} mIoU {run[args.split]['mIoU']:6.2f}  compositional "
-                  f"{run['compositional']['mIoU']:6.2f}  AUC after {run['guidance_after'].get('lmvsd_auc', float('nan')):.3f} "
-                  f"({run['steps']} steps, {run['seconds']:.0f} s)", flush=True)
-    minutes = sum(r["seconds"] for name in rows for r in runs.get(name, [])) / 60
+            store.initial[premise] = initial_guidance(premise, settings, premises, {"model": models.pop()} if models else None)
+            store.write()
+    pending = [(seed, name) for seed in args.seeds for name in rows  # seed by seed: an interrupted table has whole seeds
+               if not store.has(name, seed)]
+    jobs = [(name, (rows[name], seed, settings, run_folder(args.work, tag, name) / str(seed), premises, args.eval_every,
+                    args.device)) for seed, name in pending]
+    for name, (run, there) in run_jobs(jobs, args.jobs, args.threads, args.device, args.budget):
+        if there != store.numerics:
+            raise RuntimeError(f"a worker made its run under numerics {there}, not {store.numerics}: not stored")
+        store.add(name, run)
+        store.write()
+        print(f"{name:36s} seed {run.seed}: {args.split} mIoU {run.miou(args.split):6.2f}  compositional "
+              f"{run.miou('compositional'):6.2f}  AUC after {run.guidance_after.get('lmvsd_auc', float('nan')):.3f} "
+              f"({run.steps} steps, {run.seconds:.0f} s)", flush=True)
+    minutes = sum(r.seconds for name in rows for r in runs.get(name, [])) / 60
+    initial, numerics = store.initial, store.numerics
 
     summary = summarise(rows, runs, args.split)
     markdown = f"# Ablations on synthetic referring scenes ({tag})\n\n" + render(rows, summary, initial, args.split, settings, minutes)
@@ -559,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     curves_png = RESULTS / f"ablation_{tag}_curves.png"
     if plot_curves(summary, settings.best_of or args.split, curves_png):
         markdown += f"\n\n![validation during training]({curves_png.name})"
-    command = command_line("benchmarks/ablation.py", argv)
+    command = command_line("benchmarks.ablation", argv)
     paths = write_results(f"ablation_{tag}", markdown, {"settings": settings.record(), "summary": summary, "initial": initial,
                                                          "rows": {n: r.__dict__ for n, r in rows.items()}}, command)
     print(f"wrote {paths[0]}, {paths[1]} and {png}")

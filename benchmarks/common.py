@@ -15,10 +15,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere in the repo
-    sys.path.insert(0, str(ROOT))
 
-from masksd import BranchConfig, MaskSDConfig  # noqa: E402
+from masksd import BranchConfig, MaskSDConfig
 
 _OFF = BranchConfig(enabled=False)
 TABLE_VII: dict[str, MaskSDConfig] = {
@@ -111,10 +109,11 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
-def command_line(script: str, argv: list[str] | None) -> str:
-    """How to type the command that ran ``script`` with ``argv`` (default: this process's): quoted for a shell,
-    so that row names with spaces and commas survive being copied from a results file."""
-    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How to type the command that ran the benchmark ``module`` (``benchmarks.ablation``) with ``argv`` (default:
+    this process's), from the repository root: quoted for a shell, so that row names with spaces and commas survive
+    being copied from a results file."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_results(

@@ -1,8 +1,8 @@
 """Parameters and inference FLOPs of the CRIS-style segmenter, beside the paper's Table II / VII figures.
 
-    python benchmarks/cris_summary.py --model ViT-B-16 --size 480
-    python benchmarks/cris_summary.py --model ViT-L-14 --size 532
-    python benchmarks/cris_summary.py --tiny
+    python -m benchmarks.cris_summary --model ViT-B-16 --size 480
+    python -m benchmarks.cris_summary --model ViT-L-14 --size 532
+    python -m benchmarks.cris_summary --tiny
 
 Random init on the CPU, batch 1, one sentence of ``max_words`` tokens. FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode``, which counts a multiply-add as 2 FLOPs and only
@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import TABLE_VII, count_flops, machine, machine_line
+from benchmarks.common import TABLE_VII, count_flops, machine, machine_line
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.cris.config import CRISConfig
 from examples.cris.model import CRIS

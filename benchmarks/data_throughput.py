@@ -2,7 +2,7 @@
 DataLoader with 0 workers (torch's default threads, and one thread) and 2 workers
 (batch 32, masksd.data.collate).
 
-    python benchmarks/data_throughput.py [--sizes 64 480]
+    python -m benchmarks.data_throughput [--sizes 64 480]
 
 DataLoader figures are steady state: the clock starts after the first batch, so
 worker start-up is not counted. Each figure is the best of --repeats runs, since
@@ -18,8 +18,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import command_line, markdown_table, write_results
+from benchmarks.common import command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from masksd.data import SyntheticConfig, SyntheticReferDataset, collate
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(header, rows)
     )
     print(markdown)
-    command = command_line("benchmarks/data_throughput.py", argv)
+    command = command_line("benchmarks.data_throughput", argv)
     paths = write_results("data_throughput", markdown, {"batch_size": args.batch_size, "images_per_s": data}, command)
     print(f"wrote {paths[0]} and {paths[1]}")
 

@@ -1,7 +1,7 @@
 """Is there a generalisation gap for MaskSD to close? Scores finished ablation runs on scenes like the ones
 they trained on and on held-out ones.
 
-    python benchmarks/generalisation_gap.py --tag pretrained --rows baseline CM-MaskSD
+    python -m benchmarks.generalisation_gap --tag pretrained --rows baseline CM-MaskSD
 
 For each stored checkpoint ``<work>/<tag>/<row>/<seed>/last.pt`` (written by ``benchmarks/ablation.py``;
 ``--checkpoint best`` reads ``best.pt``) it reports the main branch's mIoU on the first ``--scenes`` synthetic
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import statistics
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from ablation import run_folder, score
-from common import command_line, markdown_table, write_results
+from benchmarks.ablation import run_folder, score
+from benchmarks.common import command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 
 SPLITS = ("train", "val", "compositional")
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(["row", "seeds", *splits, *(name for name, _ in gaps)], lines)
     )
     print("\n" + markdown)
-    command = command_line("benchmarks/generalisation_gap.py", argv)
+    command = command_line("benchmarks.generalisation_gap", argv)
     paths = write_results(f"generalisation_gap_{args.tag}", markdown, {"scenes": args.scenes, "runs": results}, command)
     print(f"wrote {paths[0]} and {paths[1]}")
 

@@ -1,7 +1,7 @@
 """The one prepared GPU check (issue 12): every figure a short, rare GPU session should bring back, in one run.
 
     make gpu-check                                                        # on a GPU: under 8 minutes on one H200
-    python benchmarks/gpu_check.py --device cpu --tiny --output /tmp/gc   # every section's code path, CPU, ~1 min
+    python -m benchmarks.gpu_check --device cpu --tiny --output /tmp/gc   # every section's code path, CPU, ~1 min
 
 Sections (run in the order 1, 2, 5, 3, 4, the slowest to compile last), each within its own time budget
 and the whole within --budget; a section that fails (OOM, compile error, timeout) records its error and
@@ -54,14 +54,13 @@ from typing import Any, get_args
 import torch
 import torch._dynamo
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import ROOT, RESULTS, markdown_table, write_results
+from benchmarks.common import ROOT, RESULTS, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.cris import CRIS, CRISConfig
 from examples.pipeline.distributed import Device, resolve_device
 from examples.pipeline.factory import compile_segmenter
 from masksd import MaskSDConfig
-from train_step import Bench, bf16_peak, mfu_peak, step_figures, use_tf32
+from benchmarks.train_step import Bench, bf16_peak, mfu_peak, step_figures, use_tf32
 
 SECTIONS = ("vit_b16", "vit_l14", "torchrun", "compile", "sync_debug", "checkpoint_branches")
 """Every section, numbered 1-6 in this order in the results."""
@@ -291,7 +290,7 @@ class GpuCheck:
         self.start = time.perf_counter()
         self.deadline = self.start + budget
         self.checkpointed, self.checkpoint_note = checkpoint_option()
-        self.commands = {"check": shlex.join(["python", "benchmarks/gpu_check.py", *argv])}
+        self.commands = {"check": shlex.join(["python", "-m", "benchmarks.gpu_check", *argv])}
         self.results: dict[str, dict[str, Any]] = {}
 
     def log(self, message: str) -> None:
@@ -407,7 +406,7 @@ class GpuCheck:
                 ["torchrun", "--standalone", "--nproc_per_node=1", "examples/train_cris_masksd.py",
                  *self.plan.train_args(self.device, Path("RUN"))]
             )
-            command = [*launcher, str(Path(__file__).resolve()), WORKER, str(report_path), *train_args]
+            command = [*launcher, "-m", "benchmarks.gpu_check", WORKER, str(report_path), *train_args]
             self.log(f"torchrun: {self.plan.steps} steps of {self.plan.small.model_name} and one evaluation ({backend})")
             env = {**os.environ, **({"OMP_NUM_THREADS": str(self.plan.threads)} if self.plan.threads else {})}
             returncode, output = _run_process(command, env, timeout=end - time.perf_counter() - 2)
@@ -435,7 +434,7 @@ class GpuCheck:
         """Section 4 in a child process (see COMPILE_HERE): its figures, or its error, a timeout or the
         signal that killed it as this section's error."""
         with tempfile.TemporaryDirectory(prefix="gpu_check_compile_") as tmp:
-            command = [sys.executable, str(Path(__file__).resolve()), "--only", "compile", COMPILE_HERE,
+            command = [sys.executable, "-m", "benchmarks.gpu_check", "--only", "compile", COMPILE_HERE,
                        "--device", self.device.type, "--output", tmp, "--compile-backend", self.plan.compile_backend,
                        "--budget", f"{max(MIN_SECTION_S, end - time.perf_counter() - CHILD_START_S):.0f}"]
             if self.plan.stand_in:

@@ -17,4 +17,4 @@ else
     make install
     PY=.venv/bin/python
 fi
-PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py "$@" 2>&1 | tee benchmarks/results/gpu_check.log
+PYTHONUNBUFFERED=1 "$PY" -m benchmarks.gpu_check "$@" 2>&1 | tee benchmarks/results/gpu_check.log

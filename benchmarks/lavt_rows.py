@@ -1,7 +1,7 @@
-"""The LAVT-style model's rows of the miniature table (issue 30): ``benchmarks/ablation.py --mode lavt``.
+"""The LAVT-style model's rows of the miniature table (issue 30): ``python -m benchmarks.ablation --mode lavt``.
 
-    python benchmarks/ablation.py --mode lavt --tag lavt_200 --scenes 200 --steps 400 --eval-every 40 --best-of test
-    python benchmarks/ablation.py --mode lavt --tag lavt_16000 --scenes 16000 --steps 400 --eval-every 40 --best-of test
+    python -m benchmarks.ablation --mode lavt --tag lavt_200 --scenes 200 --steps 400 --eval-every 40 --best-of test
+    python -m benchmarks.ablation --mode lavt --tag lavt_16000 --scenes 16000 --steps 400 --eval-every 40 --best-of test
 
 Every row trains the tiny LAVT (``examples/lavt``, ``--model lavt --pretrained none``: random Swin, BERT and fusion)
 on the synthetic scenes with the demo's other settings, as the CRIS rows of the overfit (200 scenes) and 16,000-scene
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ablation import Row
+    from benchmarks.ablation import Row
 
 __all__ = ["LAVT_BASELINE", "MASKRIS_LAVT_GAIN", "lavt_rows"]
 

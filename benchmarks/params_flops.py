@@ -1,8 +1,8 @@
 """Tables II and VII for our reference model: parameters, inference FLOPs and training FLOPs per step,
 and LMVSD at the features site (the pyramid's maps replaced after the encoder) beside its embedding site.
 
-    python benchmarks/params_flops.py                       # ViT-B-16 @ 480, the paper's ablation setting
-    python benchmarks/params_flops.py --tiny                # the tiny CPU model (seconds)
+    python -m benchmarks.params_flops                       # ViT-B-16 @ 480, the paper's ablation setting
+    python -m benchmarks.params_flops --tiny                # the tiny CPU model (seconds)
 
 Random init, per image (inference at batch 1; training at batch 2, halved), one sentence
 filling every text position. FLOPs from
@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import torch
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import TABLE_VII, command_line, count_flops, markdown_table, write_results
+from benchmarks.common import TABLE_VII, command_line, count_flops, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
-from cris_summary import PAPER, PAPER_MASKSD_PARAMS_M
+from benchmarks.cris_summary import PAPER, PAPER_MASKSD_PARAMS_M
 from examples.cris import CRIS, CRISConfig
 from masksd import BranchConfig, MaskSD, MaskSDConfig
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = f"# Parameters and FLOPs per MaskSD variant (Tables II and VII)\n\n{table}\n{notes}"
     print(markdown)
     name = "params_flops_tiny" if args.tiny else f"params_flops_{args.model}_{args.size}"
-    paths = write_results(name, markdown, data, command_line("benchmarks/params_flops.py", argv))
+    paths = write_results(name, markdown, data, command_line("benchmarks.params_flops", argv))
     print(f"wrote {paths[0]} and {paths[1]}")
 
 

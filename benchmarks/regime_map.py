@@ -1,8 +1,8 @@
 """Where does MaskSD help? CM-MaskSD's paired gain against the training-set size, and against the baseline's
 generalisation gap.
 
-    python benchmarks/regime_map.py --sizes 300 1000 3000 16000      # runs them (resumable), then draws the map
-    python benchmarks/regime_map.py --sizes 1000 --also 200=overfit --report   # the map from the runs stored so far
+    python -m benchmarks.regime_map --sizes 300 1000 3000 16000      # runs them (resumable), then draws the map
+    python -m benchmarks.regime_map --sizes 1000 --also 200=overfit --report   # the map from the runs stored so far
 
 Each size is one ``benchmarks/ablation.py`` table under the tag ``regime_<size>`` (its runs file holds the
 runs; running again resumes them): baseline and CM-MaskSD from the region-aligned CLIP, ``--steps``
@@ -18,14 +18,13 @@ Writes benchmarks/results/regime_map.{md,json,png}.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from ablation import mean_std, paired_difference
-from common import RESULTS, command_line, markdown_table, write_results
+from benchmarks.ablation import mean_std, paired_difference
+from benchmarks.common import RESULTS, command_line, markdown_table, write_results
+from benchmarks.runs import RunsFile
 from examples.pipeline.cli import ScriptParser, run_script
 
 ROWS = ("baseline", "CM-MaskSD")
@@ -42,42 +41,40 @@ def size_tag(item: str, flag: str, example: str) -> tuple[int, str]:
     return int(size), tag
 
 
-def size_row(size: int, store: dict[str, Any]) -> dict[str, Any]:
+def size_row(size: int, store: RunsFile) -> dict[str, Any]:
     """One size's figures from its ablation runs file: the baseline's ``val`` mIoU (mean, std), its gap
     train − ``val`` (mean, std), and CM-MaskSD − baseline paired by seed on ``val`` and compositional."""
-    split, runs = store["settings"]["split"], store["runs"]
-    base = {r["seed"]: r for r in runs.get("baseline", [])}
-    ours = {r["seed"]: r for r in runs.get("CM-MaskSD", [])}
+    split = store.settings.split
+    base, ours = store.by_seed("baseline"), store.by_seed("CM-MaskSD")
     seeds = sorted(base.keys() & ours.keys())
     if not seeds:
         raise ValueError(f"size {size}: no seed has both a baseline and a CM-MaskSD run yet")
-    if any("train" not in base[s] for s in seeds):
+    if any("train" not in base[s].scores for s in seeds):
         raise ValueError(f"size {size}: its runs were not scored on their training scenes (ablation.py --best-of)")
     return {
         "size": size, "seeds": seeds, "split": split,
-        "steps_taken": sorted({r["steps"] for r in (*base.values(), *ours.values()) if "steps" in r}),
-        "baseline": mean_std([base[s][split]["mIoU"] for s in seeds]),
-        "gap": mean_std([base[s]["train"]["mIoU"] - base[s][split]["mIoU"] for s in seeds]),
-        "masksd_gap": mean_std([ours[s]["train"]["mIoU"] - ours[s][split]["mIoU"] for s in seeds]),
-        "gain": {part: paired_difference([ours[s][part]["mIoU"] for s in seeds], [base[s][part]["mIoU"] for s in seeds])
+        "steps_taken": sorted({r.steps for r in (*base.values(), *ours.values()) if r.steps is not None}),
+        "baseline": mean_std([base[s].miou(split) for s in seeds]),
+        "gap": mean_std([base[s].miou("train") - base[s].miou(split) for s in seeds]),
+        "masksd_gap": mean_std([ours[s].miou("train") - ours[s].miou(split) for s in seeds]),
+        "gain": {part: paired_difference([ours[s].miou(part) for s in seeds], [base[s].miou(part) for s in seeds])
                  for part in (split, "compositional")},
     }
 
 
-def trend(stores: dict[int, dict[str, Any]], part: str) -> dict[str, Any] | None:
+def trend(stores: dict[int, RunsFile], part: str) -> dict[str, Any] | None:
     """Does the gain depend on the size? Per seed, the least-squares slope of CM-MaskSD − baseline (on ``part``)
     against log10(training scenes) over the sizes where that seed has both rows; then the mean slope over seeds
     with its 95 % t-interval (mIoU per tenfold more scenes). Seeds with fewer than two sizes are left out; None when
     no seed has two."""
     slopes = {}
-    seeds = sorted({r["seed"] for store in stores.values() for r in store["runs"].get("baseline", [])})
+    seeds = sorted({seed for store in stores.values() for seed in store.by_seed("baseline")})
     for seed in seeds:
         points = []
         for size, store in stores.items():
-            base = [r for r in store["runs"].get("baseline", []) if r["seed"] == seed]
-            ours = [r for r in store["runs"].get("CM-MaskSD", []) if r["seed"] == seed]
+            base, ours = store.by_seed("baseline").get(seed), store.by_seed("CM-MaskSD").get(seed)
             if base and ours:
-                points.append((math.log10(size), ours[0][part]["mIoU"] - base[0][part]["mIoU"]))
+                points.append((math.log10(size), ours.miou(part) - base.miou(part)))
         if len(points) >= 2:
             mx = sum(x for x, _ in points) / len(points)
             my = sum(y for _, y in points) / len(points)
@@ -88,17 +85,17 @@ def trend(stores: dict[int, dict[str, Any]], part: str) -> dict[str, Any] | None
     return {**paired_difference(values, [0.0] * len(values)), "seeds": sorted(slopes), "slopes": values}
 
 
-def check_comparable(stores: dict[int, tuple[str, dict[str, Any]]]) -> None:
+def check_comparable(stores: dict[int, tuple[str, RunsFile]]) -> None:
     """Every size's table must differ from the others in its scene count alone (and in it)."""
     first_size, (first_tag, first) = next(iter(stores.items()))
     for size, (tag, store) in stores.items():
-        settings = store["settings"]
+        settings = store.settings.record()
         if settings.get("scenes") != size:
             raise ValueError(f"{tag}: its runs trained on {settings.get('scenes')} scenes, not {size}")
-        differ = [k for k in SHARED if settings.get(k) != first["settings"].get(k)]
+        differ = [k for k in SHARED if settings.get(k) != first.settings.record().get(k)]
         if differ:
             raise ValueError(f"{tag} and {first_tag} differ in {differ}: their gains cannot share one map")
-        if store.get("numerics") != first.get("numerics"):
+        if store.numerics != first.numerics:
             raise ValueError(f"{tag} and {first_tag} were made under other numerics: their seeds do not pair alike")
 
 
@@ -174,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     if not args.report:
-        import ablation
+        from benchmarks import ablation
 
         for size in args.sizes:  # size by size: each table resumes where it stopped
             ablation.main(["--mode", "pretrained", "--only", *ROWS, "--tag", tags[size], "--scenes", str(size),
@@ -182,10 +179,10 @@ def main(argv: list[str] | None = None) -> None:
                            "--seeds", *map(str, args.seeds), "--threads", str(args.threads)])
     stores = {}
     for size in sorted(tags):
-        path = RESULTS / f"ablation_{tags[size]}_runs.json"
-        if not path.is_file():
-            parser.error(f"--sizes/--also: no runs for size {size} ({path}); run without --report first")
-        stores[size] = (tags[size], json.loads(path.read_text()))
+        store = RunsFile.of_tag(tags[size], RESULTS)
+        if store.settings is None:
+            parser.error(f"--sizes/--also: no runs for size {size} ({store.path}); run without --report first")
+        stores[size] = (tags[size], store)
     try:
         check_comparable(stores)
         rows = [size_row(size, store) for size, (_, store) in stores.items()]
@@ -193,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         trends = {part: trend({size: store for size, (_, store) in stores.items()}, part) for part in (split, "compositional")}
     except ValueError as error:
         parser.error(str(error))
-    settings = next(iter(stores.values()))[1]["settings"]
+    settings = next(iter(stores.values()))[1].settings.record()
     markdown = (
         "# Where does MaskSD help? The gain against the training-set size\n\n"
         f"Tiny CRIS-style model from the region-aligned CLIP, at most {settings['steps']} optimiser steps of batch 32 at every size "
@@ -207,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown)
     plot(rows, RESULTS / "regime_map.png")
     paths = write_results("regime_map", markdown, {"tags": {str(k): v for k, v in tags.items()}, "rows": rows, "trend": trends},
-                          command_line("benchmarks/regime_map.py", argv))
+                          command_line("benchmarks.regime_map", argv))
     print(f"wrote {paths[0]}, {paths[1]} and {RESULTS / 'regime_map.png'}")
 
 

@@ -1,8 +1,8 @@
 """The paper's ablation tables (II, III, V, VI, VII) in miniature, at the training-set size of the regime map chosen
 on `test` (the highest lower 95 % bound of CM-MaskSD's gain), each row beside the paper's own difference to its baseline.
 
-    python benchmarks/regime_tables.py --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000
-    python benchmarks/regime_tables.py --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000 --report
+    python -m benchmarks.regime_tables --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000
+    python -m benchmarks.regime_tables --sizes 200=overfit 1000=regime_1000 3000=regime_3000 16000=regime_16000 --report
 
 The size is chosen on `test`, never on the reported `val`: among the regime map's sizes (``SIZE=TAG``, the ablation
 tables ``benchmarks/regime_map.py`` made; every one complete for ``--seeds``), the one whose paired CM-MaskSD −
@@ -18,15 +18,14 @@ ViT-B-16, one run each), and for each of the paper's orderings (LMVSD beats VMLS
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from ablation import mean_std, paired_difference
-from common import RESULTS, command_line, markdown_table, write_results
+from benchmarks.ablation import mean_std, paired_difference
+from benchmarks.common import RESULTS, command_line, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
-from regime_map import check_comparable, size_tag
+from benchmarks.regime_map import check_comparable, size_tag
+from benchmarks.runs import Run, RunsFile
 
 PAPER_BASELINE = 70.45
 """The paper's baseline: RefCOCO val mIoU, ViT-B-16 CLIP (Tables II, V, VI, VII)."""
@@ -96,49 +95,40 @@ ORDERINGS: tuple[Ordering, ...] = (
 
 
 # ----------------------------------------------------------------------------------------------- statistics
-def best_test(run: dict[str, Any], where: str = "") -> float:
+def best_test(run: Run, where: str = "") -> float:
     """A run's `test` mIoU at its best.pt: the best of its `test` validations during training. ``where`` names the
     run's table and row in the error."""
-    curve, step = run.get("curve", {}), run.get("best_step")
-    if step not in curve:
-        raise ValueError(f"{where}seed {run.get('seed')}: no `test` validation at its best step {step!r} "
-                         "(its table must be run with ablation.py --best-of test)")
-    return curve[step]
+    try:
+        return run.best_validation
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
 
 
-def paired(runs: dict[str, list[dict]], a: str, b: str, value) -> dict[str, float] | None:
-    """``value(run)`` of row ``a`` minus row ``b``, paired by seed; None while no seed has both."""
-    ra, rb = ({r["seed"]: r for r in runs.get(name, [])} for name in (a, b))
+def paired(runs: dict[str, list[Run]], a: str, b: str, value) -> dict[str, float] | None:
+    """``value(run)`` of row ``a`` minus row ``b``, paired on the seeds both have; None while no seed has both."""
+    ra, rb = ({r.seed: r for r in runs.get(name, [])} for name in (a, b))
     seeds = sorted(ra.keys() & rb.keys())
     if not seeds:
         return None
     return {**paired_difference([value(ra[s]) for s in seeds], [value(rb[s]) for s in seeds]), "seeds": seeds}
 
 
-def choose_size(stores: dict[int, dict[str, Any]], seeds: list[int]) -> tuple[int, dict[int, dict[str, float]]]:
+def choose_size(stores: dict[int, RunsFile], seeds: list[int]) -> tuple[int, dict[int, dict[str, float]]]:
     """The size whose CM-MaskSD − baseline on `test` (best.pt's) has the highest lower 95 % bound, and each size's
-    difference. Every size must hold both rows for every seed of ``seeds``: a choice among partial sizes would
-    change as they fill."""
+    difference, over ``seeds``. Every size must hold both rows for every seed of ``seeds``: a choice among partial
+    sizes would change as they fill."""
     if len(seeds) < 2:
-        raise ValueError(f"--seeds: choosing a size needs an interval, so at least 2 seeds, got {seeds}")
+        raise ValueError(f"--choice-seeds: choosing a size needs an interval, so at least 2 seeds, got {seeds}")
     gains = {}
     for size, store in stores.items():
-        runs = store["runs"]
         for name in ("baseline", "CM-MaskSD"):
-            missing = sorted(set(seeds) - {r["seed"] for r in runs.get(name, [])})
+            missing = sorted(set(seeds) - set(store.by_seed(name)))
             if missing:
                 raise ValueError(f"size {size}: {name} has no run for seeds {missing} yet (run benchmarks/regime_map.py first)")
-        only = {name: [{**r, "row": name} for r in runs[name] if r["seed"] in seeds] for name in ("baseline", "CM-MaskSD")}
-        gains[size] = paired(only, "CM-MaskSD", "baseline", lambda r, size=size: best_test(r, f"size {size}, {r['row']}: "))
+        only = {name: [r for r in store.runs[name] if r.seed in seeds] for name in ("baseline", "CM-MaskSD")}
+        gains[size] = paired(only, "CM-MaskSD", "baseline",
+                             lambda r, size=size: best_test(r, f"size {size}, CM-MaskSD or baseline: "))
     return max(gains, key=lambda size: (gains[size]["low"], -size)), gains
-
-
-def complete_seeds(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """The table's rows restricted to the seeds every row run so far has finished, so that each row's mean and
-    each paired difference rest on one set of seeds while a table fills (rows with no run yet stay absent)."""
-    present = [{r["seed"] for r in runs.get(name, [])} for name in ROW_NAMES if runs.get(name)]
-    seeds = set.intersection(*present) if present else set()
-    return {name: [r for r in runs[name] if r["seed"] in seeds] for name in ROW_NAMES if runs.get(name)}
 
 
 def verdict(d: dict[str, float] | None) -> str:
@@ -156,28 +146,29 @@ def verdict(d: dict[str, float] | None) -> str:
     return f"unresolved ({'same' if d['mean'] > 0 else 'opposite'} sign)"
 
 
-def table_rows(runs: dict[str, list[dict]], split: str) -> dict[str, dict[str, Any]]:
-    """Per row run so far: the paper's figure and difference, ours on `split` and compositional (paired vs baseline)."""
+def table_rows(runs: dict[str, list[Run]], split: str) -> dict[str, dict[str, Any]]:
+    """Per row run so far: the paper's figure and difference, ours on `split` (over the row's own seeds) and its
+    difference to the baseline on `split` and compositional, paired on the seeds both have."""
     out = {}
     for name, paper in PAPER.items():
         done = runs.get(name, [])
         if not done:
             continue
         entry = {"paper_table": paper.table, "paper_miou": paper.miou, "paper_delta": paper.miou - PAPER_BASELINE,
-                 "seeds": sorted(r["seed"] for r in done),
-                 split: mean_std([r[split]["mIoU"] for r in done])}
+                 "seeds": sorted(r.seed for r in done), split: mean_std([r.miou(split) for r in done])}
         if name != "baseline":
             for part in (split, "compositional"):
-                entry[f"delta_{part}"] = paired(runs, name, "baseline", lambda r, p=part: r[p]["mIoU"])
+                entry[f"delta_{part}"] = paired(runs, name, "baseline", lambda r, p=part: r.miou(p))
         out[name] = entry
     return out
 
 
-def orderings(runs: dict[str, list[dict]], split: str) -> list[dict[str, Any]]:
+def orderings(runs: dict[str, list[Run]], split: str) -> list[dict[str, Any]]:
+    """Each of the paper's orderings, paired on the seeds both its rows have (rows may hold different seed counts)."""
     out = []
     for o in ORDERINGS:
-        d = paired(runs, o.better, o.worse, lambda r: r[split]["mIoU"])
-        c = paired(runs, o.better, o.worse, lambda r: r["compositional"]["mIoU"])
+        d = paired(runs, o.better, o.worse, lambda r: r.miou(split))
+        c = paired(runs, o.better, o.worse, lambda r: r.miou("compositional"))
         out.append({"claim": o.claim, "better": o.better, "worse": o.worse, "paper": o.paper, split: d, "compositional": c,
                     "verdict": verdict(d), "verdict_compositional": verdict(c)})
     return out
@@ -220,8 +211,8 @@ def render(chosen: int, gains: dict[int, dict], rows: dict[str, dict], orders: l
         f"**{chosen:,} training scenes** (`ablation_{tag}`).\n\n{choice}\n\n"
         f"At {chosen:,} scenes: tiny CRIS-style model from the region-aligned CLIP, at most {settings['steps']} optimiser steps "
         f"of batch 32, each run scored from its best `{settings.get('best_of')}` checkpoint on {settings['eval_scenes']} "
-        f"`{split}` and compositional scenes, every row over the same seeds (those all rows have finished); Δ: paired "
-        f"difference to the baseline of the same seed, mean [95 % t-interval]. "
+        f"`{split}` and compositional scenes, each row over its own seeds (the seeds column); Δ: paired "
+        f"difference to the baseline on the seeds both have, mean [95 % t-interval]. "
         f"The paper's figures are RefCOCO val mIoU with ViT-B-16, one run each (no interval), Δ to its baseline "
         f"{PAPER_BASELINE:.2f}.\n\n{main}\n\n{notes}"
         "Each ordering the paper reports, paired by seed (holds: interval above zero; reversed: below; unresolved: "
@@ -261,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = ScriptParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", required=True, metavar="SIZE=TAG",
                         help="the regime map's sizes and their ablation tags (e.g. 200=overfit 3000=regime_3000)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--choice-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="the seeds the size is chosen over (every size must hold both rows for each: the map's 5)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="the seeds the table runs and reports (default: to run, the choice seeds; to report, every stored "
+                        "seed, each row over its own and each difference over the seeds both rows have)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see ablation.py)")
     parser.add_argument("--report", action="store_true", help="only write the tables from the runs stored so far")
     args = parser.parse_args(argv)
@@ -270,31 +265,30 @@ def main(argv: list[str] | None = None) -> None:
         tags.update(size_tag(item, "--sizes", "3000=regime_3000") for item in args.sizes)
     except ValueError as error:
         parser.error(str(error))
-    stores = {}
+    stores: dict[int, RunsFile] = {}
     for size, tag in sorted(tags.items()):
-        path = RESULTS / f"ablation_{tag}_runs.json"
-        if not path.is_file():
-            parser.error(f"--sizes: no runs for size {size} ({path}); run benchmarks/regime_map.py first")
-        stores[size] = json.loads(path.read_text())
+        stores[size] = RunsFile.of_tag(tag, RESULTS)
+        if stores[size].settings is None:
+            parser.error(f"--sizes: no runs for size {size} ({stores[size].path}); run benchmarks/regime_map.py first")
     try:
         check_comparable({size: (tags[size], store) for size, store in stores.items()})
-        chosen, gains = choose_size(stores, args.seeds)
+        chosen, gains = choose_size(stores, args.choice_seeds)
     except ValueError as error:
         parser.error(str(error))
-    tag, settings = tags[chosen], stores[chosen]["settings"]
+    tag, settings = tags[chosen], stores[chosen].settings.record()
     print(f"chosen on test: {chosen} scenes ({tag}); CM-MaskSD − baseline on test: "
           + ", ".join(f"{s}: {ci(g)}" for s, g in sorted(gains.items())), flush=True)
     if not args.report:
-        import ablation
+        from benchmarks import ablation
 
         ablation.main(["--mode", "pretrained", "--paper-tables", "--only", *ROW_NAMES, "--tag", tag,
                        "--scenes", str(chosen), "--steps", str(settings["steps"]), "--eval-every", str(settings["eval_every"]),
                        "--best-of", settings["best_of"], "--split", settings["split"], "--eval-scenes", str(settings["eval_scenes"]),
                        "--lr", str(settings["lr"]), "--backbone-lr-scale", str(settings["backbone_lr_scale"]),
-                       "--seeds", *map(str, args.seeds), "--threads", str(args.threads)])
-        stores[chosen] = json.loads((RESULTS / f"ablation_{tag}_runs.json").read_text())
-    split, runs = settings["split"], stores[chosen]["runs"]
-    runs = complete_seeds({name: [r for r in rs if r["seed"] in args.seeds] for name, rs in runs.items()})
+                       "--seeds", *map(str, args.seeds or args.choice_seeds), "--threads", str(args.threads)])
+        stores[chosen] = RunsFile.of_tag(tag, RESULTS)
+    split = settings["split"]
+    runs = {name: [r for r in done if args.seeds is None or r.seed in args.seeds] for name, done in stores[chosen].runs.items()}
     rows, orders = table_rows(runs, split), orderings(runs, split)
     markdown = render(chosen, gains, rows, orders, split, tag, settings)
     print(markdown)
@@ -302,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = write_results("ablation_regime_tables", markdown,
                           {"chosen": chosen, "tag": tag, "choice_on_test": {str(k): v for k, v in gains.items()},
                            "rows": rows, "orderings": orders, "settings": settings},
-                          command_line("benchmarks/regime_tables.py", argv))
+                          command_line("benchmarks.regime_tables", argv))
     print(f"wrote {paths[0]}, {paths[1]} and {RESULTS / 'ablation_regime_tables.png'}")
 
 

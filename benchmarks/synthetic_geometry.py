@@ -1,6 +1,6 @@
 """How large the referent is in the synthetic scenes: its share of the image and its patch count.
 
-    python benchmarks/synthetic_geometry.py
+    python -m benchmarks.synthetic_geometry
 
 For the default geometry and masksd 0.1's (3-6 objects of radius 0.055-0.075 / 0.11-0.14 of the
 side), on 2000 `val` scenes at 64 px: the referent's area share (mean, median, 10th and 90th
@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import command_line, markdown_table, write_results
+from benchmarks.common import command_line, markdown_table, write_results
 from examples.pipeline.cli import run_script
 from masksd.data import SyntheticConfig, SyntheticReferDataset
 from masksd.data.synthetic import RELATIONS
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = f"# The referent's size in the synthetic scenes\n\n{SCENES} `val` scenes at 64 px.\n\n" + markdown_table(header, rows)
     print(markdown)
     write_results("synthetic_geometry", markdown, {"scenes": SCENES, "geometries": data},
-                  command_line("benchmarks/synthetic_geometry.py", argv))
+                  command_line("benchmarks.synthetic_geometry", argv))
 
 
 if __name__ == "__main__":

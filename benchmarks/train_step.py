@@ -1,7 +1,7 @@
 """Wall time and memory of one training step: baseline vs MaskSD and each branch alone.
 
-    python benchmarks/train_step.py                                # CPU: the tiny model, batch 32
-    python benchmarks/train_step.py --model ViT-B-16 --size 480 --batch 32 --amp bf16   # on a GPU
+    python -m benchmarks.train_step                                # CPU: the tiny model, batch 32
+    python -m benchmarks.train_step --model ViT-B-16 --size 480 --batch 32 --amp bf16   # on a GPU
 
 All variants wrap one segmenter (same weights) and are measured in one process, alternating
 (one step of each variant per round, order rotated every round), after warm-up; the median over
@@ -23,8 +23,7 @@ from typing import get_args
 
 import torch
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import TABLE_VII, command_line, count_flops, markdown_table, write_results
+from benchmarks.common import TABLE_VII, command_line, count_flops, markdown_table, write_results
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.cris import CRIS, CRISConfig
 from examples.pipeline.distributed import Device, resolve_device
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(markdown)
     label = f"train_step_{device.type}_{cris.model_name}_{cris.image_size}" + (f"_{args.amp}" if args.amp != "none" else "")
-    command = command_line("benchmarks/train_step.py", argv)
+    command = command_line("benchmarks.train_step", argv)
     paths = write_results(label, markdown, {"batch": args.batch, "amp": args.amp, "variants": data}, command)
     print(f"wrote {paths[0]} and {paths[1]}")
 

@@ -1,6 +1,6 @@
 """How often VMLSD masks a word at all, with and without ``min_masked``, on realistic sentence lengths.
 
-    python benchmarks/vmlsd_masking.py
+    python -m benchmarks.vmlsd_masking
 
 VMLSD keeps ceil(K·n) of a sentence's n candidate tokens and masks round(α·kept) of them (paper
 Eq. 6-7), at least ``min_masked``. With the paper's K = 0.5 and α = 0.1 that is 0 below 9 tokens.
@@ -20,8 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import common  # noqa: F401  (puts the repository on sys.path)
-from common import command_line, markdown_table, write_results
+from benchmarks.common import command_line, markdown_table, write_results
 from examples.pipeline.cli import run_script
 from examples.cris import CRIS, CRISConfig
 from masksd.config import PAPER_BRANCHES
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     markdown = f"# How often VMLSD masks a word\n\n{SAMPLES} sentences per source.\n\n{table}"
     print(markdown)
     write_results("vmlsd_masking", markdown, {"samples": SAMPLES, "sources": data},
-                  command_line("benchmarks/vmlsd_masking.py", argv))
+                  command_line("benchmarks.vmlsd_masking", argv))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ The data settings default to the checkpoint's own; e.g.
 
     python examples/evaluate.py --checkpoint runs/refcoco-vitb/last.pt --split testA
     python examples/evaluate.py --checkpoint runs/demo/last.pt --split compositional
+    python examples/evaluate.py --checkpoint runs/mine/last.pt --manifest my_data.jsonl --split test
+
+gRefCOCO and any split with expressions that refer to nothing also report gIoU, cIoU, N-acc and T-acc.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
     parser.add_argument("--split", help="split to evaluate (default: the run's eval split)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the run's")
+    parser.add_argument("--manifest", help="evaluate on a manifest (implies --dataset manifest); default: the run's, if it trained on one")
     parser.add_argument("--split-by", choices=get_args(SplitBy), help="default: the run's")
     parser.add_argument("--data-root", help="default: the run's")
     parser.add_argument("--text-key", choices=get_args(TextKey), help="refer sentence field, raw or sent (default: the run's)")
@@ -57,17 +61,22 @@ def main(argv: list[str] | None = None) -> dict:
     from examples.pipeline.evaluation import evaluate
     from examples.pipeline.distributed import resolve_device
     from examples.pipeline.factory import build_dataset, load_segmenter
-    from masksd.data import ReferDataset, collate
+    from masksd.data import ManifestDataset, ReferDataset, collate
     from masksd.metrics import format_table
 
+    if args.manifest and args.dataset not in (None, "manifest"):
+        parser.error(f"--manifest evaluates a manifest; it does not combine with --dataset {args.dataset}")
     device = resolve_device(args.device)
     segmenter, run = load_segmenter(args.checkpoint, device)
-    overrides = {k: v for k, v in {"dataset": args.dataset, "split_by": args.split_by, "data_root": args.data_root,
+    dataset_name = "manifest" if args.manifest else args.dataset
+    overrides = {k: v for k, v in {"dataset": dataset_name, "split_by": args.split_by, "data_root": args.data_root,
                                    "image_root": args.image_root, "workers": args.workers, "text_key": args.text_key,
-                                   "restore": args.restore}.items() if v is not None}
+                                   "restore": args.restore, "manifest": args.manifest}.items() if v is not None}
     overrides["trust_refs_pickle"] = args.trust_refs_pickle
     if "dataset" in overrides and "split_by" not in overrides:
         overrides["split_by"] = None  # the new dataset's default, not the run's
+    if overrides.get("dataset", "manifest") != "manifest":
+        overrides["manifest"] = None  # the run's manifest is not read for another dataset
     cfg = replace(TrainConfig.from_dict(run, source=str(args.checkpoint)), **overrides)
     split = args.split or cfg.eval_split
     dataset = build_dataset(cfg, split, train=False)
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_guidance(guidance))
     # the protocol behind the numbers; "samples" (from metrics) is how many were evaluated
     text_key = dataset.config.text_key if isinstance(dataset, ReferDataset) else None  # synthetic scenes have one text
-    counts = dataset.counts()._asdict() if isinstance(dataset, ReferDataset) else {}  # refs, sentences read
+    counts = dataset.counts()._asdict() if isinstance(dataset, (ReferDataset, ManifestDataset)) else {}  # refs, sentences read
     report = {"checkpoint": str(args.checkpoint), "dataset": cfg.dataset, "split_by": cfg.split_by, "split": split,
               "threshold": args.threshold, "restore": cfg.restore, "text_key": text_key, **counts, **metrics}
     if guidance:

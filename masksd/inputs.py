@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +43,6 @@ class InputSpec:
     """Where the token ids are when texts come as a mapping."""
     attention_key: str = "attention_mask"
     """Where a texts mapping marks real tokens (1) and padding (0)."""
-    _special: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size <= 0:
@@ -66,7 +65,6 @@ class InputSpec:
         if sum(replacement) > 1 + 1e-9:
             raise ValueError(f"InputSpec.word_replacement shares must add up to at most 1, got {replacement}")
         object.__setattr__(self, "word_replacement", replacement)
-        object.__setattr__(self, "_special", torch.tensor(self.special_token_ids, dtype=torch.long))
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, patch_size: int = 32, **overrides: Any) -> InputSpec:
@@ -95,13 +93,8 @@ class InputSpec:
     # -- pixels
     def find_pixels(self, images: Any) -> torch.Tensor | None:
         """The (B, C, H, W) float pixels in ``images`` (a tensor, or a mapping's ``image_key``), or None."""
-        if torch.is_tensor(images) and images.dim() == 4 and images.is_floating_point():
-            return images
-        if isinstance(images, Mapping):
-            pixels = images.get(self.image_key)
-            if torch.is_tensor(pixels) and pixels.dim() == 4 and pixels.is_floating_point():
-                return pixels
-        return None
+        pixels = images.get(self.image_key) if isinstance(images, Mapping) else images
+        return pixels if torch.is_tensor(pixels) and pixels.dim() == 4 and pixels.is_floating_point() else None
 
     def pixels(self, images: Any) -> torch.Tensor:
         """:meth:`find_pixels`, or a ValueError saying what was expected."""
@@ -121,9 +114,7 @@ class InputSpec:
     def find_ids(self, texts: Any) -> torch.Tensor | None:
         """The (B, L) integer token ids in ``texts`` (a tensor, or a mapping's ``text_key``), or None."""
         ids = texts.get(self.text_key) if isinstance(texts, Mapping) else texts
-        if torch.is_tensor(ids) and ids.dim() == 2 and not ids.is_floating_point() and ids.dtype != torch.bool:
-            return ids
-        return None
+        return ids if torch.is_tensor(ids) and ids.dim() == 2 and not ids.is_floating_point() and ids.dtype != torch.bool else None
 
     def ids(self, texts: Any) -> torch.Tensor:
         """:meth:`find_ids`, or a ValueError saying what was expected."""
@@ -142,18 +133,15 @@ class InputSpec:
     def word_candidates(self, texts: Any) -> torch.Tensor:
         """(B, L) bool: the words that may be masked: neither a special id nor padding (``attention_key`` == 0)."""
         ids = self.ids(texts)
-        words = ~torch.isin(ids, self._special.to(ids.device))
+        words = torch.ones_like(ids, dtype=torch.bool)
+        for special in self.special_token_ids:  # Python ints: no tensor of them copied to the device in every step
+            words &= ids != special
         attention = texts.get(self.attention_key) if isinstance(texts, Mapping) else None
         if torch.is_tensor(attention):
             if attention.shape != ids.shape:
                 raise ValueError(f"texts[{self.attention_key!r}] has shape {tuple(attention.shape)}, expected {tuple(ids.shape)}")
             words = words & attention.bool()
         return words
-
-    def without_replacement(self) -> InputSpec:
-        """This spec with every drawn word replaced by the mask id (no random or kept share): what a check
-        that changes the original words at masked positions needs."""
-        return replace(self, word_replacement=(1.0, 0.0))
 
 
 def _with_entry(mapping: Mapping, key: str, value: torch.Tensor) -> Any:

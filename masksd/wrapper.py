@@ -193,8 +193,8 @@ class MaskSD(nn.Module):
             raise TypeError(f"inputs must be a masksd.InputSpec, got {type(inputs).__name__}")
         enabled = {name: config.branch(name) for name in ("lmvsd", "vmlsd") if config.branch(name).enabled}
         at_inputs_only = all(branch.site == "input" for branch in enabled.values())
+        # with the adapter protocol MaskSD runs the segmenter's pieces, even at the input site; without, only its forward
         self.adapted = check_segmenter(segmenter, required=not at_inputs_only)
-        """Whether the segmenter implements the adapter protocol (MaskSD then runs its pieces, even at the input site)."""
         self.fused = self.adapted and is_fused(segmenter)
         self.segmenter = segmenter
         self.config = config

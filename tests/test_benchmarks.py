@@ -2,19 +2,16 @@
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from examples.cris import CRIS, CRISConfig  # noqa: E402
-from masksd import BranchConfig, MaskSDConfig  # noqa: E402
+from examples.cris import CRIS, CRISConfig
+from masksd import BranchConfig, MaskSDConfig
 
 
 def test_params_flops_rows_add_what_the_branches_add():
-    import params_flops
+    from benchmarks import params_flops
 
     _, data = params_flops.run(CRISConfig.tiny())
     rows = data["rows"]
@@ -41,8 +38,8 @@ def test_params_flops_rows_add_what_the_branches_add():
 
 
 def test_train_step_measures_every_variant(tmp_path, monkeypatch):
-    import common
-    import train_step
+    from benchmarks import common
+    from benchmarks import train_step
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     train_step.main(["--batch", "4", "--warmup", "1", "--rounds", "2", "--device", "cpu"])
@@ -54,8 +51,8 @@ def test_train_step_measures_every_variant(tmp_path, monkeypatch):
 
 
 def test_train_step_variants_keep_the_baseline_and_drop_the_rest(tmp_path, monkeypatch):
-    import common
-    import train_step
+    from benchmarks import common
+    from benchmarks import train_step
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     train_step.main(["--batch", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--variants", "both, checkpointed"])
@@ -64,7 +61,7 @@ def test_train_step_variants_keep_the_baseline_and_drop_the_rest(tmp_path, monke
 
 
 def test_train_step_flops_scale_with_the_batch():
-    import train_step
+    from benchmarks import train_step
     import torch
 
     segmenter, variants = CRIS(CRISConfig.tiny()), {"baseline": MaskSDConfig.baseline()}
@@ -73,7 +70,7 @@ def test_train_step_flops_scale_with_the_batch():
 
 
 def test_bf16_peak_lookup_takes_the_most_specific_name():
-    from train_step import peak_for_name
+    from benchmarks.train_step import peak_for_name
 
     assert peak_for_name("NVIDIA H200") == ("H200", 989e12)
     assert peak_for_name("NVIDIA H100 80GB HBM3") == ("H100", 989e12)
@@ -85,7 +82,7 @@ def test_bf16_peak_lookup_takes_the_most_specific_name():
 def test_gpu_check_tiny_runs_every_section(tmp_path):
     """The whole GPU check on the CPU (tiny model, gloo, dynamo's eager backend): every section reports numbers,
     so the script cannot rot before a GPU is at hand."""
-    import gpu_check
+    from benchmarks import gpu_check
 
     assert gpu_check.main(["--device", "cpu", "--tiny", "--output", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_check_tiny.json").read_text())
@@ -122,7 +119,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_compile_section_runs_aot_autograd(tmp_path):
     """Section 4 with AOTAutograd's tracing too (inductor's code generation takes minutes on a CPU)."""
-    import gpu_check
+    from benchmarks import gpu_check
 
     args = ["--device", "cpu", "--tiny", "--only", "compile", "--compile-backend", "aot_eager", "--output", str(tmp_path)]
     assert gpu_check.main(args) == 0
@@ -132,7 +129,7 @@ def test_gpu_check_compile_section_runs_aot_autograd(tmp_path):
 
 
 def test_gpu_check_rejects_bad_flags_by_name(capsys):
-    import gpu_check
+    from benchmarks import gpu_check
 
     for argv, message in [
         (["--device", "cpu"], "--tiny"),
@@ -147,7 +144,7 @@ def test_gpu_check_rejects_bad_flags_by_name(capsys):
 
 def test_largest_batch_steps_down_past_out_of_memory():
     import torch
-    from gpu_check import largest_batch
+    from benchmarks.gpu_check import largest_batch
 
     tried, released = [], []
 
@@ -180,7 +177,7 @@ def _synchronising_step():
 
 
 def test_describe_sync_names_the_innermost_repository_line():
-    from gpu_check import describe_sync
+    from benchmarks.gpu_check import describe_sync
 
     try:
         _synchronising_step()
@@ -193,7 +190,7 @@ def test_describe_sync_names_the_innermost_repository_line():
 
 
 def test_checkpoint_option_is_cm_masksd_with_checkpointed_branches():
-    import gpu_check
+    from benchmarks import gpu_check
 
     config, note = gpu_check.checkpoint_option()
     assert config.checkpoint_branches is True and config.lmvsd.enabled and config.vmlsd.enabled and "measured" in note
@@ -203,7 +200,7 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(monk
     import time
 
     import torch
-    import gpu_check
+    from benchmarks import gpu_check
 
     monkeypatch.setattr(gpu_check, "MIN_SECTION_S", 0.05)
     check = gpu_check.GpuCheck(torch.device("cpu"), gpu_check.Plan.tiny(torch.device("cpu")), budget=2, argv=[])
@@ -222,7 +219,7 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(monk
 
 
 def test_summary_of_the_tiny_model(capsys):
-    from cris_summary import main
+    from benchmarks.cris_summary import main
 
     main(["--tiny"])
     report = capsys.readouterr().out
@@ -232,7 +229,7 @@ def test_summary_of_the_tiny_model(capsys):
 
 @pytest.mark.slow
 def test_summary_of_vit_b16_at_480_is_near_the_paper():
-    from cris_summary import PAPER, summarize
+    from benchmarks.cris_summary import PAPER, summarize
 
     summary = summarize(CRISConfig(pretrained=None))  # about 10 s on 2 cores
     paper = PAPER[("ViT-B-16", 480)]
@@ -244,7 +241,7 @@ def test_summary_of_vit_b16_at_480_is_near_the_paper():
 
 def test_vmlsd_masking_counts_are_the_branch_formula():
     import torch
-    from vmlsd_masking import masked_words
+    from benchmarks.vmlsd_masking import masked_words
 
     n = torch.arange(0, 21)
     literal = masked_words(n, 0.5, 0.1, 0).tolist()
@@ -253,7 +250,7 @@ def test_vmlsd_masking_counts_are_the_branch_formula():
 
 
 def test_ablation_paired_statistics_on_fixed_numbers():
-    from ablation import mean_std, paired_difference
+    from benchmarks.ablation import mean_std, paired_difference
 
     # differences 2, 3, 0: mean 5/3, sample std sqrt(42/18), t(2 df) = 4.303
     d = paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 4.0])
@@ -268,12 +265,13 @@ def test_ablation_paired_statistics_on_fixed_numbers():
 
 
 def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
-    from ablation import Row, Settings, render, summarise
+    from benchmarks.ablation import Row, Settings, render, summarise
+    from benchmarks.runs import Run
 
     def run(seed, val, comp):
         metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
-        return {"seed": seed, "val": metrics(val), "compositional": metrics(comp), "seconds": 10.0,
-                "guidance_after": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}}
+        return Run.from_json({"seed": seed, "val": metrics(val), "compositional": metrics(comp), "seconds": 10.0,
+                              "guidance_after": {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0}})
 
     rows = {"baseline": Row("region", "II", {"baseline": True}), "CM-MaskSD": Row("region", "II"),
             "b2": Row("region", "—", {"baseline": True}), "m2": Row("region", "—", versus="b2")}
@@ -293,7 +291,8 @@ def test_ablation_summary_pairs_runs_by_seed_and_against_their_own_baseline():
 
 
 def test_ablation_training_curves_average_over_seeds_on_the_steps_all_logged(tmp_path):
-    from ablation import Row, Settings, read_curve, render, summarise, train_config
+    from benchmarks.ablation import Row, Settings, read_curve, render, summarise, train_config
+    from benchmarks.runs import Run
 
     cfg = train_config(Row("scratch", ""), 3, Settings(10, 10, "test", 10, 1e-3, 1.0), tmp_path, {"scratch": None}, 250)
     assert (cfg.eval_every, cfg.eval_split, cfg.seed) == (250, "test", 3)  # the curve is scored on the run's own split
@@ -301,21 +300,21 @@ def test_ablation_training_curves_average_over_seeds_on_the_steps_all_logged(tmp
     assert read_curve(tmp_path) == {"500": 40.5, "1000": 61.25}
     assert read_curve(tmp_path / "missing") == {}
     metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
-    run = lambda seed, curve: {"seed": seed, "val": metrics, "compositional": metrics, "seconds": 1.0,  # noqa: E731
-                               "guidance_after": {}, "curve": curve}
+    run = lambda seed, curve: Run.from_json({"seed": seed, "val": metrics, "compositional": metrics,  # noqa: E731
+                                             "seconds": 1.0, "guidance_after": {}, "curve": curve})
     rows = {"baseline": Row("region", "II", {"baseline": True})}
     runs = {"baseline": [run(0, {"500": 40.0, "1000": 60.0}), run(1, {"500": 44.0, "1000": 62.0, "1500": 70.0})]}
     summary = summarise(rows, runs, "val")
     assert summary["baseline"]["curve"] == {"500": 42.0, "1000": 61.0}  # 1500: only seed 1 reached it
     text = render(rows, summary, {}, "val", Settings(10, 10, "val", 10, 1e-3, 1.0), 1.0)
     assert "| baseline | 42.00 | 61.00 |" in text
-    runs["baseline"][0].pop("curve")  # runs stored before curves existed: no curve table
+    runs["baseline"][0].curve = None  # runs stored before curves existed: no curve table
     assert "during training" not in render(rows, summarise(rows, runs, "val"), {}, "val", Settings(10, 10, "val", 10, 1e-3, 1.0), 1.0)
 
 
 def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkeypatch):
-    import ablation
-    import common
+    from benchmarks import ablation
+    from benchmarks import common
 
     monkeypatch.setattr(ablation, "RESULTS", tmp_path)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
@@ -334,8 +333,8 @@ def test_ablation_report_writes_the_stored_runs_without_running(tmp_path, monkey
 
 
 def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(tmp_path, monkeypatch, capsys):
-    import ablation
-    import common
+    from benchmarks import ablation
+    from benchmarks import common
     import torch
 
     monkeypatch.setattr(ablation, "RESULTS", tmp_path)
@@ -343,8 +342,8 @@ def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(t
     monkeypatch.setattr(ablation, "initial_guidance", lambda *a: {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0})
     metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
     trained = []
-    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or {
-        "seed": seed, "steps": 500, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}})
+    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or ablation.Run.from_json({
+        "seed": seed, "steps": 500, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}}))
     threads = torch.get_num_threads()
     try:
         ablation.main(["--tag", "n", "--only", "baseline", "--seeds", "0"])
@@ -366,7 +365,7 @@ def test_ablation_refuses_to_pair_new_runs_with_runs_made_under_other_numerics(t
 
 
 def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
-    from ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, train_config
+    from benchmarks.ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, train_config
 
     settings = Settings(steps=100, scenes=640, split="test", eval_scenes=10, lr=2e-3, backbone_lr_scale=1.0)
     premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
@@ -386,7 +385,7 @@ def test_ablation_rows_are_configs_the_trainer_accepts(tmp_path):
 
 
 def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they_ran(tmp_path):
-    from ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, run_folder, train_config
+    from benchmarks.ablation import EXTRA_ROWS, PAPER_TABLE_ROWS, POLICY_ROWS, ROWS, Settings, run_folder, train_config
 
     settings = Settings(steps=500, scenes=16000, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0)
     premises = {"region": "masksd-tiny-synthetic", "global": "x.pt", "scratch": None}
@@ -416,7 +415,7 @@ def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they
 
 def test_the_gpu_checks_torchrun_flags_train_from_random_init():
     import torch
-    from gpu_check import Plan
+    from benchmarks.gpu_check import Plan
 
     from examples.train_cris_masksd import parse_args
 
@@ -426,7 +425,7 @@ def test_the_gpu_checks_torchrun_flags_train_from_random_init():
 
 
 def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
-    from ablation import T_95, paired_difference
+    from benchmarks.ablation import T_95, paired_difference
 
     values = [float(i % 7) for i in range(18)]  # 17 df: not in the table, 15 df's quantile is used
     d = paired_difference(values, [0.0] * 18)
@@ -436,7 +435,7 @@ def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
 def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
     """Section 4 runs in its own process: when that process dies of a signal (inductor segfaulted once on the
     H200), the section records the signal and the other sections' results are still written."""
-    import gpu_check
+    from benchmarks import gpu_check
 
     monkeypatch.setattr(gpu_check, "_run_process", lambda command, env, timeout: (-11, "Fatal Python error: Segmentation fault"))
     assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "sync_debug", "compile", "--output", str(tmp_path)]) == 1
@@ -449,8 +448,8 @@ def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
 def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_path, monkeypatch, capsys):
     """--best-of: the runs validate on another split than the reported one, are scored from best.pt, and the
     table gains their training-scene mIoU and generalisation gap; stores without the field still match."""
-    import ablation
-    from ablation import Row, Settings, render, summarise, train_config
+    from benchmarks import ablation
+    from benchmarks.ablation import Row, Settings, render, summarise, train_config
 
     plain = Settings(500, 16000, "val", 2000, 2e-3, 1.0)
     assert "best_of" not in plain.record()  # runs files written before --best-of existed still match
@@ -461,8 +460,8 @@ def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_pat
 
     def run(seed, train, val):
         metrics = lambda m: {"mIoU": m, "oIoU": m, "Prec@0.5": m, "Prec@0.7": m, "Prec@0.9": m}  # noqa: E731
-        return {"seed": seed, "val": metrics(val), "compositional": metrics(val - 5), "train": metrics(train),
-                "best_step": str(100 * (seed + 1)), "seconds": 1.0, "guidance_after": {}, "steps": 384}
+        return ablation.Run.from_json({"seed": seed, "val": metrics(val), "compositional": metrics(val - 5), "train": metrics(train),
+                                       "best_step": str(100 * (seed + 1)), "seconds": 1.0, "guidance_after": {}, "steps": 384})
 
     rows = {"baseline": Row("region", "II", {"baseline": True}), "CM-MaskSD": Row("region", "II")}
     runs = {"baseline": [run(0, 80.0, 60.0), run(1, 84.0, 62.0)], "CM-MaskSD": [run(0, 70.0, 61.0), run(1, 72.0, 64.0)]}
@@ -482,22 +481,24 @@ def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_pat
 def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
     """A 4-step run validating on `test` every 2 steps: its scores are those of best.pt's weights, not the last step's."""
     import torch
-    from ablation import Row, Settings, run_one, score
+    from benchmarks.ablation import Row, Settings, run_one, score
 
     from examples.pipeline.factory import load_segmenter
 
     torch.manual_seed(0)
     s = Settings(steps=4, scenes=32, split="val", eval_scenes=8, lr=2e-2, backbone_lr_scale=1.0, best_of="test")
     run = run_one(Row("scratch", "", {"baseline": True}), 0, s, tmp_path, {"scratch": None}, eval_every=2)
-    assert set(run["curve"]) == {"2", "4"} and run["best_step"] == max(run["curve"], key=run["curve"].get)
+    assert set(run.curve) == {"2", "4"} and run.best_step == max(run.curve, key=run.curve.get)
     best, _ = load_segmenter(tmp_path / "best.pt")
-    assert run["val"] == score(best, "val", 8) and run["train"] == score(best, "train", 8, seed=0)
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == int(run["best_step"])
+    assert run.scores["val"] == score(best, "val", 8) and run.scores["train"] == score(best, "train", 8, seed=0)
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == int(run.best_step)
+    assert list(run.to_json("val")) == ["seed", "steps", "seconds", "val", "compositional", "guidance_after", "curve",
+                                        "best_step", "train"]  # the layout every stored table has
 
 
 def test_gpu_check_plans_say_which_is_the_cpu_stand_in():
     """Section 4's child process gets --tiny only from the stand-in plan (a field once shadowed by Plan.tiny)."""
-    import gpu_check
+    from benchmarks import gpu_check
     import torch
 
     assert gpu_check.Plan.gpu().stand_in is False and gpu_check.Plan.gpu().small.model_name == "ViT-B-16"
@@ -507,14 +508,14 @@ def test_gpu_check_plans_say_which_is_the_cpu_stand_in():
 def test_results_commands_are_quoted_for_a_shell():
     import shlex
 
-    from common import command_line
+    from benchmarks.common import command_line
 
-    line = command_line("benchmarks/ablation.py", ["--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"])
-    assert shlex.split(line) == ["python", "benchmarks/ablation.py", "--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"]
+    line = command_line("benchmarks.ablation", ["--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"])
+    assert shlex.split(line) == ["python", "-m", "benchmarks.ablation", "--only", "CM-MaskSD, LMVSD selects the bottom K", "baseline"]
 
 
 def test_ablation_curves_plot_only_rows_with_curves(tmp_path):
-    from ablation import plot_curves
+    from benchmarks.ablation import plot_curves
 
     assert not plot_curves({"baseline": {"curve": {}}}, "test", tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
@@ -526,7 +527,7 @@ def _regime_store(scenes, pairs, steps=400, numerics="n"):
     """An ablation runs file with baseline and CM-MaskSD runs: pairs = [(seed, (train, val, comp) baseline, (...) CM-MaskSD)]."""
     def run(seed, train, val, comp):
         m = lambda x: {"mIoU": x, "oIoU": x, "Prec@0.5": x, "Prec@0.7": x, "Prec@0.9": x}  # noqa: E731
-        return {"seed": seed, "train": m(train), "val": m(val), "compositional": m(comp)}
+        return {"seed": seed, "seconds": 1.0, "train": m(train), "val": m(val), "compositional": m(comp)}
 
     settings = {"steps": steps, "scenes": scenes, "split": "val", "eval_scenes": 2000, "lr": 2e-3, "backbone_lr_scale": 1.0,
                 "best_of": "test", "eval_every": 40}
@@ -535,27 +536,30 @@ def _regime_store(scenes, pairs, steps=400, numerics="n"):
 
 
 def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
-    import common
-    import regime_map
+    from benchmarks import common
+    from benchmarks import regime_map
+    from benchmarks.runs import RunsFile
 
     small = _regime_store(200, [(0, (80, 30, 28), (70, 33, 29)), (1, (82, 34, 30), (71, 35, 30)), (2, (78, 32, 29), (69, 32, 31))])
-    row = regime_map.size_row(200, small)
+    row = regime_map.size_row(200, RunsFile.from_json(small))
     assert row["seeds"] == [0, 1, 2] and row["baseline"][0] == pytest.approx(32.0) and row["steps_taken"] == []
     small["runs"]["baseline"][0]["steps"] = 384
-    assert regime_map.size_row(200, small)["steps_taken"] == [384]
+    assert regime_map.size_row(200, RunsFile.from_json(small))["steps_taken"] == [384]
     assert row["gap"][0] == pytest.approx(48.0) and row["masksd_gap"][0] == pytest.approx((37 + 36 + 37) / 3)
     gain = row["gain"]["val"]  # differences 3, 1, 0
     assert gain["mean"] == pytest.approx(4 / 3) and gain["n"] == 3
     assert gain["high"] - gain["mean"] == pytest.approx(4.303 * math.sqrt(7 / 3) / math.sqrt(3))
     assert row["gain"]["compositional"]["mean"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no seed has both"):
-        regime_map.size_row(300, {"settings": small["settings"], "runs": {"baseline": small["runs"]["baseline"]}})
+        regime_map.size_row(300, RunsFile.from_json({"settings": small["settings"], "runs": {"baseline": small["runs"]["baseline"]}}))
     with pytest.raises(ValueError, match="differ in \\['steps'\\]"):
-        regime_map.check_comparable({200: ("a", small), 1000: ("b", _regime_store(1000, [], steps=500))})
+        regime_map.check_comparable({200: ("a", RunsFile.from_json(small)),
+                                     1000: ("b", RunsFile.from_json(_regime_store(1000, [], steps=500)))})
     with pytest.raises(ValueError, match="not 300"):
-        regime_map.check_comparable({300: ("a", small)})
+        regime_map.check_comparable({300: ("a", RunsFile.from_json(small))})
     with pytest.raises(ValueError, match="numerics"):
-        regime_map.check_comparable({200: ("a", small), 1000: ("b", _regime_store(1000, [], numerics="other"))})
+        regime_map.check_comparable({200: ("a", RunsFile.from_json(small)),
+                                     1000: ("b", RunsFile.from_json(_regime_store(1000, [], numerics="other")))})
 
     monkeypatch.setattr(regime_map, "RESULTS", tmp_path)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
@@ -576,7 +580,7 @@ def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
 def test_gpu_check_records_a_compile_process_that_overruns(tmp_path, monkeypatch):
     import subprocess
 
-    import gpu_check
+    from benchmarks import gpu_check
 
     def overrun(command, env, timeout):
         assert float(command[command.index("--budget") + 1]) >= gpu_check.MIN_SECTION_S
@@ -592,7 +596,7 @@ def _table_store(scenes, rows, numerics="n"):
     """An ablation runs file with the given rows: rows = {name: [(seed, val, compositional, best test), ...]}."""
     def run(seed, val, comp, test):
         m = lambda x: {"mIoU": x, "oIoU": x, "Prec@0.5": x, "Prec@0.7": x, "Prec@0.9": x}  # noqa: E731
-        return {"seed": seed, "train": m(val + 10), "val": m(val), "compositional": m(comp), "best_step": "80",
+        return {"seed": seed, "seconds": 1.0, "train": m(val + 10), "val": m(val), "compositional": m(comp), "best_step": "80",
                 "curve": {"40": test - 5, "80": test}}
 
     store = _regime_store(scenes, [], numerics=numerics)
@@ -601,22 +605,23 @@ def _table_store(scenes, rows, numerics="n"):
 
 
 def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_numbers(tmp_path, monkeypatch):
-    import common
-    import regime_tables
+    from benchmarks import common
+    from benchmarks import regime_tables
+    from benchmarks.runs import Run, RunsFile
 
     base = [(0, 40, 30, 50), (1, 42, 31, 52), (2, 41, 29, 51)]
     # test (best.pt) gains: size 200 -> +1, +3, +2 (mean 2, low 2 - 4.303/sqrt 3); size 3000 -> +0.5 each (std 0: low 0.5)
     small = _table_store(200, {"baseline": base, "CM-MaskSD": [(s, v - 1, c, t + d) for (s, v, c, t), d in zip(base, (1, 3, 2))]})
     large = _table_store(3000, {"baseline": base, "CM-MaskSD": [(s, v, c, t + 0.5) for s, v, c, t in base]})
-    chosen, gains = regime_tables.choose_size({200: small, 3000: large}, [0, 1, 2])
+    chosen, gains = regime_tables.choose_size({200: RunsFile.from_json(small), 3000: RunsFile.from_json(large)}, [0, 1, 2])
     assert chosen == 3000 and gains[3000]["low"] == pytest.approx(0.5) and gains[200]["mean"] == pytest.approx(2.0)
     assert gains[200]["low"] == pytest.approx(2.0 - 4.303 * 1.0 / math.sqrt(3))
     with pytest.raises(ValueError, match=r"size 200: baseline has no run for seeds \[3\]"):
-        regime_tables.choose_size({200: small, 3000: large}, [0, 1, 2, 3])
+        regime_tables.choose_size({200: RunsFile.from_json(small), 3000: RunsFile.from_json(large)}, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="at least 2 seeds"):
-        regime_tables.choose_size({200: small}, [0])
-    with pytest.raises(ValueError, match="no `test` validation at its best step"):
-        regime_tables.best_test({"seed": 4, "curve": {"40": 1.0}, "best_step": "80"})
+        regime_tables.choose_size({200: RunsFile.from_json(small)}, [0])
+    with pytest.raises(ValueError, match="seed 4: no validation at a best step"):
+        regime_tables.best_test(Run.from_json({"seed": 4, "seconds": 1.0, "curve": {"40": 1.0}, "best_step": "80"}))
 
     assert regime_tables.verdict({"n": 3, "mean": 1.0, "low": 0.2, "high": 1.8}) == "holds"
     assert regime_tables.verdict({"n": 3, "mean": -1.0, "low": -1.8, "high": -0.2}) == "reversed"
@@ -630,19 +635,19 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     assert all(d > 0 for d in paper.values())  # each ordering is stated the way the paper found it
     broken = json.loads(json.dumps(large))
     broken["runs"]["CM-MaskSD"][1]["best_step"] = "120"
-    with pytest.raises(ValueError, match=r"size 3000, CM-MaskSD: seed 1: no `test` validation at its best step '120'"):
-        regime_tables.choose_size({3000: broken}, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"size 3000, CM-MaskSD or baseline: seed 1: no validation at a best step"):
+        regime_tables.choose_size({3000: RunsFile.from_json(broken)}, [0, 1, 2])
 
     # at the chosen size the table's rows pair with the map's baseline; val differences below are exact
     large["runs"]["+LMVSD"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + d}}
                                for r, d in zip(large["runs"]["baseline"], (2.0, 2.5, 3.0))]
     large["runs"]["+LMVSD, α=0.75"] = [{**r, "val": {**r["val"], "mIoU": r["val"]["mIoU"] + 4}} for r in large["runs"]["baseline"][:2]]
-    assert [r["seed"] for r in regime_tables.complete_seeds(large["runs"])["baseline"]] == [0, 1]  # the α row has two seeds
-    rows = regime_tables.table_rows(large["runs"], "val")
+    runs = RunsFile.from_json(large).runs  # rows of 3, 3 and 2 seeds: each difference on the seeds both rows have
+    rows = regime_tables.table_rows(runs, "val")
     assert list(rows) == ["baseline", "+LMVSD", "CM-MaskSD", "+LMVSD, α=0.75"]  # the paper's order, rows run so far
     assert rows["+LMVSD"]["delta_val"]["mean"] == pytest.approx(2.5) and rows["+LMVSD"]["paper_delta"] == pytest.approx(0.68)
     assert rows["+LMVSD, α=0.75"]["delta_val"]["seeds"] == [0, 1] and rows["baseline"]["val"] == pytest.approx((41.0, 1.0))
-    orders = {o["claim"]: o for o in regime_tables.orderings(large["runs"], "val")}
+    orders = {o["claim"]: o for o in regime_tables.orderings(runs, "val")}
     alpha = orders["α=0.25 beats α=0.75 (III)"]  # +LMVSD − the α row on seeds 0, 1: -2, -1.5
     assert alpha["val"]["mean"] == pytest.approx(-1.75) and alpha["paper"] == pytest.approx(0.66)
     assert orders["LMVSD helps (II/VII)"]["verdict"] == "holds" and orders["masking beats no masking (V)"]["verdict"] == "not run"
@@ -654,7 +659,8 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     regime_tables.main(["--sizes", "200=small", "3000=large", "--seeds", "0", "1", "2", "--report"])
     text = (tmp_path / "ablation_regime_tables.md").read_text()
     assert "**3,000 training scenes** (`ablation_large`)" in text and "| 3,000 | 3 | +0.50 [+0.50, +0.50] | ✓ |" in text
-    assert "| +LMVSD | VII | 71.13 | +0.68 | 43.25 ± 1.77 | +2.25 [-0.93, +5.43] | +0.00 [+0.00, +0.00] | 2 |" in text  # seeds 0, 1
+    assert "| +LMVSD | VII | 71.13 | +0.68 | 43.50 ± 1.32 | +2.50 [+1.26, +3.74] | +0.00 [+0.00, +0.00] | 3 |" in text  # its own 3 seeds
+    assert "| +LMVSD, α=0.75 | III(b) | 70.79 | +0.34 | 45.00 ± 1.41 | +4.00 [+4.00, +4.00] |" in text  # seeds 0, 1 only
     assert (tmp_path / "ablation_regime_tables.png").is_file()
     for bad in (["--sizes", "3000"], ["--sizes", "16000=missing"]):
         with pytest.raises(SystemExit):
@@ -662,13 +668,14 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
 
 
 def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
-    import regime_map
+    from benchmarks import regime_map
+    from benchmarks.runs import RunsFile
 
     # seed 0: gains +3 at 100 scenes, +1 at 1,000, -1 at 10,000 -> slope -2 per decade; seed 1: +2, +2, -2 -> -2 as well
     # (least squares over x = 2, 3, 4); seed 2 has one size only and is left out
-    small = _regime_store(100, [(0, (0, 50, 40), (0, 53, 43)), (1, (0, 50, 40), (0, 52, 42)), (2, (0, 50, 40), (0, 50, 40))])
-    mid = _regime_store(1000, [(0, (0, 50, 40), (0, 51, 41)), (1, (0, 50, 40), (0, 52, 40))])
-    large = _regime_store(10000, [(0, (0, 50, 40), (0, 49, 39)), (1, (0, 50, 40), (0, 48, 39))])
+    small = RunsFile.from_json(_regime_store(100, [(0, (0, 50, 40), (0, 53, 43)), (1, (0, 50, 40), (0, 52, 42)), (2, (0, 50, 40), (0, 50, 40))]))
+    mid = RunsFile.from_json(_regime_store(1000, [(0, (0, 50, 40), (0, 51, 41)), (1, (0, 50, 40), (0, 52, 40))]))
+    large = RunsFile.from_json(_regime_store(10000, [(0, (0, 50, 40), (0, 49, 39)), (1, (0, 50, 40), (0, 48, 39))]))
     t = regime_map.trend({100: small, 1000: mid, 10000: large}, "val")
     assert t["seeds"] == [0, 1] and t["slopes"] == [pytest.approx(-2.0), pytest.approx(-2.0)] and t["mean"] == pytest.approx(-2.0)
     assert t["low"] == pytest.approx(-2.0) and t["high"] == pytest.approx(-2.0)  # no spread between seeds
@@ -679,3 +686,84 @@ def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
     assert "-2.00 [-2.00, -2.00] mIoU per tenfold more scenes on `val`" in text and "mean over 2 seeds" in text
     assert regime_map.trend({100: small}, "val") is None  # one size: no slope
     assert "needs a seed run at two sizes" in regime_map.render_trend({"val": None, "compositional": None}, "val")
+
+
+def test_benchmarks_is_a_package_that_changes_no_import_path():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    assert (folder / "__init__.py").is_file()
+    assert [p.name for p in sorted(folder.glob("*.py")) if "sys.path" in p.read_text()] == []
+
+
+@pytest.mark.slow
+def test_ablation_jobs_2_stores_exactly_what_jobs_1_stores(tmp_path, monkeypatch):
+    """Two runs at a time, each in its own spawned process: every stored number equals the sequential table's
+    (wall time aside), in the same order."""
+    from benchmarks import ablation, common
+
+    args = ["--mode", "scratch", "--only", "baseline", "CM-MaskSD", "--seeds", "0", "1", "--steps", "3", "--scenes", "32",
+            "--eval-scenes", "8", "--eval-every", "1", "--best-of", "test", "--lr", "0.05", "--tag", "t"]
+    stored = {}
+    for jobs in (1, 2):
+        results = tmp_path / f"results{jobs}"
+        monkeypatch.setattr(ablation, "RESULTS", results)
+        monkeypatch.setattr(common, "RESULTS", results)
+        ablation.main([*args, "--jobs", str(jobs), "--work", str(tmp_path / f"work{jobs}")])
+        stored[jobs] = json.loads((results / "ablation_t_runs.json").read_text())
+        for done in stored[jobs]["runs"].values():
+            for run in done:
+                assert run.pop("seconds") > 0
+    assert [r["seed"] for r in stored[2]["runs"]["CM-MaskSD"]] == [0, 1]
+    assert stored[2] == stored[1]
+    baseline, masksd = (stored[1]["runs"][name][0] for name in ("baseline", "CM-MaskSD"))
+    assert baseline["curve"] != masksd["curve"] and baseline["guidance_after"] != masksd["guidance_after"]  # the rows differ
+
+
+def test_ablation_budget_starts_no_run_after_it_and_jobs_are_checked(tmp_path, monkeypatch, capsys):
+    from benchmarks import ablation, common
+
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(ablation, "initial_guidance", lambda *a: {"lmvsd_auc": 0.9, "lmvsd_kept": 1.0})
+    metrics = {"mIoU": 50.0, "oIoU": 50.0, "Prec@0.5": 50.0, "Prec@0.7": 50.0, "Prec@0.9": 5.0}
+    clock = iter(range(0, 1000, 10))  # each look at the clock: 10 s later
+    monkeypatch.setattr(ablation.time, "perf_counter", lambda: float(next(clock)))
+    trained = []
+    monkeypatch.setattr(ablation, "run_one", lambda row, seed, *a: trained.append(seed) or ablation.Run.from_json({
+        "seed": seed, "steps": 5, "val": metrics, "compositional": metrics, "seconds": 1.0, "guidance_after": {}}))
+    ablation.main(["--tag", "b", "--only", "baseline", "--seeds", "0", "1", "2", "3", "--budget", "25"])
+    assert trained == [0, 1] and "2 runs left for the next call" in capsys.readouterr().out
+    stored = json.loads((tmp_path / "ablation_b_runs.json").read_text())
+    assert [r["seed"] for r in stored["runs"]["baseline"]] == [0, 1]
+    for bad, message in ((["--jobs", "0"], "--jobs must be >= 1"), (["--budget", "-1"], "--budget must be a positive")):
+        with pytest.raises(SystemExit):
+            ablation.main(["--tag", "b", "--only", "baseline", *bad])
+        assert message in capsys.readouterr().err
+
+
+def test_ablation_numerics_of_a_gpu_run_never_equal_a_cpu_runs(monkeypatch):
+    from benchmarks import ablation
+    import torch
+
+    cpu = ablation.current_numerics("cpu")
+    assert set(cpu) == {"torch", "cpu", "cpu_capability", "torch_threads"}  # what every stored CPU table records
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    gpu = ablation.current_numerics("cuda")
+    assert gpu["gpu"] == "NVIDIA H100 80GB HBM3" and {"cuda", "cudnn", "deterministic", "matmul_precision"} <= set(gpu)
+    assert gpu != cpu and {k: gpu[k] for k in cpu} == cpu
+
+
+def test_runs_file_reads_and_writes_every_stored_table_unchanged(tmp_path):
+    """The typed record round-trips each stored runs file to the same JSON (layout, order, values)."""
+    from benchmarks.runs import RunsFile
+
+    stored = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("ablation_*_runs.json"))
+    assert len(stored) >= 8
+    for path in stored:
+        record = RunsFile.read(path)
+        assert record.runs and all(r.seed == s for rs in record.runs.values() for r, s in zip(rs, sorted(r.seed for r in rs)))
+        record.path = tmp_path / path.name
+        record.write()
+        assert json.loads(record.path.read_text()) == json.loads(path.read_text()), path.name
+    with pytest.raises(ValueError, match="not an ablation runs file"):
+        (tmp_path / "bad_runs.json").write_text('{"runs": {"baseline": [{"seeds": 1}]}}')
+        RunsFile.read(tmp_path / "bad_runs.json")

@@ -16,6 +16,8 @@ MARKED = {  # blocks marked <!-- name --> run in a test that also checks what th
     "open_clip": "tests/test_readme.py (the tiny config stands in for downloaded weights)",
     "clipseg": "tests/test_readme.py (on a tiny local snapshot)",
     "guidance": "tests/test_guidance.py",
+    "manifest-folder": "tests/test_manifest.py (on a folder of images, masks and expression files)",
+    "input_site": "tests/test_readme.py (a plain model and a tiny BERT tokenizer stand in for the reader's)",
 }
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 

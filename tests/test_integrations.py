@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -236,7 +237,7 @@ def test_tower_segmenter_equals_the_users_own_model_and_trains_the_mask_tokens()
     x, ids = images(), tokenizer()(SENTENCES)  # open_clip's encode_text takes the full 77 positions
     report = verify_segmenter(segmenter, x, ids, reference=user_forward(clip, head))
     assert not report.skipped  # every check ran, the reference included
-    assert "11 checks passed, 0 skipped" in str(report)
+    assert re.search(r"13 checks passed(, 1 with a warning)?, 0 skipped", str(report))  # random CLIP: maybe no joint space yet
     model = MaskSD(segmenter).eval()
     with torch.no_grad():
         assert torch.equal(model(x, ids), user_forward(clip, head)(x, ids))

@@ -255,11 +255,8 @@ def test_pipeline_options_cris_alone_has_are_refused_by_name(tmp_path):
 
 
 def test_the_tables_rows_train_lavt_from_scratch_each_paired_with_its_baseline(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # as tests/test_benchmarks.py imports them
-    from ablation import ROWS, Settings, train_config
-    from lavt_rows import LAVT_BASELINE
+    from benchmarks.ablation import ROWS, Settings, train_config
+    from benchmarks.lavt_rows import LAVT_BASELINE
 
     settings = Settings(steps=400, scenes=200, split="val", eval_scenes=2000, lr=2e-3, backbone_lr_scale=1.0, best_of="test", eval_every=40)
     rows = ROWS["lavt"]

@@ -99,8 +99,93 @@ UMD_REFS = [
 ]
 
 
+# ---- RefClef: SAIAPR TC-12 images (1,000 per two-digit folder), segmentations as lists of compressed RLEs
+
+CLEF_IMAGES = {25008: (36, 48), 3001: (50, 40), 7: (30, 44)}  # image_id: (height, width); folders 25, 03, 00
+
+
+def clef_folder(image_id: int) -> str:
+    return f"{image_id // 1000:02d}/images/{image_id}.jpg"
+
+
+def compressed_rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def clef_masks() -> dict[int, tuple[int, np.ndarray, list]]:
+    """ann_id: (image_id, the mask we drew, its RefClef segmentation: a list of compressed RLEs)."""
+    out = {}
+    m = np.zeros(CLEF_IMAGES[25008], bool)
+    m[4:20, 6:30] = True
+    out[201] = (25008, m, [compressed_rle(m)])
+    a, b = np.zeros(CLEF_IMAGES[25008], bool), np.zeros(CLEF_IMAGES[25008], bool)
+    a[22:34, 2:12], b[25:30, 30:47] = True, True
+    out[202] = (25008, a | b, [compressed_rle(a), compressed_rle(b)])  # two parts, merged
+    y, x = np.mgrid[: CLEF_IMAGES[3001][0], : CLEF_IMAGES[3001][1]]
+    m = ((y - 25) / 15) ** 2 + ((x - 20) / 10) ** 2 <= 1
+    out[203] = (3001, m, [compressed_rle(m)])
+    m = np.zeros(CLEF_IMAGES[7], bool)
+    m[10:, :] = True
+    out[204] = (7, m, [compressed_rle(m)])
+    return out
+
+
+def clef_ref(ref_id, ann_id, split, sentences):
+    ref = make_ref(ref_id, 101, split, sentences)  # the sentence layout; ids and file name below are RefClef's
+    image_id = clef_masks()[ann_id][0]
+    return ref | {"ann_id": ann_id, "image_id": image_id, "file_name": f"{image_id}_{ann_id}.jpg"}
+
+
+BERKELEY_REFS = [
+    clef_ref(21, 201, "train", ["sky on top", "the upper box"]),
+    clef_ref(22, 203, "train", ["oval"]),
+    clef_ref(23, 202, "val", ["two patches", "bottom bits", "the pair"]),
+    clef_ref(24, 204, "test", ["ground"]),
+]
+CLEF_UNC_REFS = [
+    clef_ref(25, 201, "train", ["box"]), clef_ref(26, 202, "val", ["two"]), clef_ref(27, 203, "testA", ["oval"]),
+    clef_ref(28, 204, "testB", ["floor"]), clef_ref(29, 201, "testC", ["top"]),
+]
+
+
+# ---- gRefCOCO: JSON refs over COCO's images; ann_id lists, [-1] for no target
+
+def gref(ref_id, ann_id, split, sentences, image_id=None, **extra):
+    ids = ann_id if isinstance(ann_id, list) else [ann_id]
+    image_id = image_id if image_id is not None else drawn_masks()[ids[0]][0]
+    ref = make_ref(ref_id, 101, split, sentences) | {"ann_id": ann_id, "image_id": image_id}
+    ref["category_id"] = [1] * len(ids) if isinstance(ann_id, list) else 1
+    return ref | extra
+
+
+GREFS = [
+    gref(31, [101, 102], "train", ["both boxes", "the two things on the left"]),  # multi-target: 101 | 102
+    gref(32, [-1], "train", ["the zebra", "a purple dog"], image_id=1, no_target=True),
+    gref(33, [103, 104], "train", ["the oval and the crowd"], no_target=False),  # 104 is a crowd: left out
+    gref(34, [105], "val", ["left strip"]),
+    gref(35, [-1], "val", ["the cat"], image_id=2),
+    gref(36, [101, 102], "val", ["every box"]),
+    gref(37, 103, "testA", ["oval"]),  # an int ann_id, as grefer.py also reads
+    gref(38, [-1], "testB", ["nothing here"], image_id=3),
+    gref(39, [105], "testB", ["the bar"]),
+]
+
+
+def gref_mask(ref: dict) -> np.ndarray:
+    """What a gRefCOCO ref's merged target must be: the union of its non-crowd annotations' masks."""
+    masks = drawn_masks()
+    ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
+    out = np.zeros(IMAGES[ref["image_id"]], bool)
+    for a in ids:
+        if a != -1 and a != 104:  # 104 is the fixture's crowd annotation
+            out |= masks[a][1]
+    return out
+
+
 def write_refer_root(root):
-    """The fixture dataset in the refer layout under ``root``: refcoco (unc) and refcocog (umd), three JPEGs."""
+    """The fixture dataset in the refer layout under ``root``: refcoco (unc) and refcocog (umd) over three COCO
+    JPEGs, gRefCOCO (unc, JSON refs) over the same images, RefClef (berkeley, unc) over three SAIAPR JPEGs."""
     image_root = root / "images" / "mscoco" / "images" / "train2014"
     image_root.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -121,6 +206,26 @@ def write_refer_root(root):
         (root / dataset / "instances.json").write_text(json.dumps(instances))
         with open(root / dataset / refs_name, "wb") as f:
             pickle.dump(refs, f)
+    (root / "grefcoco").mkdir()
+    (root / "grefcoco" / "instances.json").write_text(json.dumps(instances))
+    (root / "grefcoco" / "grefs(unc).json").write_text(json.dumps(GREFS))
+
+    clef_root = root / "images" / "saiapr_tc-12"
+    for image_id, (h, w) in CLEF_IMAGES.items():
+        path = clef_root / clef_folder(image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+    clef_instances = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "height": h, "width": w} for i, (h, w) in CLEF_IMAGES.items()],
+        "annotations": [{"id": a, "image_id": i, "segmentation": seg, "bbox": [0, 0, 1, 1], "area": int(m.sum()),
+                         "iscrowd": 0, "category_id": 1} for a, (i, m, seg) in clef_masks().items()],
+        "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}],
+    }
+    (root / "refclef").mkdir()
+    (root / "refclef" / "instances.json").write_text(json.dumps(clef_instances))
+    for refs_name, refs in [("refs(berkeley).p", BERKELEY_REFS), ("refs(unc).p", CLEF_UNC_REFS)]:
+        with open(root / "refclef" / refs_name, "wb") as f:
+            pickle.dump(refs, f, protocol=2)
     return root
 
 
@@ -203,7 +308,8 @@ def test_text_key_sent_and_describe(root):
     ds = ReferDataset(SubsetConfig(str(root), "refcoco", "train", image_size=16, mode="eval", text_key="sent"))
     assert ds[0]["text"] == "man on the left"
     info = ds.describe(0)
-    assert info == {"ref_id": 1, "ann_id": 101, "image_id": 1, "sent_id": 10, "image_path": os.path.join(ds.config.image_root, file_name(1))}
+    assert info == {"ref_id": 1, "ann_id": 101, "image_id": 1, "sent_id": 10, "image_path": os.path.join(ds.config.image_root, file_name(1)),
+                    "no_target": False}
     assert ReferDataset(SubsetConfig(str(root), "refcoco", "train", image_size=16)).describe(0)["sent_id"] is None
 
 
@@ -395,8 +501,8 @@ def test_image_size_disagreeing_with_instances(root, tmp_path):
 
 
 def test_bad_dataset_split_and_options(root):
-    with pytest.raises(ValueError, match=r"dataset must be one of \['refcoco', 'refcoco\+', 'refcocog'\], got 'refclef'"):
-        ReferConfig(str(root), "refclef", "val")
+    with pytest.raises(ValueError, match=r"dataset must be one of \['grefcoco', 'refclef', 'refcoco', 'refcoco\+', 'refcocog'\], got 'refcoco-m'"):
+        ReferConfig(str(root), "refcoco-m", "val")
     with pytest.raises(ValueError, match=r"split for dataset 'refcoco' split_by 'unc' must be one of \['train', 'val', 'testA', 'testB'\], got 'test'"):
         ReferConfig(str(root), "refcoco", "test")
     with pytest.raises(ValueError, match=r"split for dataset 'refcocog' split_by 'google' must be one of \['train', 'val'\], got 'test'"):

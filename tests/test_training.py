@@ -262,10 +262,9 @@ def test_distill_ramp_grows_the_branch_losses_from_zero(tmp_path):
 def test_generalisation_gap_scores_each_stored_run_on_its_training_scenes(finished_run, tmp_path, monkeypatch):
     import shutil
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ablation
-    import common
-    import generalisation_gap
+    from benchmarks import ablation
+    from benchmarks import common
+    from benchmarks import generalisation_gap
     from examples.pipeline.factory import load_segmenter
 
     out, _ = finished_run
@@ -291,3 +290,14 @@ def test_generalisation_gap_scores_each_stored_run_on_its_training_scenes(finish
     assert "train − val" not in (tmp_path / "generalisation_gap_t.md").read_text()
     with pytest.raises(SystemExit):  # no best.pt: the run validated never
         generalisation_gap.main(["--work", str(tmp_path / "work"), "--tag", "t", "--rows", "CM-MaskSD", "--checkpoint", "best"])
+
+
+def test_the_maskris_substitute_trains_logs_its_combined_loss_and_draws_input_patches(tmp_path):
+    """--masksd-preset maskris --vmlsd-site embedding: pixel patches at the inputs, words by the mask token, one view."""
+    from examples.train_cris_masksd import parse_args
+
+    masksd = parse_args(["--masksd-preset", "maskris", "--vmlsd-site", "embedding"]).masksd
+    train(tiny(tmp_path, masksd=masksd, epochs=1, max_steps=2, eval_untrained=False, eval_guidance=False, overlays=1))
+    log = read_log(tmp_path / "train_log.csv")
+    assert sorted(log) == [1, 2] and all(np.isfinite(row["combined"]) and np.isnan(row["lmvsd"]) for row in log.values())
+    assert (tmp_path / "overlay_00.png").is_file()  # drawn on the 2x2 grid of 32-px pixel patches

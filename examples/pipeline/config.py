@@ -23,8 +23,8 @@ __all__ = [
     "runtime_fields",
 ]
 
-DatasetName = Literal["synthetic", ReferDatasetName]
-"""The built-in synthetic referring scenes, or a refer dataset read from files."""
+DatasetName = Literal["synthetic", ReferDatasetName, "manifest"]
+"""The built-in synthetic referring scenes, a refer dataset read from files, or your own data as a manifest."""
 DATASETS = get_args(DatasetName)
 
 _DEMO = VARIANTS["tiny"]
@@ -99,10 +99,11 @@ class TrainConfig(LoopConfig):
     ``--preset`` switches to the paper's settings; flags given after it override it."""
 
     # data
-    dataset: DatasetName = documented("synthetic", help="synthetic (built-in referring scenes, no files), refcoco, refcoco+ or refcocog.")
-    split_by: SplitBy | None = documented(None, help="Refer split scheme: unc (RefCOCO/RefCOCO+), umd or google (G-Ref). None: the dataset's usual one (unc, unc, umd).")
-    data_root: str = documented("data", runtime=True, help="Folder holding <dataset>/refs(<split_by>).p and <dataset>/instances.json.")
-    image_root: str | None = documented(None, runtime=True, help="COCO train2014 images; None: <data_root>/images/mscoco/images/train2014 (the refer layout).")
+    dataset: DatasetName = documented("synthetic", help="synthetic (built-in referring scenes, no files), refcoco, refcoco+, refcocog, refclef (ReferItGame), grefcoco (GRES: multi- and no-target expressions), or manifest (your own data, --manifest FILE).")
+    split_by: SplitBy | None = documented(None, help="Refer split scheme: unc (RefCOCO/RefCOCO+/gRefCOCO, RefClef), umd or google (G-Ref), berkeley (RefClef). None: the dataset's usual one (unc, unc, umd, berkeley, unc).")
+    data_root: str = documented("data", runtime=True, help="Folder holding <dataset>/refs(<split_by>).p (gRefCOCO: grefcoco/grefs(unc).json) and <dataset>/instances.json.")
+    image_root: str | None = documented(None, runtime=True, help="The images: COCO train2014 (None: <data_root>/images/mscoco/images/train2014, the refer layout), RefClef's SAIAPR TC-12 folder (None: <data_root>/images/saiapr_tc-12), or the folder a manifest's relative paths resolve against (None: the manifest's folder).")
+    manifest: str | None = documented(None, runtime=True, help="With --dataset manifest: the manifest file, a JSON Lines or CSV file with a row per expression (image, text, split, and a PNG mask, polygons, an RLE or no_target; see docs/data.md).")
     train_split: str = documented("train", help="Split to train on.")
     eval_split: str = documented("val", runtime=True, help="Split validated during training and evaluated at the end (synthetic: val, test or compositional).")
     text_key: TextKey = documented(ReferConfig.text_key, help="Refer sentence field: raw (as typed) or sent (lower-cased and tokenised, what CRIS reads; the paper presets use it).")
@@ -151,7 +152,14 @@ class TrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # also every choice: dataset, split_by, resize, text_key, deep_level, restore...
-        if self.split_by is None and self.dataset != "synthetic":
+        if self.dataset == "manifest":
+            if not self.manifest:
+                raise ValueError("dataset 'manifest' needs a manifest file: --manifest FILE (JSON Lines or CSV, see docs/data.md)")
+            if self.split_by is not None:
+                raise ValueError(f"split_by is a refer partition; dataset 'manifest' has none, got split_by={self.split_by!r}")
+        elif self.manifest is not None:
+            raise ValueError(f"manifest {self.manifest!r} is read only with --dataset manifest, got dataset {self.dataset!r}")
+        elif self.split_by is None and self.dataset != "synthetic":
             self.split_by = DEFAULT_SPLIT_BY[self.dataset]
         if not isinstance(self.masksd, MaskSDConfig):
             raise TypeError(f"masksd must be a MaskSDConfig, got {type(self.masksd).__name__}")

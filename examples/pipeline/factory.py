@@ -20,7 +20,7 @@ from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_w
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
 from masksd import InputSpec, MaskSD, MaskSDConfig
-from masksd.data import ReferConfig, ReferDataset
+from masksd.data import ManifestConfig, ManifestDataset, ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
@@ -39,10 +39,15 @@ BACKBONE_PREFIXES = ("segmenter.backbone.",)
 
 
 def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
-    """The ``split`` of the configured dataset; ``train`` draws one sentence per ref (refer)."""
+    """The ``split`` of the configured dataset; ``train`` draws one sentence per ref (refer, manifest)."""
     if cfg.dataset == "synthetic":
         size = cfg.synthetic_train_size if train else cfg.synthetic_eval_size
         return SyntheticReferDataset(SyntheticConfig(image_size=cfg.image_size, num_samples=size, split=split, seed=cfg.seed))
+    if cfg.dataset == "manifest":
+        return ManifestDataset(ManifestConfig(
+            cfg.manifest, split, root=cfg.image_root, image_size=cfg.image_size, resize_mode=cfg.resize,
+            mode="train" if train else "eval", seed=cfg.seed,
+        ))
     return ReferDataset(
         ReferConfig(
             root=cfg.data_root,

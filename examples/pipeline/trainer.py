@@ -64,10 +64,12 @@ def check_norm_batch(model: torch.nn.Module, batch_size: int, world_size: int) -
 class _Run(TrainingLoop):
     """MaskSD around the CRIS-style segmenter: the loop's step is MaskSD's training forward."""
 
-    log_fields = ("loss", "seg", "lmvsd", "vmlsd", "combined")
+    log_fields = ("loss", "seg", "lmvsd", "vmlsd")
     best_metric = "mIoU"
 
     def __init__(self, cfg: TrainConfig, env: Dist):
+        if cfg.masksd.views == "combined":  # MaskRIS's one masked view has its own loss column
+            self.log_fields = (*type(self).log_fields, "combined")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         check_norm_batch(model, cfg.batch_size, env.world_size)

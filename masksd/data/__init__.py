@@ -1,8 +1,9 @@
-"""Data for referring image segmentation: refer-format RefCOCO/RefCOCO+/G-Ref
-loaders (:class:`ReferDataset`), procedurally generated referring scenes
-(:class:`SyntheticReferDataset`), and the shared input transform.
+"""Data for referring image segmentation: refer-format RefCOCO/RefCOCO+/G-Ref/RefClef/gRefCOCO
+loaders (:class:`ReferDataset`), your own images, masks and expressions as a manifest
+(:class:`ManifestDataset`), procedurally generated referring scenes (:class:`SyntheticReferDataset`),
+and the shared input transform.
 
-Every dataset here returns the same sample dict, so a trainer can use either:
+Every dataset here returns the same sample dict, so a trainer can use any of them:
 
 - ``image``: float32 (3, S, S), CLIP-normalised model input;
 - ``mask``: float32 (1, S, S) in {0, 1}, the ground truth in the model-input frame;
@@ -28,6 +29,8 @@ __all__ = [
     "SPLIT_COUNTS",
     "Frame",
     "InputTransform",
+    "ManifestConfig",
+    "ManifestDataset",
     "ReferConfig",
     "ReferDataset",
     "ReferDatasetName",
@@ -44,6 +47,8 @@ __all__ = [
     "TextKey",
     "collate",
     "decode_segmentation",
+    "read_manifest",
+    "read_mask",
     "read_rgb",
     "restore",
 ]
@@ -53,6 +58,10 @@ __getattr__, __dir__ = lazy_exports(globals(), {  # each name's module, imported
     "collate": "masksd.data.batching",  # not a module of the same name: importing it would shadow the function
     "MAX_IMAGE_PIXELS": "masksd.data.images",
     "read_rgb": "masksd.data.images",
+    "read_mask": "masksd.data.images",
+    "ManifestConfig": "masksd.data.config",
+    "ManifestDataset": "masksd.data.manifest",
+    "read_manifest": "masksd.data.manifest",
     "DEFAULT_SPLIT_BY": "masksd.data.config",
     "SPLIT_COUNTS": "masksd.data.config",
     "SPLITS": "masksd.data.config",

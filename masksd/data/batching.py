@@ -7,7 +7,7 @@ import torch
 __all__ = ["SAMPLE_KEYS", "collate"]
 
 SAMPLE_KEYS = ("image", "mask", "text", "target", "frame", "index")
-"""Keys of a sample dict, the format :class:`ReferDataset` and :class:`SyntheticReferDataset` share."""
+"""Keys of a sample dict, the format :class:`ReferDataset`, :class:`ManifestDataset` and :class:`SyntheticReferDataset` share."""
 
 
 def collate(batch: list[dict]) -> dict:

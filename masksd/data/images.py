@@ -1,5 +1,6 @@
-"""Image files as uint8 RGB arrays: the one reader behind :class:`~masksd.data.ReferDataset` and
-``examples/predict.py``, so both refuse the same files and convert the same modes.
+"""Image files as uint8 RGB arrays: the one reader behind :class:`~masksd.data.ReferDataset`,
+:class:`~masksd.data.ManifestDataset` and ``examples/predict.py``, so all refuse the same files and
+convert the same modes; and binary mask files (:func:`read_mask`, the manifest's PNG masks).
 
 Refused, with a ``ValueError`` naming the file: an image over :data:`MAX_IMAGE_PIXELS` (checked from
 the header, before anything is decoded: a decompression bomb claims gigapixels in a few kilobytes),
@@ -21,7 +22,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["MAX_IMAGE_PIXELS", "read_rgb"]
+__all__ = ["MAX_IMAGE_PIXELS", "read_mask", "read_rgb"]
 
 MAX_IMAGE_PIXELS = 89_478_485
 """The largest image (width x height) masksd decodes: PIL's own default ``Image.MAX_IMAGE_PIXELS``
@@ -40,10 +41,26 @@ def _pil():
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """The image at ``path`` as uint8 RGB (H, W, 3); see the module docstring for what is refused and
     how other modes are converted. Raises ``FileNotFoundError`` or ``ValueError``, naming the file."""
+    return _read(path, _to_rgb, "image")
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A binary mask file (a PNG from any editor) as bool (H, W), True where the target is.
+
+    Single-channel modes (``1``, ``L``, ``P``: the palette index, ``I;16``) and RGB or RGBA files whose
+    colour channels are equal (a grey mask saved as colour; alpha ignored) are read as one value per
+    pixel; the pixels must hold at most two values, 0 (background) and one other (the target: 1, 255,
+    a palette index...). A mask with more values (a JPEG's ringing, an anti-aliased edge, a colour
+    label map) is refused rather than thresholded. Raises ``FileNotFoundError`` or ``ValueError``
+    naming the file; images over :data:`MAX_IMAGE_PIXELS` are refused as :func:`read_rgb` refuses them."""
+    return _read(path, _to_binary, "mask")
+
+
+def _read(path: str | os.PathLike, convert, noun: str) -> np.ndarray:
     Image = _pil()
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
+        raise FileNotFoundError(f"{noun} not found: {path}")
     try:
         with warnings.catch_warnings():
             # PIL warns between its limit and twice it; ours refuses with a named error just below instead
@@ -52,13 +69,13 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
                 width, height = im.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise _Refused(_too_large(path, f"{width}x{height} = {width * height:,} pixels"))
-                return _to_rgb(im, path)
+                return convert(im, path)
     except _Refused as e:
         raise ValueError(str(e)) from None
     except Image.DecompressionBombError as e:  # PIL's own limit, when someone set it below ours
         raise ValueError(_too_large(path, str(e))) from None
     except Exception as e:  # PIL's plugins raise OSError, SyntaxError, EOFError, struct.error... on a bad file
-        raise ValueError(f"could not decode image {path}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"could not decode {noun} {path}: {type(e).__name__}: {e}") from e
 
 
 class _Refused(Exception):
@@ -78,3 +95,23 @@ def _to_rgb(im, path: str) -> np.ndarray:
     if im.mode in ("I", "F"):
         raise _Refused(f"image {path} has mode {im.mode} pixels (32-bit integer or float), which have no fixed range to map to 8-bit RGB")
     return np.asarray(im.convert("RGB"))  # (H, W, 3)
+
+
+def _to_binary(im, path: str) -> np.ndarray:
+    """A decoded PIL image of a binary mask as bool (H, W); see :func:`read_mask`."""
+    if im.mode in ("RGB", "RGBA", "LA"):
+        channels = np.asarray(im)  # (H, W, C)
+        colour = channels[..., :1] if im.mode == "LA" else channels[..., :3]
+        if not (colour == colour[..., :1]).all():
+            raise _Refused(f"mask {path} is a colour image (mode {im.mode}, channels differ): save it as a grey or 1-bit PNG")
+        values = colour[..., 0]  # (H, W)
+    elif im.mode in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+        values = np.asarray(im)  # (H, W)
+    else:
+        raise _Refused(f"mask {path} has mode {im.mode}; expected a grey, 1-bit or palette PNG")
+    present = np.unique(values)
+    if len(present) > 2 or (len(present) == 2 and present[0] != 0):
+        shown = ", ".join(str(v) for v in present[:6]) + (", ..." if len(present) > 6 else "")
+        raise _Refused(f"mask {path} is not binary: it holds {len(present)} pixel values ({shown}); expected 0 for the "
+                       "background and one other value for the target (save masks as PNG, not JPEG)")
+    return values != 0  # (H, W)

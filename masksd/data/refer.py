@@ -1,18 +1,32 @@
-"""RefCOCO, RefCOCO+ and G-Ref (RefCOCOg) read from the standard refer files.
+"""RefCOCO, RefCOCO+, G-Ref (RefCOCOg), RefClef and gRefCOCO read from the standard refer files.
 
-Layout (the refer repo's ``data/`` folder, https://github.com/lichengunc/refer)::
+Layout (the refer repo's ``data/`` folder, https://github.com/lichengunc/refer, and ReLA's
+``datasets/`` for gRefCOCO, https://github.com/henghuiding/ReLA)::
 
     <root>/
       refcoco/   refs(unc).p  instances.json
       refcoco+/  refs(unc).p  instances.json
       refcocog/  refs(umd).p  refs(google).p  instances.json
+      refclef/   refs(berkeley).p  refs(unc).p  instances.json
+      grefcoco/  grefs(unc).json  instances.json
       images/mscoco/images/train2014/COCO_train2014_000000000009.jpg ...
+      images/saiapr_tc-12/25/images/25008.jpg ...                       (RefClef)
 
 ``refs(<split_by>).p`` is a pickle: a list of refs, each a dict with ``ref_id,
 ann_id, image_id, split, sentences`` (dicts with ``sent_id, sent, raw, tokens``),
 ``sent_ids, category_id, file_name``. ``instances.json`` is COCO-style:
 ``images`` (``id, file_name, height, width``) and ``annotations`` (``id,
-image_id, segmentation``: polygons, compressed RLE or uncompressed RLE).
+image_id, segmentation``: polygons, compressed RLE or uncompressed RLE; RefClef's
+are lists of compressed RLEs, merged).
+
+RefClef's images are the SAIAPR TC-12 archive's: ``file_name`` ``25008.jpg`` lies at
+``<image_root>/25/images/25008.jpg`` (:func:`~masksd.data.config.saiapr_image_path`).
+
+gRefCOCO (GRES, Liu, Ding and Jiang, CVPR 2023) writes its refs as JSON with the same keys,
+but ``ann_id`` is a list: several annotations (a multi-target expression; their masks are
+merged, crowd annotations left out as ReLA's loader leaves them out) or ``[-1]`` (a
+no-target expression: an all-empty mask). A ``no_target`` flag, where a file has one, must
+agree with ``ann_id``.
 
 The refs pickle is read without running code: the published files hold only lists, dicts,
 strings and numbers, so every Python global a file names (a class, a function, a ``copy_reg``
@@ -35,13 +49,17 @@ from torch.utils.data import Dataset
 from masksd.data.images import read_rgb
 from masksd.data.config import (  # re-exported: masksd.data.refer keeps its names
     DEFAULT_SPLIT_BY, SPLIT_COUNTS, SPLITS, ReferConfig, ReferDatasetName, SplitBy, SplitCounts, SplitCountWarning, TextKey,
+    saiapr_image_path,
 )
 from masksd.data.transforms import InputTransform
 
 __all__ = [
-    "DEFAULT_SPLIT_BY", "SPLITS", "SPLIT_COUNTS", "ReferConfig", "ReferDataset", "ReferDatasetName", "SplitBy", "SplitCountWarning",
-    "SplitCounts", "TextKey", "decode_segmentation",
+    "DEFAULT_SPLIT_BY", "NO_TARGET", "SPLITS", "SPLIT_COUNTS", "ReferConfig", "ReferDataset", "ReferDatasetName", "SplitBy",
+    "SplitCountWarning", "SplitCounts", "TextKey", "decode_segmentation", "draw_sentence", "target_ann_ids",
 ]
+
+NO_TARGET = -1
+"""The ``ann_id`` gRefCOCO gives a no-target expression (as ``[-1]``)."""
 
 _MISSING_DEPS = "ReferDataset needs pillow and pycocotools (pip install pillow pycocotools, or masksd[examples])"
 
@@ -58,17 +76,27 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """A COCO ``segmentation`` as a bool (height, width) mask.
 
     Accepts a list of polygons (flat ``[x0, y0, x1, y1, ...]`` lists of at least 3 points; the
-    parts are merged), an uncompressed RLE (``counts`` a list of ints) or a compressed RLE
-    (``counts`` a str or bytes). Everything is checked before pycocotools sees it, since its C code
-    trusts its input: polygon coordinates must be finite numbers within one image size of the image
-    (the parts of a polygon past the image's edge are cut at the edge, as COCO's API does), an RLE's
-    ``size`` must be ``[height, width]`` and its counts non-negative and summing to height x width.
-    Raises ``ValueError`` naming the field.
+    parts are merged), an uncompressed RLE (``counts`` a list of ints), a compressed RLE
+    (``counts`` a str or bytes), or a list of RLEs (RefClef's form; merged). Everything is checked
+    before pycocotools sees it, since its C code trusts its input: polygon coordinates must be finite
+    numbers within one image size of the image (the parts of a polygon past the image's edge are cut
+    at the edge, as COCO's API does), an RLE's ``size`` must be ``[height, width]`` and its counts
+    non-negative and summing to height x width. Raises ``ValueError`` naming the field.
     """
     mask_utils = _coco_mask()
+    if isinstance(segmentation, list) and segmentation and all(isinstance(part, dict) for part in segmentation):
+        masks = []
+        for i, part in enumerate(segmentation):
+            try:
+                masks.append(decode_segmentation(part, height, width))
+            except ValueError as e:
+                raise ValueError(f"RLE part {i}: {e}") from None
+        return np.logical_or.reduce(masks)  # (H, W)
     if isinstance(segmentation, list):
         if not segmentation:
             raise ValueError("polygon segmentation is an empty list (expected [[x0, y0, x1, y1, ...], ...])")
+        if any(isinstance(part, dict) for part in segmentation):
+            raise ValueError("segmentation mixes polygons and RLE dicts (expected a list of one kind)")
         for i, polygon in enumerate(segmentation):
             _check_polygon(polygon, i, height, width)
         rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in segmentation], height, width))
@@ -158,8 +186,15 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 
 
 def _load_refs(path: str, trust_pickle: bool = False) -> list[dict]:
+    """The refs of a refer pickle, or of gRefCOCO's JSON (a path ending in ``.json``)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"refs file not found: {path} (expected the refer repo's data layout <root>/<dataset>/refs(<split_by>).p)")
+        layout = "<root>/grefcoco/grefs(unc).json" if path.endswith(".json") else "<root>/<dataset>/refs(<split_by>).p"
+        raise FileNotFoundError(f"refs file not found: {path} (expected the refer repo's data layout {layout})")
+    if path.endswith(".json"):
+        refs = _load_json(path)
+        if not isinstance(refs, list):
+            raise ValueError(f"refs file {path} must hold a list of dicts, got {type(refs).__name__}")
+        return refs
     unpickler = pickle.Unpickler if trust_pickle else _NoGlobalsUnpickler
     try:
         with open(path, "rb") as f:
@@ -181,9 +216,41 @@ def _load_refs(path: str, trust_pickle: bool = False) -> list[dict]:
 _REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
 
-def _check_refs(refs: list, path: str, splits: tuple[str, ...]) -> None:
-    """Every ref of the file (not only the split's): a dict with int ids, a split of the partition, a
-    sentence list; ref_ids unique. A file failing this is not the partition it is named for."""
+def target_ann_ids(ref: dict, multi_target: bool) -> list[int]:
+    """The annotation ids a (checked) ref refers to: ``[ann_id]``; for gRefCOCO (``multi_target``) its list,
+    or ``[]`` for a no-target ref (``ann_id`` ``[-1]`` or ``-1``). Elsewhere -1 is an id like any other (one
+    that no annotation has, which the loader refuses by name)."""
+    ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
+    return [] if multi_target and ids == [NO_TARGET] else ids
+
+
+def _check_ann_id(ref: dict, i: int, path: str, multi_target: bool) -> None:
+    """``ann_id``: an int; for gRefCOCO also a non-empty list of distinct ints, or ``[-1]`` (no target),
+    which a ``no_target`` flag, if present, must agree with."""
+    ann_id = ref["ann_id"]
+    if not multi_target or not isinstance(ann_id, list):
+        if not _is_int(ann_id):
+            kind = "an int or a list of ints" if multi_target else "an int"
+            raise ValueError(f"ref #{i} in {path}: ann_id must be {kind}, got {ann_id!r}")
+        return
+    if not ann_id or not all(_is_int(a) for a in ann_id):
+        raise ValueError(f"ref #{i} in {path}: ann_id must be a non-empty list of ints (or [-1] for no target), got {ann_id!r}")
+    if NO_TARGET in ann_id and ann_id != [NO_TARGET]:
+        raise ValueError(f"ref #{i} in {path}: ann_id {ann_id!r} mixes -1 (no target) with annotation ids")
+    if len(set(ann_id)) != len(ann_id):
+        raise ValueError(f"ref #{i} in {path}: ann_id {ann_id!r} lists an annotation twice")
+    if "no_target" in ref:
+        flag = ref["no_target"]
+        if not isinstance(flag, bool):
+            raise ValueError(f"ref #{i} in {path}: no_target must be true or false, got {flag!r}")
+        if flag != (ann_id == [NO_TARGET]):
+            raise ValueError(f"ref #{i} in {path}: no_target is {flag} but ann_id is {ann_id!r}")
+
+
+def _check_refs(refs: list, path: str, splits: tuple[str, ...], multi_target: bool = False) -> None:
+    """Every ref of the file (not only the split's): a dict with int ids (``ann_id`` a list for
+    gRefCOCO, ``multi_target``), a split of the partition, a sentence list; ref_ids unique. A file
+    failing this is not the partition it is named for."""
     first: dict[int, int] = {}
     for i, ref in enumerate(refs):
         if not isinstance(ref, dict):
@@ -191,9 +258,10 @@ def _check_refs(refs: list, path: str, splits: tuple[str, ...]) -> None:
         missing = set(_REF_KEYS) - ref.keys()
         if missing:
             raise ValueError(f"ref #{i} in {path} lacks keys {sorted(missing)}")
-        for key in ("ref_id", "ann_id", "image_id"):
+        for key in ("ref_id", "image_id"):
             if not _is_int(ref[key]):
                 raise ValueError(f"ref #{i} in {path}: {key} must be an int, got {ref[key]!r}")
+        _check_ann_id(ref, i, path, multi_target)
         if not isinstance(ref["split"], str) or ref["split"] not in splits:
             raise ValueError(f"ref_id {ref['ref_id']} in {path}: split must be one of {list(splits)} (this partition's), got {ref['split']!r}")
         if not isinstance(ref["sentences"], list):
@@ -217,14 +285,18 @@ def _check_sentences(ref: dict, path: str, text_key: str) -> None:
             raise ValueError(f"ref_id {ref['ref_id']} in {path}: sentence #{j}'s {text_key!r} is empty or whitespace ({text!r})")
 
 
+def _load_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"could not parse {path} as JSON: {type(e).__name__}: {e}") from e
+
+
 def _load_instances(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"instances file not found: {path} (expected COCO-style <root>/<dataset>/instances.json)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            instances = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"could not parse {path} as JSON: {e}") from e
+    instances = _load_json(path)
     if not isinstance(instances, dict) or not {"images", "annotations"} <= instances.keys():
         raise ValueError(f"{path} must be a COCO-style dict with 'images' and 'annotations'")
     for key in ("images", "annotations"):
@@ -250,6 +322,14 @@ def _index(entries: list, section: str, noun: str, path: str, keep: set[int]) ->
     return out
 
 
+def _crowd(ann: dict, path: str) -> bool:
+    """An annotation's ``iscrowd`` (absent: 0) as a bool; anything but 0, 1 or a bool is refused by name."""
+    flag = ann.get("iscrowd", 0)
+    if flag not in (0, 1) or not isinstance(flag, (int, bool)):
+        raise ValueError(f"annotation id {ann['id']} in {path}: iscrowd must be 0 or 1, got {flag!r}")
+    return bool(flag)
+
+
 def _check_image(image: dict, path: str) -> None:
     """An image entry that a ref uses: a relative ``file_name`` inside image_root, positive int height and width."""
     name = image.get("file_name")
@@ -262,8 +342,14 @@ def _check_image(image: dict, path: str) -> None:
             raise ValueError(f"image id {image['id']} in {path}: {key} must be a positive int, got {image.get(key)!r}")
 
 
+def draw_sentence(seed: int, epoch: int, index: int, count: int) -> int:
+    """Train mode's draw: which of ``count`` sentences item ``index`` shows in ``epoch``, from (seed, epoch,
+    index) only (not from DataLoader workers or access order; the manifest reader draws the same way)."""
+    return int(np.random.default_rng((seed, epoch, index)).integers(count))
+
+
 class ReferDataset(Dataset):
-    """One split of RefCOCO / RefCOCO+ / G-Ref as model-ready samples.
+    """One split of RefCOCO / RefCOCO+ / G-Ref / RefClef / gRefCOCO as model-ready samples.
 
     Items are dicts (see ``masksd.data`` for the format shared with
     :class:`~masksd.data.synthetic.SyntheticReferDataset`): ``image`` float32
@@ -284,7 +370,8 @@ class ReferDataset(Dataset):
         all_refs = _load_refs(refs_path, config.trust_pickle)
         instances = _load_instances(instances_path)
 
-        _check_refs(all_refs, refs_path, SPLITS[(config.dataset, config.split_by)])
+        multi_target = config.dataset == "grefcoco"
+        _check_refs(all_refs, refs_path, SPLITS[(config.dataset, config.split_by)], multi_target)
         self.refs: list[dict] = [ref for ref in all_refs if ref["split"] == config.split]  # in pickle order
         for ref in self.refs:
             _check_sentences(ref, refs_path, config.text_key)
@@ -295,25 +382,21 @@ class ReferDataset(Dataset):
             self._check_counts()
 
         # keep only the images and annotations this split refers to
-        ann_ids = {r["ann_id"] for r in self.refs}
+        ann_ids = {a for r in self.refs for a in self.target_ids(r)}
         self.annotations: dict[int, dict] = _index(instances["annotations"], "annotations", "annotation", instances_path, ann_ids)
         image_ids = {r["image_id"] for r in self.refs}
         self.images: dict[int, dict] = _index(instances["images"], "images", "image", instances_path, image_ids)
         for image in self.images.values():
             _check_image(image, instances_path)
         for ref in self.refs:
-            ann = self.annotations.get(ref["ann_id"])
-            if ann is None:
-                raise ValueError(f"ref_id {ref['ref_id']} points to ann_id {ref['ann_id']}, which is not in {instances_path}")
             if ref["image_id"] not in self.images:
                 raise ValueError(f"ref_id {ref['ref_id']} points to image_id {ref['image_id']}, which is not in {instances_path}")
-            missing = {"image_id", "segmentation"} - ann.keys()
-            if missing:
-                raise ValueError(f"annotation id {ann['id']} (ann_id of ref_id {ref['ref_id']}) in {instances_path} lacks keys {sorted(missing)}")
-            if not _is_int(ann["image_id"]) or ann["image_id"] != ref["image_id"]:
+            for ann_id in self.target_ids(ref):
+                self._check_annotation(ref, ann_id)
+            if multi_target and self.target_ids(ref) and all(_crowd(self.annotations[a], instances_path) for a in self.target_ids(ref)):
                 raise ValueError(
-                    f"ref_id {ref['ref_id']} in {refs_path} has image_id {ref['image_id']}, but its ann_id {ref['ann_id']} "
-                    f"has image_id {ann['image_id']!r} in {instances_path}"
+                    f"ref_id {ref['ref_id']} in {refs_path} refers to crowd annotations only (ann_id {ref['ann_id']}), which "
+                    "gRefCOCO's masks leave out: its target would be empty without being a no-target ref"
                 )
 
         # per item: (position in refs, position in its sentences, or -1 to draw one at random)
@@ -321,6 +404,25 @@ class ReferDataset(Dataset):
             self.items = [(r, -1) for r in range(len(self.refs))]
         else:
             self.items = [(r, s) for r, ref in enumerate(self.refs) for s in range(len(ref["sentences"]))]
+
+    def target_ids(self, ref: dict) -> list[int]:
+        """The annotation ids ``ref`` refers to; ``[]`` for a gRefCOCO no-target ref (:func:`target_ann_ids`)."""
+        return target_ann_ids(ref, multi_target=self.config.dataset == "grefcoco")
+
+    def _check_annotation(self, ref: dict, ann_id: int) -> None:
+        """An annotation a ref of the split refers to exists, has an image_id (the ref's) and a segmentation."""
+        refs_path, instances_path = self.config.refs_path, self.config.instances_path
+        ann = self.annotations.get(ann_id)
+        if ann is None:
+            raise ValueError(f"ref_id {ref['ref_id']} points to ann_id {ann_id}, which is not in {instances_path}")
+        missing = {"image_id", "segmentation"} - ann.keys()
+        if missing:
+            raise ValueError(f"annotation id {ann['id']} (ann_id of ref_id {ref['ref_id']}) in {instances_path} lacks keys {sorted(missing)}")
+        if not _is_int(ann["image_id"]) or ann["image_id"] != ref["image_id"]:
+            raise ValueError(
+                f"ref_id {ref['ref_id']} in {refs_path} has image_id {ref['image_id']}, but its ann_id {ann_id} "
+                f"has image_id {ann['image_id']!r} in {instances_path}"
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -334,7 +436,7 @@ class ReferDataset(Dataset):
         c = self.config
         key = (c.dataset, c.split_by, c.split)
         found, expected = self.counts(), SPLIT_COUNTS[key]
-        if found != expected:
+        if expected is not None and found != expected:  # None: no published count to check against
             warnings.warn(
                 f"{c.refs_path}: {c.dataset}/{c.split_by} {c.split} holds {found.refs} refs and {found.sentences} sentences, "
                 f"but the published split has {expected.refs} refs and {expected.sentences} sentences: a refs file of "
@@ -352,9 +454,13 @@ class ReferDataset(Dataset):
         return f"ReferDataset({c.dataset}/{c.split_by} {c.split}, mode={c.mode}, refs={len(self.refs)}, items={len(self)})"
 
     def image_path(self, image_id: int) -> str:
-        """Path of an image's JPEG: ``image_root`` / the ``file_name`` from instances.json.
+        """Path of an image's JPEG: ``image_root`` / the ``file_name`` from instances.json; for RefClef
+        the SAIAPR TC-12 folder of the image (:func:`~masksd.data.config.saiapr_image_path`).
         (A ref's own ``file_name`` carries an annotation suffix and names no file.)"""
-        return os.path.join(self.config.image_root, self.images[image_id]["file_name"])
+        file_name = self.images[image_id]["file_name"]
+        if self.config.dataset == "refclef":
+            return saiapr_image_path(self.config.image_root, image_id, file_name)
+        return os.path.join(self.config.image_root, file_name)
 
     def load_image(self, image_id: int) -> np.ndarray:
         """The image as uint8 RGB (H0, W0, 3), read by :func:`masksd.data.images.read_rgb` (which refuses images
@@ -377,8 +483,21 @@ class ReferDataset(Dataset):
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"bad segmentation of ann_id {ann_id} in {self.config.instances_path}: {e}") from e
 
+    def ref_target(self, ref: dict) -> np.ndarray:
+        """What a ref refers to, as bool (H0, W0): its annotation's mask; for gRefCOCO the union of its
+        annotations' masks without the crowd ones (ReLA's merge), all False for a no-target ref."""
+        info = self.images[ref["image_id"]]
+        target = np.zeros((info["height"], info["width"]), dtype=bool)
+        multi_target = self.config.dataset == "grefcoco"
+        for ann_id in self.target_ids(ref):
+            if multi_target and _crowd(self.annotations[ann_id], self.config.instances_path):
+                continue
+            target |= self.load_target(ann_id)
+        return target
+
     def describe(self, index: int) -> dict:
-        """Identifiers of an item: ``ref_id, ann_id, image_id, sent_id`` (None in train mode) and ``image_path``."""
+        """Identifiers of an item: ``ref_id, ann_id`` (a list for gRefCOCO), ``image_id, sent_id`` (None in
+        train mode), ``image_path`` and ``no_target`` (True for a gRefCOCO ref that refers to nothing)."""
         r, s = self.items[index]
         ref = self.refs[r]
         return {
@@ -387,6 +506,7 @@ class ReferDataset(Dataset):
             "image_id": ref["image_id"],
             "sent_id": ref["sentences"][s].get("sent_id") if s >= 0 else None,
             "image_path": self.image_path(ref["image_id"]),
+            "no_target": not self.target_ids(ref),
         }
 
     def __getitem__(self, index: int) -> dict:
@@ -395,9 +515,9 @@ class ReferDataset(Dataset):
         r, s = self.items[index]
         ref = self.refs[r]
         if s < 0:
-            s = int(np.random.default_rng((self.config.seed, self.epoch, index)).integers(len(ref["sentences"])))
+            s = draw_sentence(self.config.seed, self.epoch, index, len(ref["sentences"]))
         text = ref["sentences"][s][self.config.text_key]
         image = self.load_image(ref["image_id"])  # (H0, W0, 3)
-        target = self.load_target(ref["ann_id"])  # (H0, W0)
+        target = self.ref_target(ref)  # (H0, W0)
         image_t, mask_t, frame = self.transform(image, target)  # (3, S, S), (1, S, S)
         return {"image": image_t, "mask": mask_t, "text": text, "target": target, "frame": frame, "index": index}
