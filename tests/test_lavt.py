@@ -181,7 +181,7 @@ def test_a_local_snapshot_loads_its_weights_tokenizer_and_normalisation(tmp_path
     assert reloaded.renormalise.scale.flatten().tolist() == pytest.approx((torch.tensor(CLIP_STD) / torch.tensor(IMAGENET_STD)).tolist())
     # what an export keeps beside the weights rebuilds the same model without the snapshot folder
     exported = LAVT(LAVTConfig(), hf_configs=reloaded.hf_configs(), tokenizer=reloaded.tokenizer,
-                    image_statistics=(IMAGENET_MEAN, IMAGENET_STD))
+                    image_statistics=(reloaded.renormalise.mean, reloaded.renormalise.std))
     exported.load_state_dict(reloaded.state_dict())
     with torch.no_grad():
         assert torch.equal(exported.eval()(clip, texts), reloaded(clip, texts))

@@ -67,6 +67,7 @@ class Renormalise(torch.nn.Module):
         mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std must give 3 channels, std > 0; got mean={mean}, std={std}")
+        self.mean, self.std = mean, std  # what an export records beside the weights
         self.identity = (mean, std) == (CLIP_MEAN, CLIP_STD)
         target_mean, target_std = torch.tensor(mean), torch.tensor(std)
         self.register_buffer("scale", (torch.tensor(CLIP_STD) / target_std).view(1, 3, 1, 1), persistent=False)
