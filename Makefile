@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu-check gpu-wheels install clean
+.PHONY: demo test gpu-check gpu-table gpu-wheels install clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/train_cris_masksd.py
+	$(PY) examples/train_cris_masksd.py --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
@@ -26,6 +26,10 @@ test: $(STAMP)
 # that `make gpu-wheels` saved in .whl/ here (carry .whl); anywhere else it uses .venv like demo and test.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The powered table on one GPU (benchmarks/powered.py: 120 tiny runs, 16 at a time, resumable; starts no run after 7 min).
+gpu-table:
+	bash benchmarks/on_gpu.sh benchmarks.powered --run --device cuda --jobs 16 --budget 420
 
 # Wheels the GPU machine lacks (open_clip and what it needs beyond that image), for Python 3.12, into .whl/.
 gpu-wheels:

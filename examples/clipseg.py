@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
+from examples.cris.config import CLIP_CONTEXT_LENGTH
+from examples.cris.truncation import TruncationCount, cut_to_context
 from masksd.data import CLIP_MEAN, CLIP_STD, Renormalise
 from masksd.integrations import CLIPSegSegmenter
 from masksd.integrations.hfclip import require_transformers
@@ -81,6 +83,7 @@ class CLIPSegRIS(CLIPSegSegmenter):
         super().__init__(model, tokenizer=tokenizer)  # both tokenizers list their special ids (all_special_ids)
         self.config = config
         self._tokenizer = tokenizer
+        self.truncation = TruncationCount(config.max_words)  # expressions cut by tokenize, warned once
         # The pipeline normalises with CLIP's statistics; a snapshot's processor may use others (CLIPSeg's
         # uses ImageNet's): an exact per-channel affine map between the two, identity for the random model.
         self.renormalise = Renormalise(mean, std)
@@ -96,7 +99,8 @@ class CLIPSegRIS(CLIPSegSegmenter):
 
     def tokenize(self, texts: Sequence[str]):
         """Referring expressions -> the tokenizer's mapping (``input_ids``, ``attention_mask``: (B, max_words)),
-        a ``transformers.BatchEncoding`` (``.to(device)`` works). Raises ValueError naming an empty text."""
+        a ``transformers.BatchEncoding`` (``.to(device)`` works). Raises ValueError naming an empty text. A text
+        longer than max_words is cut (end token kept), counted in ``self.truncation`` and warned about once."""
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
             raise TypeError(f"texts must be a non-empty list of strings, got {type(texts).__name__}")
         for index, text in enumerate(texts):
@@ -105,8 +109,12 @@ class CLIPSegRIS(CLIPSegSegmenter):
         transformers = require_transformers()
         length = self.config.max_words
         if isinstance(self._tokenizer, transformers.PreTrainedTokenizerBase):  # the snapshot's
+            needed = [len(ids) for ids in self._tokenizer(list(texts))["input_ids"]]  # uncut, special tokens included
+            self.truncation.record(texts, needed)
             return self._tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        ids = self._tokenizer(list(texts), context_length=length)  # open_clip's: EOT kept, zero padding
+        full = self._tokenizer(list(texts), context_length=CLIP_CONTEXT_LENGTH + 1)  # open_clip's: EOT kept, zero padding
+        ids, needed = cut_to_context(full, length, self._tokenizer.eot_token_id)  # (B, max_words), as open_clip cuts
+        self.truncation.record(texts, needed, measured=full.shape[1])
         eot = (ids == self._tokenizer.eot_token_id).int().argmax(dim=1)  # (B,)
         attention = (torch.arange(length)[None, :] <= eot[:, None]).long()  # (B, L)
         return transformers.BatchEncoding({"input_ids": ids, "attention_mask": attention})

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from examples.pipeline.evaluation import evaluate
     from examples.pipeline.distributed import resolve_device
     from examples.pipeline.factory import build_dataset, load_segmenter
+    from examples.pipeline.workers import exit_with_parent
     from masksd.data import ManifestDataset, ReferDataset, collate
     from masksd.metrics import format_table
 
@@ -80,8 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(TrainConfig.from_dict(run, source=str(args.checkpoint)), **overrides)
     split = args.split or cfg.eval_split
     dataset = build_dataset(cfg, split, train=False)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
+                        worker_init_fn=exit_with_parent())
     metrics = evaluate(segmenter, loader, segmenter.tokenize, device, args.threshold, args.amp, args.progress, cfg.restore)
+    cut, cut_summary = segmenter.truncation.cut, segmenter.truncation.summary()  # longer than the text context
 
     name = f"{cfg.dataset}" + (f"({cfg.split_by})" if cfg.split_by else "") + f" {split}"
     print(format_table({name: metrics}))
@@ -96,7 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     text_key = dataset.config.text_key if isinstance(dataset, ReferDataset) else None  # synthetic scenes have one text
     counts = dataset.counts()._asdict() if isinstance(dataset, (ReferDataset, ManifestDataset)) else {}  # refs, sentences read
     report = {"checkpoint": str(args.checkpoint), "dataset": cfg.dataset, "split_by": cfg.split_by, "split": split,
-              "threshold": args.threshold, "restore": cfg.restore, "text_key": text_key, **counts, **metrics}
+              "threshold": args.threshold, "restore": cfg.restore, "text_key": text_key, **counts, **metrics,
+              "expressions_cut": cut}
+    if cut:
+        print(cut_summary)
     if guidance:
         report["guidance"] = guidance
     output = Path(args.output) if args.output else Path(args.checkpoint).with_name(f"eval_{cfg.dataset}_{split}.json")

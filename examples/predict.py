@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
 from examples.pipeline.choices import Device  # noqa: E402
-from examples.pipeline.cli import ScriptParser, run_script  # noqa: E402
+from examples.pipeline.cli import ScriptParser, run_script, utf8_text  # noqa: E402
 from examples.pipeline.config import TrainConfig  # noqa: E402
 from masksd.data.config import RESIZE_MODES, RESTORE_METHODS  # noqa: E402
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     parser = ScriptParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a last.pt written by train_cris_masksd.py")
     parser.add_argument("--image", help="an image file (JPEG, PNG, ...)")
-    parser.add_argument("--text", help="the referring expression")
+    parser.add_argument("--text", type=utf8_text, help="the referring expression (UTF-8)")
     parser.add_argument("--manifest", help="instead of --image/--text: predict every row of this manifest (JSON Lines or CSV)")
     parser.add_argument("--split", help="with --manifest: only the rows of this split (default: every row)")
     parser.add_argument("--output-dir", default=".", help="where the PNGs go (default: .)")
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
 
     if args.manifest is None:
         image_path = Path(args.image)
+        if image_path.is_dir():
+            parser.error(f"--image {image_path} is a folder, not an image file")
         if not image_path.is_file():
             parser.error(f"--image not found: {image_path}")
         try:
@@ -80,8 +83,10 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         if callable(rgb):
             rgb = rgb()  # a manifest row's image, read when its turn comes
         image, _, frame = transform(rgb)
+        cut_before = segmenter.truncation.cut
+        tokens = segmenter.tokenize([text])  # a text longer than the context is cut: said below
         with torch.no_grad():
-            logits = segmenter(image[None].to(device), segmenter.tokenize([text]).to(device))  # (1, 1, h, w)
+            logits = segmenter(image[None].to(device), tokens.to(device))  # (1, 1, h, w)
         probs = torch.sigmoid(logits.float()).cpu()[0]  # (1, h, w)
         mask = (restore(probs, frame, args.restore or run_cfg.restore)[0] > args.threshold).numpy()  # (H0, W0)
 
@@ -91,7 +96,11 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         tinted = rgb.astype(np.float32)
         tinted[mask] = 0.45 * tinted[mask] + 0.55 * np.array([230, 40, 40], dtype=np.float32)
         Image.fromarray(tinted.astype(np.uint8)).save(overlay_path)
-        print(f"{text!r}: {int(mask.sum())} of {mask.size} pixels; wrote {mask_path} and {overlay_path}")
+        read = ""
+        if segmenter.truncation.cut > cut_before:  # say what the model read, not only what was typed
+            ids = tokens["input_ids"] if isinstance(tokens, Mapping) else tokens  # CLIPSeg's tokenizer gives a mapping
+            read = f" (read as {' '.join(segmenter.token_strings(ids[0])[1:-1])!r}: cut to {segmenter.config.max_words} token positions)"
+        print(f"{text!r}{read}: {int(mask.sum())} of {mask.size} pixels; wrote {mask_path} and {overlay_path}")
         written.append({**row, "text": text, "mask": str(mask_path), "overlay": str(overlay_path), "pixels": int(mask.sum())})
     if args.manifest is not None:
         import json

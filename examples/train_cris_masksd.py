@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     from examples.pipeline.trainer import train  # heavy imports after --help
 
     result = train(cfg)
+    cut = result.model.segmenter.truncation.summary() if result.model is not None else ""
+    if cut:  # the first cut warned; the total, at the end
+        print(cut)
     if result.metrics:
         from masksd.metrics import format_table
 

@@ -48,6 +48,22 @@ def check_tensor(name: str, x: object, *, dims: int | tuple[int, ...], floating:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def check_nonempty(name: str, x: torch.Tensor) -> None:
+    """Raise a ValueError unless the batch ``x`` (B, ...) holds at least one sample: a mean over none is NaN."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): a loss over no samples is NaN")
+
+
+def check_finite_values(name: str, x: torch.Tensor) -> None:
+    """Raise a ValueError naming ``name`` and the samples unless the floating-point batch ``x`` (B, ...) is
+    free of NaN and ±inf. Reads the values (one wait for the device): call it on request, not per step."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    bad = ~x.isfinite().flatten(1).all(dim=1)  # (B,)
+    if bool(bad.any()):
+        raise ValueError(f"{name} holds NaN or infinite values in samples {bad.nonzero().flatten().tolist()}")
+
+
 def check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Return ``mask`` (or an all-True mask when None) after checking it is bool with ``shape``."""
     import torch

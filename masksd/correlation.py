@@ -71,13 +71,17 @@ class CorrelationFilter(nn.Module):
         """The same selection on precomputed scores: scores (B, N) float; valid (B, N) bool or None.
 
         Returns a (B, N) bool tensor, True at the ``ceil(top_k * n_valid)`` highest-scoring valid tokens
-        (lowest-scoring for ``select="bottom"``).
+        (lowest-scoring for ``select="bottom"``). A NaN score ranks last among the valid tokens, in either
+        direction, and an invalid token is never selected, whatever the valid ones score (-inf included).
         """
         check_tensor("scores", scores, dims=2, floating=True)
         batch, length = scores.shape
         valid = check_mask("valid", valid, (batch, length), scores.device)
         scores = scores.float() if self.direction == "top" else -scores.float()  # the least correlated rank first
-        scores = scores.masked_fill(~valid, float("-inf"))
+        # NaN and -inf (a hook's "never") rank below every finite score but above the invalid tokens' -inf:
+        # sorted first, a NaN would be chosen before real scores; tied with -inf, an invalid token could be chosen
+        lowest = torch.finfo(torch.float32).min
+        scores = scores.nan_to_num(nan=lowest, posinf=float("inf"), neginf=lowest).masked_fill(~valid, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)  # (B, N) token indices, chosen first
         counts = topk_counts(self.top_k, valid.sum(dim=1))  # (B,)
         take = torch.arange(length, device=scores.device) < counts[:, None]  # (B, N) by rank
@@ -103,9 +107,23 @@ def spread_scores(scores: torch.Tensor, coarse: tuple[int, int], fine: tuple[int
     return repeat(on_grid, "b h w -> b (h p w q)", p=hf // hc, q=wf // wc)  # (B, h·w)
 
 
-def prediction_scores(logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def prediction_scores(
+    logits: torch.Tensor, grid: tuple[int, int], patch_size: int | None = None, image_size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """The main branch's predicted mask as scores for LMVSD's ``guidance="prediction"``: sigmoid of the detached
-    (B, 1, h, w) logits, average-pooled onto the token ``grid`` (gh, gw). Returns (B, gh·gw) float32, row-major."""
+    (B, 1, h, w) logits, average-pooled onto the token ``grid`` (gh, gw). Returns (B, gh·gw) float32, row-major.
+
+    With ``patch_size`` and ``image_size`` (H, W) (the input site's pixel patches, whose last row and column are cut
+    to the image): the prediction resized to the image (bilinear, as the loss resizes), then averaged over each
+    patch's own pixels, so that a cut patch is scored by what lies on it and not by an even split of the map."""
     check_tensor("logits", logits, dims=4, floating=True)
     probs = torch.sigmoid(logits.detach().float())  # (B, 1, h, w)
-    return F.adaptive_avg_pool2d(probs, grid).flatten(1)  # (B, gh·gw)
+    if patch_size is None:
+        return F.adaptive_avg_pool2d(probs, grid).flatten(1)  # (B, gh·gw)
+    (height, width), (gh, gw) = image_size, grid
+    if tuple(probs.shape[-2:]) != (height, width):
+        probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)  # (B, 1, H, W)
+    pad = (0, gw * patch_size - width, 0, gh * patch_size - height)  # up to whole patches, with zeros
+    sums = F.avg_pool2d(F.pad(probs, pad), patch_size)  # (B, 1, gh, gw): patch sums / patch area
+    share = F.avg_pool2d(F.pad(torch.ones_like(probs[:1]), pad), patch_size)  # (1, 1, gh, gw): real pixels / area
+    return (sums / share).flatten(1)  # (B, gh·gw)

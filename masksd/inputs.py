@@ -36,7 +36,8 @@ class InputSpec:
     special_token_ids: tuple[int, ...] = ()
     """Ids never masked: [CLS], [SEP], [PAD], [MASK], [UNK]... (a mapping's ``attention_mask`` excludes padding too)."""
     word_replacement: tuple[float, float] = (0.8, 0.1)
-    """Shares of the drawn words that become the mask id and a random id; the rest keep their id (MaskRIS, BERT)."""
+    """Shares of the drawn words that become the mask id and a random id (never one of ``special_token_ids``); the
+    rest keep their id (MaskRIS, BERT)."""
     image_key: str = "pixel_values"
     """Where the pixels are when images come as a mapping."""
     text_key: str = "input_ids"

@@ -1,4 +1,11 @@
-"""Losses: BCE of the main branch against ground truth and of each masked branch against the main branch (Eq. 9)."""
+"""Losses: BCE of the main branch against ground truth and of each masked branch against the main branch (Eq. 9).
+
+Shapes, dtypes and empty batches are checked on every call. Values (a mask in [0, 1], no NaN or ±inf in
+masks and teacher logits) are read only where a caller asks, since reading them waits for the device:
+the loss functions do by default (``check_values=True``), :func:`check_mask_values` on request, and
+MaskSD's training step not at all (it passes ``check_values=False``; :meth:`masksd.MaskSD.check_inputs`
+checks a batch's values, on the first batch of each epoch in the example trainer).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masksd._checks import check_choice, check_nonnegative, check_open_fraction, check_tensor
+from masksd._checks import check_choice, check_finite_values, check_nonempty, check_nonnegative, check_open_fraction, check_tensor
 from masksd.config import Supervision, Target, TeacherGradient
 
 __all__ = ["SelfDistillLoss", "segmentation_loss", "as_mask_batch", "check_mask_values"]
@@ -19,6 +26,7 @@ def as_mask_batch(name: str, mask: torch.Tensor, batch: int | None = None) -> to
     """Check the shape and dtype of a float ground-truth mask (B, H, W) or (B, 1, H, W); return it as
     (B, 1, H, W). Its values are not read here (that would wait for the device): see :func:`check_mask_values`."""
     check_tensor(name, mask, dims=(3, 4), floating=True)
+    check_nonempty(name, mask)
     if mask.dim() == 4 and mask.shape[1] != 1:
         raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, H, W), got {tuple(mask.shape)}")
     if batch is not None and mask.shape[0] != batch:
@@ -27,18 +35,28 @@ def as_mask_batch(name: str, mask: torch.Tensor, batch: int | None = None) -> to
 
 
 def check_mask_values(name: str, mask: torch.Tensor) -> None:
-    """Raise a ValueError naming ``name`` and the samples unless every value of ``mask`` (B, ...) lies in [0, 1].
-    Reads the values: call it per epoch or on request, not in every training step."""
+    """Raise a ValueError naming ``name``, the samples and the range found unless every value of ``mask``
+    (B, ...) is finite and lies in [0, 1] (a mask read from an 8-bit PNG holds {0, 255}: the error says to
+    divide by 255). Reads the values (one wait for the device): call it on request, not in every step."""
     check_tensor(name, mask, dims=(3, 4), floating=True)
-    bad = ((mask < 0) | (mask > 1) | mask.isnan()).flatten(1).any(dim=1)  # (B,)
+    check_finite_values(name, mask)
+    if mask.numel() == 0:
+        return
+    bad = ((mask < 0) | (mask > 1)).flatten(1).any(dim=1)  # (B,)
     if bool(bad.any()):
-        raise ValueError(f"{name} values must lie in [0, 1] (a binary or soft mask); samples {bad.nonzero().flatten().tolist()} do not")
+        low, high = mask.min().item(), mask.max().item()
+        hint = "; an 8-bit image mask? divide it by 255" if high > 1 and high <= 255 and low >= 0 else ""
+        raise ValueError(
+            f"{name} values must lie in [0, 1] (a binary or soft mask), got values in [{low:g}, {high:g}] in samples "
+            f"{bad.nonzero().flatten().tolist()}{hint}"
+        )
 
 
 def _check_logits(name: str, logits: torch.Tensor) -> None:
     check_tensor(name, logits, dims=4, floating=True)
     if logits.shape[1] != 1:
         raise ValueError(f"{name} must have shape (B, 1, h, w), got {tuple(logits.shape)}")
+    check_nonempty(name, logits)
 
 
 def _resize(target: torch.Tensor, size: torch.Size, soft: bool, name: str = "ground_truth") -> torch.Tensor:
@@ -58,13 +76,17 @@ def _resize(target: torch.Tensor, size: torch.Size, soft: bool, name: str = "gro
     return F.interpolate(target, size=size, mode="nearest")
 
 
-def segmentation_loss(logits: torch.Tensor, ground_truth: torch.Tensor) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, ground_truth: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
     """BCE-with-logits of (B, 1, h, w) logits against a (B, [1,] H, W) mask, averaged over pixels.
 
-    The mask is resized to the logits' size with nearest neighbour, as CRIS does.
+    The mask is resized to the logits' size with nearest neighbour, as CRIS does. With ``check_values``
+    (the default) a mask outside [0, 1] or holding NaN/±inf is refused (:func:`check_mask_values`: one wait
+    for the device); a training loop that checked its data once passes False.
     """
     _check_logits("logits", logits)
     target = as_mask_batch("ground_truth", ground_truth, logits.shape[0])
+    if check_values:
+        check_mask_values("ground_truth", target)
     target = _resize(target.to(logits.dtype), logits.shape[-2:], soft=False)
     return F.binary_cross_entropy_with_logits(logits, target)
 
@@ -118,16 +140,20 @@ class SelfDistillLoss(nn.Module):
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
         ground_truth: torch.Tensor | None = None,
+        *,
+        check_values: bool = True,
     ) -> torch.Tensor:
         """student_logits, teacher_logits: (B, 1, h, w); ground_truth: (B, [1,] H, W) float.
 
-        Returns the weighted scalar loss.
+        Returns the weighted scalar loss. With ``check_values`` (the default) the target's values are read
+        first (one wait for the device): NaN/±inf teacher logits, or a ground truth outside [0, 1], raise a
+        ValueError naming them; MaskSD's training step passes False.
         """
         _check_logits("student_logits", student_logits)
         if self.supervision == "ground_truth":
             if ground_truth is None:
                 raise ValueError("ground_truth is required when supervision='ground_truth'")
-            return self.weight * segmentation_loss(student_logits, ground_truth)
+            return self.weight * segmentation_loss(student_logits, ground_truth, check_values=check_values)
 
         if teacher_logits is None:
             raise ValueError("teacher_logits is required when supervision='distill'")
@@ -137,6 +163,8 @@ class SelfDistillLoss(nn.Module):
                 f"teacher_logits has batch size {teacher_logits.shape[0]}, "
                 f"student_logits has {student_logits.shape[0]}"
             )
+        if check_values:
+            check_finite_values("teacher_logits", teacher_logits)
         with torch.no_grad() if self.teacher_gradient == "detach" else contextlib.nullcontext():
             target = torch.sigmoid(teacher_logits.float())  # (B, 1, h', w')
             if self.target == "hard":

@@ -262,7 +262,11 @@ class PixelPatchMasker(nn.Module):
 class WordIdMasker(nn.Module):
     """VMLSD at the input site (MaskRIS's text masking, BERT's recipe): of the drawn words (:func:`choose_masked`
     among the candidates), a share ``replacement[0]`` becomes ``mask_token_id``, a share ``replacement[1]`` a
-    uniformly random id in [0, vocab_size), the rest keep their id. No parameters."""
+    uniformly random id in [0, vocab_size) other than the ``special_ids``, the rest keep their id. No parameters.
+
+    A random [SEP], [PAD] or CLIP end-of-text id would change the sentence's structure (CLIP pools at the first
+    end-of-text id; a model may derive its padding mask from the ids), not just one word, so none is drawn.
+    """
 
     def __init__(
         self,
@@ -272,6 +276,7 @@ class WordIdMasker(nn.Module):
         ratio: float,
         min_count: int = 0,
         draw: Draw = "count",
+        special_ids: Sequence[int] = (),
     ):
         super().__init__()
         to_mask, to_random = replacement
@@ -282,8 +287,13 @@ class WordIdMasker(nn.Module):
         for name, value, needed in (("mask_token_id", mask_token_id, to_mask > 0), ("vocab_size", vocab_size, to_random > 0)):
             if needed and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0 when its replacement share is above 0, got {value!r}")
-        if to_random > 0 and vocab_size == 0:
-            raise ValueError("vocab_size must be positive to draw random words")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in special_ids):
+            raise ValueError(f"special_ids must be ints, got {special_ids!r}")
+        # the special ids inside the vocabulary, ascending: random draws step over them (see mask)
+        self.special_ids = tuple(sorted({i for i in special_ids if vocab_size and 0 <= i < vocab_size}))
+        if to_random > 0 and vocab_size - len(self.special_ids) <= 0:
+            raise ValueError(f"vocab_size must leave a word that is not special to draw random words, got vocab_size={vocab_size} "
+                             f"with {len(self.special_ids)} special ids in it")
         _check_ratio_and_count(ratio, min_count, draw)
         self.mask_token_id, self.vocab_size = mask_token_id, vocab_size
         self.replacement = (float(to_mask), float(to_random))
@@ -311,7 +321,16 @@ class WordIdMasker(nn.Module):
         if to_mask > 0:
             out = out.masked_fill(drawn & (share < to_mask), self.mask_token_id)
         if to_random > 0:
-            random_ids = torch.randint(self.vocab_size, ids.shape, generator=generator, device=ids.device, dtype=ids.dtype)
+            random_ids = self._random_words(ids, generator)  # (B, L)
             chosen = drawn & (share >= to_mask) & (share < to_mask + to_random)
             out = torch.where(chosen, random_ids, out)
         return out, drawn
+
+    def _random_words(self, ids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, L) ids drawn uniformly from the vocabulary without the special ids: the r-th non-special id is
+        r stepped past each special id at or below it (ascending; Python ints, so no tensor is copied per step)."""
+        high = self.vocab_size - len(self.special_ids)
+        words = torch.randint(high, ids.shape, generator=generator, device=ids.device, dtype=ids.dtype)  # (B, L)
+        for special in self.special_ids:
+            words = words + (words >= special).to(words.dtype)
+        return words

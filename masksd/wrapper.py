@@ -28,6 +28,7 @@ from masksd.adapter import (
     missing_feature_maps,
     missing_protocol,
 )
+from masksd._checks import check_finite_values, check_nonempty
 from masksd.config import BranchConfig, BranchName, MaskSDConfig
 from masksd.correlation import CorrelationFilter, prediction_scores, spread_scores, token_scores
 from masksd.inputs import InputSpec
@@ -125,7 +126,8 @@ class DistillBranch(nn.Module):
         elif self.site == "input":
             inputs = InputSpec() if inputs is None else inputs
             self.masker = (PixelPatchMasker(inputs.patch_size, inputs.fill, *masking) if name == "lmvsd" else
-                           WordIdMasker(inputs.mask_token_id, inputs.vocab_size, inputs.word_replacement, *masking))
+                           WordIdMasker(inputs.mask_token_id, inputs.vocab_size, inputs.word_replacement, *masking,
+                                        special_ids=inputs.special_token_ids))
         else:
             self.masker = GuidedMasker(dim, *masking)
         self.criterion = SelfDistillLoss(
@@ -271,7 +273,7 @@ class MaskSD(nn.Module):
         main = self._main_pass(images, texts)
         logits = main.logits
         batch = logits.shape[0]
-        seg_loss = segmentation_loss(logits, ground_truth)
+        seg_loss = segmentation_loss(logits, ground_truth, check_values=False)  # values: check_inputs
         out = MaskSDOutput(loss=seg_loss, seg_loss=seg_loss, logits=logits)
 
         if self.combined is not None:  # MaskRIS: one pass with every enabled branch's modality masked
@@ -279,7 +281,7 @@ class MaskSD(nn.Module):
             text, out.text_masked = self._perturb("vmlsd", main, generator) if "vmlsd" in self.branches else (None, None)
             decode = partial(self._decode_view, self._head(self.combined), main)
             student = self._run_branch(decode, (image, text), batch)
-            out.combined_loss = distill_scale * self.combined.criterion(student, logits, ground_truth)
+            out.combined_loss = distill_scale * self.combined.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.combined_loss
             return out
 
@@ -294,20 +296,20 @@ class MaskSD(nn.Module):
                 branch.replace_maps(head.feature_maps(visual), a), visual, text
             )
             student = self._run_branch(decode, (out.image_masked,), batch)
-            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.lmvsd_loss
         elif "lmvsd" in self.branches:  # sentence-guided masking of image patches; text features reused (towers)
             branch = self.branches["lmvsd"]
             masked, out.image_masked = self._perturb("lmvsd", main, generator)
             student = self._run_branch(partial(self._decode_view, self._head(branch), main), (masked, None), batch)
-            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.lmvsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.lmvsd_loss
 
         if "vmlsd" in self.branches:  # image-guided masking of words; visual features reused (towers)
             branch = self.branches["vmlsd"]
             masked, out.text_masked = self._perturb("vmlsd", main, generator)
             student = self._run_branch(partial(self._decode_view, self._head(branch), main), (None, masked), batch)
-            out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth)
+            out.vmlsd_loss = distill_scale * branch.criterion(student, logits, ground_truth, check_values=False)
             out.loss = out.loss + out.vmlsd_loss
 
         return out
@@ -350,7 +352,8 @@ class MaskSD(nn.Module):
         if branch.site == "input" and name == "lmvsd":
             pixels = self.inputs.pixels(main.images)  # (B, C, H, W)
             grid = patch_grid(pixels.shape[-2], pixels.shape[-1], self.inputs.patch_size)
-            selected = self._select(name, main, None, (pixels.shape[0], grid[0] * grid[1]), grid, pixels.device)
+            selected = self._select(name, main, None, (pixels.shape[0], grid[0] * grid[1]), grid, pixels.device,
+                                    image_size=tuple(pixels.shape[-2:]))
             if branch.masker is None:
                 return main.images, torch.zeros_like(selected)
             masked, applied = branch.masker.mask(pixels, selected, generator)
@@ -389,9 +392,11 @@ class MaskSD(nn.Module):
         shape: tuple[int, int],
         grid: tuple[int, int] | None,
         device: torch.device,
+        image_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The (B, N) bool tokens branch ``name`` keeps, ranked by its guidance among ``candidates`` (B, N) or
-        all; ``grid``: the image tokens' (h, w), where known. K = 1 keeps every candidate and reads no score."""
+        all; ``grid``: the image tokens' (h, w), where known; ``image_size``: (H, W) of the pixels where the tokens
+        are the input site's pixel patches. K = 1 keeps every candidate and reads no score."""
         branch = self.branches[name]
         if not branch.reads_scores:
             return check_mask("candidates", candidates, shape, device)
@@ -406,7 +411,8 @@ class MaskSD(nn.Module):
                 raise ValueError("lmvsd.guidance='prediction' pools the predicted mask onto the image tokens' grid: return "
                                  "Embeddings(..., grid=(h, w)) from embed_image (tokens in row-major order)")
             logits = main.logits if main.logits is not None else self._decode_main(main)
-            scores = prediction_scores(logits, grid)  # (B, N)
+            patch = None if image_size is None else self.inputs.patch_size
+            scores = prediction_scores(logits, grid, patch, image_size)  # (B, N)
         else:
             with torch.no_grad():
                 scores = self.segmenter.relevance(name, main.visual, main.text)
@@ -443,13 +449,18 @@ class MaskSD(nn.Module):
     def check_inputs(self, images: Any, texts: Any, ground_truth: torch.Tensor | None = None) -> None:
         """The checks of tensor values that a training step skips, so that it never waits for the device.
 
-        Raises a ValueError naming the argument (and the samples) when ``ground_truth`` is outside
-        [0, 1], when an enabled branch has samples without a candidate token (an empty text?), when
+        Raises a ValueError naming the argument (and the samples) when ``images`` (a tensor) is an empty
+        batch or holds NaN or ±inf, when ``ground_truth`` holds NaN or lies outside [0, 1] (a {0, 255} mask:
+        divide by 255), when an enabled branch has samples without a candidate token (an empty text?), when
         input-site word ids lie outside ``inputs.vocab_size``, or when the segmenter's own
         ``check_inputs(images, texts)`` (if it defines one) finds a problem.
-        Call it on the first batch of each epoch and whenever inputs come from a new source.
+        Call it on the first batch of each epoch and whenever inputs come from a new source: the training
+        forward checks shapes only (reading values would wait for the device in every step).
         """
         seg = self.segmenter
+        if torch.is_tensor(images):
+            check_nonempty("images", images)
+            check_finite_values("images", images)
         if callable(getattr(seg, "check_inputs", None)):
             seg.check_inputs(images, texts)
         if ground_truth is not None:

@@ -427,9 +427,10 @@ def test_the_gpu_checks_torchrun_flags_train_from_random_init():
 def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
     from benchmarks.ablation import T_95, paired_difference
 
-    values = [float(i % 7) for i in range(18)]  # 17 df: not in the table, 15 df's quantile is used
-    d = paired_difference(values, [0.0] * 18)
-    assert (d["high"] - d["mean"]) == pytest.approx(T_95[15] * d["std"] / math.sqrt(18))
+    values = [float(i % 7) for i in range(36)]  # 35 df: not in the table, 30 df's quantile is used
+    d = paired_difference(values, [0.0] * 36)
+    assert (d["high"] - d["mean"]) == pytest.approx(T_95[30] * d["std"] / math.sqrt(36))
+    assert T_95[19] == 2.093  # 20 paired seeds use their own quantile
 
 
 def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
@@ -656,7 +657,7 @@ def test_regime_tables_choose_on_test_and_test_the_papers_orderings_on_fixed_num
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     (tmp_path / "ablation_small_runs.json").write_text(json.dumps(small))
     (tmp_path / "ablation_large_runs.json").write_text(json.dumps(large))
-    regime_tables.main(["--sizes", "200=small", "3000=large", "--seeds", "0", "1", "2", "--report"])
+    regime_tables.main(["--sizes", "200=small", "3000=large", "--choice-seeds", "0", "1", "2", "--report"])
     text = (tmp_path / "ablation_regime_tables.md").read_text()
     assert "**3,000 training scenes** (`ablation_large`)" in text and "| 3,000 | 3 | +0.50 [+0.50, +0.50] | ✓ |" in text
     assert "| +LMVSD | VII | 71.13 | +0.68 | 43.50 ± 1.32 | +2.50 [+1.26, +3.74] | +0.00 [+0.00, +0.00] | 3 |" in text  # its own 3 seeds
@@ -767,3 +768,56 @@ def test_runs_file_reads_and_writes_every_stored_table_unchanged(tmp_path):
     with pytest.raises(ValueError, match="not an ablation runs file"):
         (tmp_path / "bad_runs.json").write_text('{"runs": {"baseline": [{"seeds": 1}]}}')
         RunsFile.read(tmp_path / "bad_runs.json")
+
+
+def test_powered_comparisons_on_fixed_numbers():
+    from benchmarks import powered
+    from benchmarks.runs import RunsFile
+
+    def store(rows):
+        m = lambda x: {"mIoU": x, "oIoU": x, "Prec@0.5": x, "Prec@0.7": x, "Prec@0.9": x}  # noqa: E731
+        return RunsFile.from_json({"settings": {"steps": 400, "scenes": 3000, "split": "val", "eval_scenes": 2000, "lr": 2e-3,
+                                                "backbone_lr_scale": 1.0, "best_of": "test", "eval_every": 40},
+                                   "runs": {name: [{"seed": s, "seconds": 1.0, "val": m(v), "compositional": m(c)} for s, v, c in rs]
+                                            for name, rs in rows.items()}})
+
+    base = [(s, 50.0, 40.0) for s in range(20)]
+    # CM-MaskSD: +1 on val at every seed but seed 7 (+3): resolved above zero; compositional ±1 alternating: unresolved
+    ours = [(s, 51.0 + (2.0 if s == 7 else 0.0), 40.0 + (1.0 if s % 2 else -1.0)) for s in range(20)]
+    # ground truth: +2 on seeds 0-4 only (the lead's seeds), 0 on 5-19 (not confirmed there)
+    truth = [(s, 52.0 if s < 5 else 50.0, 40.0) for s in range(20)]
+    stores = {3000: store({"baseline": base, "CM-MaskSD": ours, "CM-MaskSD, ground-truth supervision": truth}),
+              200: store({"baseline": base[:3], "CM-MaskSD": ours[:1]})}
+    results = {r["number"]: r for r in powered.analyse(stores)}
+    one = results[1]["val"]["all"]
+    assert one["n"] == 20 and one["mean"] == pytest.approx(1.1) and one["ahead"] == 20 and one["behind"] == 0
+    assert one["half_width"] == pytest.approx(2.093 * math.sqrt(0.2) / math.sqrt(20))  # t(19 df); sd of 19 ones and a 3
+    assert results[1]["val"]["verdict"] == "resolved, above zero"
+    assert results[1]["compositional"]["verdict"] == "unresolved" and results[1]["compositional"]["all"]["ahead"] == 10
+    assert results[2]["val"]["all"] is None and results[2]["val"]["verdict"] == "not run"  # one pair only
+    lead = results[3]["val"]
+    assert lead["all"]["mean"] == pytest.approx(0.5) and lead["confirmation"]["seeds"] == list(range(5, 20))
+    assert lead["confirmation"]["std"] == 0 and lead["lead"] == "not confirmed"  # exactly 0 on the new seeds
+    assert results[4]["val"]["verdict"] == "not run"  # the no-masking row was never run
+    assert powered.verdict({"low": 0.05, "high": 1.0}) == "resolved, above zero (borderline)"
+    assert powered.verdict({"low": -1.0, "high": -0.5}) == "resolved, below zero"
+    assert powered.lead_verdict({"low": -2.0, "high": -0.1}, +1.0) == "reversed"
+    assert powered.lead_verdict({"low": 0.2, "high": 1.0}, +1.0) == "confirmed"
+
+
+@pytest.mark.slow
+def test_powered_runs_and_reports_through_its_cpu_stand_in(tmp_path, monkeypatch):
+    """The prepared GPU command's code path (--run, both tables, --jobs), on CPU with tiny runs: what make gpu-table runs
+    on CUDA, less the device."""
+    from benchmarks import ablation, common, powered
+
+    for module in (ablation, common, powered):
+        monkeypatch.setattr(module, "RESULTS", tmp_path)
+    powered.main(["--run", "--stand-in", "--jobs", "2", "--seeds", "0", "1", "--work", str(tmp_path / "work")])
+    data = json.loads((tmp_path / "powered_standin.json").read_text())
+    assert data["tags"] == {"3000": "standin_regime_3000", "200": "standin_overfit"}
+    assert [c["number"] for c in data["comparisons"]] == [1, 2, 3, 4, 5]
+    assert all(c["val"]["all"]["seeds"] == [0, 1] for c in data["comparisons"])
+    stored = json.loads((tmp_path / "ablation_standin_regime_3000_runs.json").read_text())
+    assert sorted(stored["runs"]) == sorted(powered.ROWS_3000) and stored["settings"]["steps"] == 4
+    assert "| 1 | CM-MaskSD − baseline | 3,000 | val |" in (tmp_path / "powered_standin.md").read_text()

@@ -147,3 +147,18 @@ def test_bad_shapes_name_the_argument():
         f.select(torch.randn(2, 4), torch.randn(2, 5, 4), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="tokens"):
         f.select(torch.randn(2, 4), torch.ones(2, 5, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("select", ["top", "bottom"])
+def test_nan_scores_rank_last_and_an_invalid_token_is_never_selected(select):
+    """A relevance hook or a prediction may give NaN (attention over nothing) or a "never" score (-inf, or +inf when
+    the bottom is kept): a NaN must not be chosen before real scores, and a never-token must not let an invalid
+    token of lower index in."""
+    nan, inf = float("nan"), float("inf")
+    ranked = torch.tensor([[nan, 1.0, 2.0, nan], [5.0, -inf, 1.0, nan]])  # as the direction ranks them: high first
+    scores = ranked if select == "top" else -ranked
+    valid = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    half = CorrelationFilter(0.5, select=select).select_scores(scores, valid)  # ceil(0.5 * n) of each row
+    assert half.nonzero().tolist() == [[0, 1], [0, 2], [1, 1], [1, 2]]  # real scores first; then the lower index
+    every = CorrelationFilter(1.0, select=select).select_scores(scores, valid)
+    assert torch.equal(every, valid)  # exactly the valid tokens, never the invalid one

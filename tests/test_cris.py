@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from examples.cris import CRIS, TINY_CLIP, CRISConfig
 from examples.cris.backbone import create_clip, resolve_quick_gelu
 from masksd import BranchConfig, MaskSD, MaskSDConfig, bare_state_dict, segmentation_loss
+from tests.conftest import refuse_host_reads
 
 SOT, EOT = 49406, 49407
 SENTENCES = ["the red car on the left", "a man"]
@@ -447,14 +448,7 @@ def test_a_cris_training_step_reads_no_tensor_value(monkeypatch):
     images, ids, truth = batch(model)
     wrapped = MaskSD(model, MaskSDConfig(checkpoint_branches=True)).train()
     wrapped.check_inputs(images, ids, truth)  # allowed: once per epoch, before the steps
-
-    def refuse(name):
-        def read(*args, **kwargs):
-            raise AssertionError(f"the training step read a tensor value with Tensor.{name}")
-        return read
-
-    for name in ("item", "tolist", "__bool__", "nonzero", "numpy", "__int__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    refuse_host_reads(monkeypatch, "the training step")
     out = wrapped(images, ids, truth, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     monkeypatch.undo()

@@ -3,6 +3,7 @@ re-runs it per branch with only that branch's modality masked, and verify_segmen
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import replace
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from masksd import BranchConfig, Features, MaskSD, MaskSDConfig, SegmenterAdapter, verify_segmenter
+from masksd import BranchConfig, Features, MaskSD, MaskSDConfig, SegmenterAdapter, bare_state_dict, verify_segmenter
 from masksd.adapter import is_fused
 from masksd.verify import SegmenterCheckError
 from tests.toys import EOT, FusedToy, ToyViT, colour_task
@@ -82,14 +83,19 @@ def test_fused_eval_output_is_the_bare_forward_exactly_after_training(config):
     images, ids, masks = colour_task(4, seed=1)
     torch.manual_seed(0)
     segmenter = FusedToy()
+    initial = copy.deepcopy(segmenter.state_dict())
     model = MaskSD(segmenter, config).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):
         optimizer.zero_grad()
         model(images, ids, masks).loss.backward()
         optimizer.step()
+    # a fresh bare model with the trained weights (what an exported checkpoint gives) computes the eval output
+    bare = FusedToy().eval()
+    bare.load_state_dict(bare_state_dict(model.state_dict()))
+    assert not torch.equal(bare.fuse.weight, initial["fuse.weight"])  # the fused encoder trained
     with torch.no_grad():
-        assert torch.equal(model.eval()(images, ids), segmenter(images, ids))
+        assert torch.equal(model.eval()(images, ids), bare(images, ids))
         expected = segmenter.decode_head(*segmenter.encode(segmenter.embed_image(images), segmenter.embed_text(ids)))
         assert torch.equal(segmenter(images, ids), expected)
 

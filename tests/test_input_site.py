@@ -3,6 +3,7 @@ the maskris preset as published, and a plain ``forward(images, token_ids)`` mode
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -76,6 +77,32 @@ def test_word_replacement_is_80_10_10_on_a_large_draw():
     to_random = 1 - to_mask - kept
     assert abs(to_mask - 0.8) < 0.01 and abs(to_random - 0.1) < 0.01 and abs(kept - 0.1) < 0.01
     assert torch.equal(new[~drawn], ids[~drawn]) and int(new.max()) < 30522
+
+
+def test_random_replacement_words_are_uniform_over_the_vocabulary_without_its_special_ids():
+    """A random [SEP]/[PAD] (or CLIP's end-of-text id, where CLIP pools) mid-sentence would change its structure."""
+    special = (0, 3, 4, 9)  # scattered, so that stepping past each one is tested
+    ids = torch.full((200, 100), 5)
+    masker = WordIdMasker(mask_token_id=4, vocab_size=12, replacement=(0.0, 1.0), ratio=1.0, special_ids=special + (40,))
+    new, drawn = masker.mask(ids, torch.ones_like(ids, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert bool(drawn.all()) and not bool(torch.isin(new, torch.tensor(special)).any()) and int(new.max()) < 12
+    counts = torch.bincount(new.flatten(), minlength=12)[[1, 2, 5, 6, 7, 8, 10, 11]].double()  # the 8 other ids
+    assert bool((counts / counts.mean() - 1).abs().max() < 0.1)  # each about 20000 / 8 = 2500 times
+    with pytest.raises(ValueError, match="vocab_size must leave a word that is not special"):
+        WordIdMasker(mask_token_id=0, vocab_size=2, replacement=(0.8, 0.1), ratio=0.15, special_ids=(0, 1))
+
+
+def test_the_input_site_draws_no_special_id_as_a_random_word():
+    images, ids, masks = plain_batch()
+    spec = InputSpec.from_tokenizer(bert_tokenizer(), patch_size=16, word_replacement=(0.0, 1.0))
+    config = MaskSDConfig.maskris(lmvsd=BranchConfig(enabled=False), vmlsd=BranchConfig.vmlsd(site="input", top_k=1.0, ratio=1.0))
+    model = MaskSD(PlainRIS(vocab=len(WORDS)), config, inputs=spec).train()
+    seen = []
+    model.segmenter.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    for seed in range(20):  # 20 draws of the 17 words among 9 non-special ids: a special id would show up
+        model(images, ids, masks, generator=torch.Generator().manual_seed(seed))
+    for view in seen[1::2]:
+        assert not bool((torch.isin(view, torch.tensor(spec.special_token_ids)) & (view != ids)).any())
 
 
 @settings(max_examples=40, deadline=None)
@@ -178,6 +205,24 @@ def test_prediction_guidance_at_the_input_site_masks_the_pixel_patches_under_the
     out = MaskSD(Fixed(vocab=len(WORDS)), config, inputs=InputSpec(patch_size=16)).train()(images, ids, masks)
     on = Fixed(vocab=len(WORDS))(images, ids) > 0
     assert torch.equal(out.image_masked, on.flatten(1))
+
+
+def test_prediction_guidance_scores_a_cut_pixel_patch_by_the_pixels_on_it():
+    """40-px images in 16-px patches: the last row of patches is 8 px tall. The prediction is sure on those 8 px and
+    mildly positive (0.6) on the first patch row: the cut row ranks first (an even 3-way split of the 40 px would
+    mix the cut row with 6 px of background and rank the first row above it)."""
+    class Fixed(PlainRIS):
+        def forward(self, images, token_ids):
+            logits = torch.full((images.shape[0], 1, 40, 40), -6.0)
+            logits[:, :, :16] = math.log(0.6 / 0.4)
+            logits[:, :, 32:] = 6.0
+            return logits + 0 * super().forward(images, token_ids).mean()
+
+    images, ids, masks = torch.randn(2, 3, 40, 40), plain_batch()[1][:2], torch.ones(2, 1, 40, 40)
+    config = MaskSDConfig(lmvsd=BranchConfig(site="input", guidance="prediction", top_k=1 / 3, ratio=1.0), vmlsd=BranchConfig(enabled=False))
+    model = MaskSD(Fixed(vocab=len(WORDS)), config, inputs=InputSpec(patch_size=16)).train()
+    out = model(images, ids, masks)
+    assert model.image_grid(images) == (3, 3) and out.image_masked.nonzero().tolist() == [[0, 6], [0, 7], [0, 8], [1, 6], [1, 7], [1, 8]]
 
 
 def test_an_adapter_masked_at_the_input_site_re_embeds_the_masked_pixels():

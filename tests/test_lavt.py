@@ -143,9 +143,12 @@ def test_config_and_inputs_are_checked_by_name(built, tmp_path):
         LAVTConfig(pretrained=str(tmp_path))
     with pytest.raises(ValueError, match="relevance_stages must be distinct stages among 1-4"):
         LAVTConfig(relevance_stages=(2, 2))
-    model = built
+    model = tiny(built)
     with pytest.raises(ValueError, match="texts\\[1\\] must be a non-empty string"):
         model.tokenize(["ok", " "])
+    with pytest.warns(UserWarning, match="1 of 2 expressions in this batch need more than the 20 token positions"):
+        cut = model.tokenize(["a dog", "the " * 30])  # [CLS] 30 words [SEP]: 32 positions
+    assert cut["input_ids"][1, -1] == model.tokenizer.sep_token_id and model.truncation.summary().startswith("1 of 2 expressions")
     with pytest.raises(TypeError, match="texts must be the tokenizer's mapping"):
         model.embed_text(torch.zeros(2, 20, dtype=torch.long))
     with pytest.raises(ValueError, match="at least 64 px"):

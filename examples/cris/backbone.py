@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -73,8 +75,9 @@ def create_clip(
 
     open_clip interpolates the checkpoint's image position embedding to the new grid when it loads
     (in float32, whatever the checkpoint's precision).
-    Raises FileNotFoundError for a ``pretrained`` that is neither a tag nor a file, and a
-    RuntimeError that says what to do when a tag's weights cannot be downloaded.
+    Raises FileNotFoundError for a ``pretrained`` that is neither a tag nor a file, a ValueError naming a
+    local file that is truncated, a training checkpoint or another model's weights, and a RuntimeError
+    that says what to do when a tag's weights cannot be downloaded.
     """
     register_model_configs()
     if model_name not in open_clip.list_models():
@@ -101,8 +104,10 @@ def create_clip(
                 force_image_size=image_size,
                 force_quick_gelu=resolve_quick_gelu(model_name, pretrained, quick_gelu),
             )
-    except RuntimeError as error:
+    except Exception as error:  # open_clip's torch.load or load_state_dict, in its own words
         if not is_tag:
+            raise _weights_file_error(pretrained, model_name, error) from error
+        if not isinstance(error, RuntimeError):
             raise
         raise RuntimeError(
             f"could not fetch the {model_name} weights tagged {pretrained!r} (offline?). Download them where "
@@ -112,6 +117,33 @@ def create_clip(
         ) from error
     _check_clip(model_name, clip)
     return clip
+
+
+def _weights_file_error(path: str, model_name: str, error: BaseException) -> Exception:
+    """Why open_clip could not load the local weights file ``path`` for ``model_name``, as one ValueError
+    (the file is read again, with ``weights_only=True``, to tell which); ``error`` itself when the file
+    loads and holds the CLIP weights it should (a bug, not the file's fault)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as load_error:  # torch's own words only where they say something about the file
+        first = (str(load_error).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        detail = f": {first}" if isinstance(load_error, (RuntimeError, pickle.UnpicklingError)) and first else ""
+        return ValueError(f"pretrained={path!r} is truncated or not a file torch.save wrote (a partial download or copy?){detail}")
+    if isinstance(state, dict) and "model" in state and {"optimizer", "step"} & state.keys():
+        return ValueError(
+            f"pretrained={path!r} is a training checkpoint (of {state.get('family', 'a training run')}), not CLIP weights: "
+            f"continue it with --resume, evaluate it with evaluate.py, or pass CLIP weights such as the clip.pt "
+            f"examples/pretrain_clip.py writes"
+        )
+    text = str(error)
+    counts = {kind: len(re.findall(r'"[^"]+"', found.group(1))) for kind in ("Missing", "Unexpected")
+              if (found := re.search(rf"{kind} key\(s\) in state_dict: (.*)", text))}
+    if counts or "size mismatch" in text:
+        found = ", ".join(f"{n} {kind.lower()}" for kind, n in counts.items())
+        reshaped = text.count("size mismatch")
+        found = ", ".join(x for x in (found, f"{reshaped} of another shape" if reshaped else "") if x)
+        return ValueError(f"pretrained={path!r} does not hold open_clip CLIP weights for {model_name}: its tensors do not fit ({found})")
+    return error if isinstance(error, Exception) else ValueError(str(error))
 
 
 def _check_clip(model_name: str, clip: nn.Module) -> None:

@@ -12,6 +12,7 @@ from examples.cris.backbone import CLIPBackbone, create_clip, get_tokenizer, res
 from examples.cris.config import CLIP_CONTEXT_LENGTH, CRISConfig
 from examples.cris.decoder import Projector, VisionLanguageDecoder
 from examples.cris.neck import FusionNeck, ViTPyramid
+from examples.cris.truncation import TruncationCount, cut_to_context
 from masksd import Embeddings, Features, SegmenterAdapter
 from masksd.adapter import FeatureMapLayout
 from masksd.integrations import ImageContext, TextContext
@@ -94,6 +95,7 @@ class CRIS(SegmenterAdapter):
         self.special_token_ids = self.backbone.special_token_ids
         self.sot_id = self._tokenizer.sot_token_id
         self.eot_id = self._tokenizer.eot_token_id
+        self.truncation = TruncationCount(config.max_words)  # expressions cut by tokenize, warned once
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -110,7 +112,8 @@ class CRIS(SegmenterAdapter):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Referring expressions -> (B, max_words) long token ids (SOT, words, EOT, zero padding).
 
-        Uses open_clip's tokenizer: a sentence too long is cut to max_words with EOT kept last.
+        Uses open_clip's tokenizer: a sentence too long is cut to max_words with EOT kept last, counted in
+        ``self.truncation``, and the first batch with a cut sentence warns once with the counts.
         Raises ValueError naming the index of an empty or whitespace-only text.
         """
         if isinstance(texts, str) or not isinstance(texts, Sequence):
@@ -122,7 +125,9 @@ class CRIS(SegmenterAdapter):
                 raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
             if not text.strip():
                 raise ValueError(f"texts[{index}] is empty or whitespace only: {text!r}")
-        ids = self._tokenizer(list(texts), context_length=self.config.max_words)
+        full = self._tokenizer(list(texts), context_length=CLIP_CONTEXT_LENGTH + 1)  # (B, 78): what each text needs
+        ids, needed = cut_to_context(full, self.config.max_words, self.eot_id)  # (B, max_words), as open_clip cuts
+        self.truncation.record(texts, needed, measured=full.shape[1])
         wordless = (ids[:, 1] == self.eot_id).nonzero().flatten().tolist()
         if wordless:  # e.g. text the tokenizer's cleaning removes entirely
             raise ValueError(f"texts at indices {wordless} have no word left after tokenization: {[texts[i] for i in wordless]}")

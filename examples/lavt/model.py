@@ -21,6 +21,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from examples.cris.truncation import TruncationCount
 from examples.lavt.config import LAVTConfig
 from examples.lavt.decoder import LAVTDecodeHead, LAVTVisualContext
 from examples.lavt.fusion import LanguageGate, PixelWordFusion
@@ -90,6 +91,7 @@ class LAVT(SegmenterAdapter):
         self.tokenizer = load_tokenizer(config.pretrained) if tokenizer is None else tokenizer
         if len(self.tokenizer) > bert.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but BERT's vocabulary {bert.config.vocab_size}")
+        self.truncation = TruncationCount(config.max_words)  # expressions cut by tokenize, warned once
         self.special_token_ids = tuple(sorted({self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id}))
         self.register_buffer("_special", torch.tensor(self.special_token_ids), persistent=False)
         self.renormalise = Renormalise(*(_image_statistics(config.pretrained) if image_statistics is None else image_statistics))
@@ -186,13 +188,14 @@ class LAVT(SegmenterAdapter):
 
     def tokenize(self, texts: Sequence[str]):
         """Referring expressions -> BERT's mapping (``input_ids``, ``attention_mask``: (B, max_words)): [CLS], the
-        word pieces, [SEP], padding; a longer sentence is cut with [SEP] kept. A ``transformers.BatchEncoding``
-        (``.to(device)`` works). Raises ValueError naming an empty text."""
+        word pieces, [SEP], padding; a longer sentence is cut with [SEP] kept, counted in ``self.truncation`` and warned
+        about once. A ``transformers.BatchEncoding`` (``.to(device)`` works). Raises ValueError naming an empty text."""
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
             raise TypeError(f"texts must be a non-empty list of strings, got {type(texts).__name__}")
         for index, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"texts[{index}] must be a non-empty string, got {text!r}")
+        self.truncation.record(texts, [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]])  # uncut, specials included
         return self.tokenizer(list(texts), padding="max_length", max_length=self.config.max_words, truncation=True,
                               return_tensors="pt", return_token_type_ids=False)
 

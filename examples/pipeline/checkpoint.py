@@ -1,11 +1,15 @@
-"""Checkpoints: atomic writes, ``weights_only`` loads, weights checked against the model they load into,
-and the RNG states an exact resume needs."""
+"""Checkpoints: atomic writes (a full disk named in one line, the temporary files of an interrupted write
+removed at the next start), ``weights_only`` loads, weights checked against the model they load into (and
+refused when non-finite), and the RNG states an exact resume needs."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -16,13 +20,22 @@ import torch
 from torch import nn
 
 from examples.cris.config import VARIANTS
+from examples.pipeline.guard import check_finite_weights
 
-__all__ = ["save_atomic", "load_checkpoint", "load_weights", "describe_model", "rng_state", "set_rng_state", "latest_checkpoint"]
+__all__ = [
+    "save_atomic", "remove_stale_temporaries", "load_checkpoint", "load_weights", "describe_model", "rng_state",
+    "set_rng_state", "latest_checkpoint",
+]
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+"""The name of save_atomic's temporary file for ``<name>``: ``tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")``."""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``:
-    a reader never sees a half-written checkpoint, even if the writer is killed."""
+    a reader never sees a half-written checkpoint, even if the writer is killed. A full disk (or quota)
+    raises one OSError naming the folder and the space the file needs; ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,15 +45,69 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        needed = _nbytes(obj)
+        if isinstance(error, (OSError, RuntimeError)) and _disk_full(error, path.parent, needed):
+            raise _disk_full_error(path, needed) from error
         raise
     return path
+
+
+def _disk_full(error: BaseException, folder: Path, needed: int) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, EDQUOT or EFBIG, or torch's zip writer's RuntimeError
+    (which carries no errno) with less space free than the file needs."""
+    if isinstance(error, OSError):
+        return error.errno in _DISK_FULL
+    try:
+        return shutil.disk_usage(folder).free < needed
+    except OSError:
+        return False
+
+
+def _disk_full_error(path: Path, needed: int) -> OSError:
+    free = shutil.disk_usage(path.parent).free
+    previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was there before"
+    error = OSError(
+        f"no space left in {path.parent} to write {path.name}: it needs about {_megabytes(needed)} and "
+        f"{_megabytes(free)} are free (after removing the partial file); {previous}"
+    )
+    error.errno = errno.ENOSPC
+    return error
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _nbytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about what torch.save writes."""
+    if torch.is_tensor(obj):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that :func:`save_atomic` calls killed mid-write left in ``folder``; returns
+    them. Call it when no process writes there (a run's start, before its first checkpoint)."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.glob(".*.tmp") if _TEMPORARY.fullmatch(p.name) and p.is_file()) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (tensors, numbers, strings, containers only)."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in (path / "last.pt", path / "best.pt") if p.is_file()]
+        hint = f" (it holds {' and '.join(inside)}: pass one of them)" if inside else ""
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -93,13 +160,15 @@ def load_weights(module: nn.Module, checkpoint: Mapping[str, Any], path: str | P
     ``family`` than ``expected``'s (the entries the loader would write itself, see :func:`describe_model`),
     or tensors ``module`` lacks, lacks itself, or holds at another shape. Then one ValueError names the
     file, both models (for ``purpose``, e.g. "--resume") and how many tensors do not match, with a few of
-    them, instead of load_state_dict's list of every key."""
+    them, instead of load_state_dict's list of every key. Weights holding NaN or ±inf (a run that diverged)
+    are refused by name too (:class:`~examples.pipeline.guard.TrainingDiverged`, a ValueError)."""
     state, own = checkpoint["model"], module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
     families = checkpoint.get("family"), expected.get("family")
     if not (missing or unexpected or reshaped) and (None in families or families[0] == families[1]):
+        check_finite_weights(state, f"checkpoint {path}")
         module.load_state_dict(state)
         return
     examples = [f"{k} (missing)" for k in missing[:2]] + [f"{k} (unexpected)" for k in unexpected[:2]] + [

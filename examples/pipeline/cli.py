@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 import warnings
@@ -20,7 +21,10 @@ from typing import Any, Iterator, Literal, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ScriptParser", "USER_ERRORS", "add_dataclass_arguments", "one_line", "run_script", "check_choices", "dataclass_from_args", "dataclass_from_dict", "field_help", "flatten", "unflatten"]
+__all__ = [
+    "ScriptParser", "USER_ERRORS", "add_dataclass_arguments", "one_line", "run_script", "check_choices", "dataclass_from_args",
+    "dataclass_from_dict", "field_help", "flatten", "unflatten", "utf8_text", "worker_died",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,26 +176,80 @@ class ScriptParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
+INTERRUPTED = 130
+"""The exit status of a script stopped by Ctrl-C (SIGINT), as a shell reports a process killed by it."""
+
+
 def run_script(main: typing.Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
-    """Run a script's ``main(argv)`` and return what it returns: a user error (:data:`USER_ERRORS`) becomes
-    one line on stderr that names what was wrong, and exit status 2; with ``--debug`` the error
-    propagates with its traceback."""
+    """Run a script's ``main(argv)`` and return what it returns: a user error (:data:`USER_ERRORS`, also when
+    raised in a DataLoader worker) or a data-loading worker that died (:func:`worker_died`) becomes one
+    line on stderr that names what was wrong, and exit status 2; Ctrl-C one line and status 130. With
+    ``--debug`` the error propagates with its traceback."""
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "masksd"
     try:
         return main(argv)
-    except USER_ERRORS as error:
+    except KeyboardInterrupt:
         if "--debug" in argv:
             raise
-        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "masksd"
-        print(f"{prog}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"{prog}: interrupted; a training run continues from its last checkpoint with --resume auto", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except (*USER_ERRORS, RuntimeError) as error:
+        died = worker_died(error) if isinstance(error, RuntimeError) else None
+        if "--debug" in argv or (isinstance(error, RuntimeError) and died is None):
+            raise  # a RuntimeError other than a dead worker is a bug: its traceback stays
+        print(f"{prog}: error: {died or one_line(error)} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 
+_WORKER_DIED = re.compile(r"DataLoader worker \(pids?\(?s?\)? [\d, ]+\) (?:exited unexpectedly|is killed by signal: [^.]*)")
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+
+
+def worker_died(error: BaseException) -> str | None:
+    """For the RuntimeError a DataLoader raises when one of its worker processes dies (killed by the OOM
+    killer, a signal, a crash), one line saying so and what to do; None for any other error."""
+    found = _WORKER_DIED.search(str(error))
+    if found is None:
+        return None
+    return (f"a data-loading worker died ({found.group(0)}): out of memory? Lower --workers or --batch-size; a "
+            f"training run continues from its last checkpoint with --resume auto")
+
+
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line (a FileNotFoundError from open() names its file too)."""
+    """An exception's message on one line (a FileNotFoundError from open() names its file too). An error
+    raised in a DataLoader worker, whose message is the worker's whole traceback, becomes the worker's own
+    error message, as the same error says it without workers."""
     text = str(error) or type(error).__name__
+    if _WORKER_TRACEBACK.match(text):
+        text = _last_exception(text) or text
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
     return " ".join(text.split())
+
+
+def _last_exception(traceback_text: str) -> str:
+    """The message of the last exception in a formatted traceback (after its frames, without its type)."""
+    lines = traceback_text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.rstrip().endswith("Traceback (most recent call last):")]
+    if not starts:
+        return ""
+    rest = lines[starts[-1] + 1:]
+    while rest and (not rest[0].strip() or rest[0].startswith((" ", "\t"))):  # the frames: indented
+        rest = rest[1:]
+    message = "\n".join(rest).strip()
+    return re.sub(r"^[\w.]+(?:Error|Exception|Warning|Interrupt)?: ", "", message, count=1) if ": " in message else message
+
+
+def utf8_text(text: str) -> str:
+    """An argparse ``type`` for text given on the command line: refuses bytes that are not UTF-8 (Python keeps
+    them as lone surrogates, which a tokenizer would turn into U+FFFD) with the byte and its position."""
+    for position, char in enumerate(text):
+        if "\udc80" <= char <= "\udcff":
+            raise argparse.ArgumentTypeError(
+                f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text (byte 0x{ord(char) - 0xDC00:02x} at "
+                f"character {position}): pass the text in UTF-8"
+            )
+    return text

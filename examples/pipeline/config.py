@@ -52,6 +52,7 @@ class LoopConfig:
     seed: int = documented(0, help="Seed of weights, data order, dropout and masking; runs with equal seeds repeat exactly on CPU.")
     output: str = documented("runs/demo", runtime=True, help="Run folder: last.pt, best.pt, train_log.csv, eval_log.csv, results.")
     resume: str | None = documented(None, runtime=True, help='Continue exactly from a checkpoint: a path, or "auto" for <output>/last.pt when it exists.')
+    overwrite: bool = documented(False, runtime=True, help="Start a new run in an --output folder that holds one (last.pt, best.pt or the logs), removing that run's files first; without it (or --resume auto) such a folder is refused.")
     save_every: int = documented(0, runtime=True, help="Also checkpoint every N optimiser steps; 0: at epoch ends only.")
     log_every: int = documented(10, runtime=True, help="Write a log row every N steps.")
     eval_every: int = documented(0, runtime=True, help="Validate every N epochs (refer datasets) or N steps (synthetic data), keep the metrics in eval_log.csv and the best checkpoint as best.pt; 0: only at the end.")
@@ -66,6 +67,8 @@ class LoopConfig:
         for name in ("workers", "save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.overwrite and self.resume:
+            raise ValueError(f"overwrite and resume={self.resume!r} contradict each other: --overwrite starts a new run, --resume continues one")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if not 0 <= self.warmup_epochs <= self.epochs:
@@ -267,6 +270,9 @@ class PretrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.batch_size < 2:  # one pair has no negatives: ClipLoss is exactly 0 and nothing trains
+            raise ValueError(f"batch_size must be >= 2 for contrastive pretraining (each pair's negatives are the "
+                             f"batch's other pairs; with 1 the loss is exactly 0), got {self.batch_size}")
         if not (math.isfinite(self.region_weight) and self.region_weight >= 0):
             raise ValueError(f"region_weight must be a finite number >= 0, got {self.region_weight}")
         for name in ("synthetic_train_size", "synthetic_eval_size"):

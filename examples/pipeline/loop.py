@@ -3,7 +3,9 @@
 :class:`TrainingLoop` owns seeding per rank, DDP (and SyncBatchNorm on GPUs), Adam with warm-up and
 cosine decay, the resumable epoch sampler, autocast and fp16 gradient scaling, atomic checkpoints
 (``last.pt``, ``best.pt``) holding every rank's RNG states, exact resume, periodic validation, the
-CSV logs, TensorBoard scalars and the progress bar. A subclass says what one step computes
+CSV logs, TensorBoard scalars and the progress bar; a run folder is never overwritten unasked
+(:mod:`examples.pipeline.runfolder`) and a diverging loss stops the run before any checkpoint holds
+non-finite weights (:mod:`examples.pipeline.guard`). A subclass says what one step computes
 (:meth:`~TrainingLoop.compute_loss`) and, optionally, how to validate (:meth:`~TrainingLoop.validate`).
 """
 
@@ -32,8 +34,11 @@ from examples.pipeline.cli import flatten
 from examples.pipeline.config import LoopConfig, runtime_fields
 from examples.pipeline.distributed import Dist
 from examples.pipeline.evaluation import autocast
+from examples.pipeline.guard import DivergenceGuard
 from examples.pipeline.optim import build_optimizer, warmup_cosine
+from examples.pipeline.runfolder import prepare_run_folder
 from examples.pipeline.sampling import EpochSampler
+from examples.pipeline.workers import exit_with_parent
 from masksd.data import collate
 
 __all__ = ["CsvLog", "TrainingLoop", "seed_everything"]
@@ -51,7 +56,7 @@ class CsvLog:
     optional TensorBoard writer that gets every numeric column under ``<prefix>/<column>``."""
 
     def __init__(self, path: Path, fields: Sequence[str], resume_step: int, tensorboard: Any = None, prefix: str = "train"):
-        self.fields, self.tensorboard, self.prefix = list(fields), tensorboard, prefix
+        self.path, self.fields, self.tensorboard, self.prefix = path, list(fields), tensorboard, prefix
         kept = []
         if resume_step > 0 and path.is_file():  # drop rows logged after the checkpoint a resumed run restarts from
             with open(path, newline="") as f:
@@ -63,8 +68,11 @@ class CsvLog:
         self.file.flush()
 
     def write(self, **row: Any) -> None:
-        self.writer.writerow({k: row.get(k, "") for k in self.fields})
-        self.file.flush()
+        try:
+            self.writer.writerow({k: row.get(k, "") for k in self.fields})
+            self.file.flush()
+        except OSError as error:  # a full disk: name the file (a write error carries no file name)
+            raise OSError(error.errno, f"{error.strerror}: writing {self.path}") from error
         if self.tensorboard is not None:
             for k in self.fields:
                 value = row.get(k)
@@ -109,8 +117,7 @@ class TrainingLoop:
     ):
         self.cfg, self.env, self.device = cfg, env, env.device
         self.out = Path(cfg.output)
-        if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(self.out, cfg.resume, cfg.overwrite, create=env.is_main)  # refuses to replace a run unasked
         self.model = model.to(self.device)
         if env.enabled and self.device.type == "cuda":  # BatchNorm statistics over the global batch, as one GPU would see
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -129,8 +136,12 @@ class TrainingLoop:
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + 7919 * env.rank + 1)
         self.step = 0
         self.best: dict[str, float] = {}  # {"value", "step"} of the best validation so far
+        self.guard = DivergenceGuard(self.log_fields, self.device, env.enabled)
+        self.saved_step: int | None = None  # the step last.pt holds, None before the first save
 
-        if not (cfg.resume and self._resume(cfg.resume)):
+        if cfg.resume and self._resume(cfg.resume):
+            self.saved_step = self.step
+        else:
             seed_everything(cfg.seed + 104_729 * env.rank + 1)  # a fresh run: dropout differs per rank
         if cfg.compile:
             self.compile_model()
@@ -187,13 +198,23 @@ class TrainingLoop:
         return states
 
     def save(self, name: str = "last.pt") -> None:
-        """Rank 0 writes ``<output>/<name>`` atomically (temp file + rename); every rank takes part in
+        """Rank 0 writes ``<output>/<name>`` atomically (temp file + rename) unless the weights hold NaN or
+        ±inf (then :class:`~examples.pipeline.guard.TrainingDiverged`, on every rank); every rank takes part in
         gathering the RNG states, so every rank must call this."""
         state = self._state()
+        self.guard.check_weights(state["model"], self.step, self._kept())
         if self.env.is_main:
             save_atomic(state, self.out / name)
+        if name == "last.pt":
+            self.saved_step = self.step
         if self.env.enabled:
             dist.barrier()
+
+    def _kept(self) -> str:
+        """In words, the checkpoint a stopped run leaves (for the errors that stop it)."""
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"{self.out / 'last.pt'} (step {self.saved_step}) is kept"
 
     def _resume(self, resume: str) -> bool:
         """Load a checkpoint ("auto": <output>/last.pt if any); False when there was nothing to resume."""
@@ -232,6 +253,7 @@ class TrainingLoop:
             batch_size=self.sampler.per_rank,
             sampler=self.sampler,
             num_workers=self.cfg.workers,
+            worker_init_fn=exit_with_parent(),  # a killed run leaves no worker behind
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
@@ -271,16 +293,17 @@ class TrainingLoop:
                         row = dict(step=self.step, epoch=epoch, lr=self.scheduler.get_last_lr()[0],
                                    step_time=step_time, images_per_s=cfg.batch_size / step_time)
                         pending.append((row, *_to_host(parts)))
-                        self._write_rows(pending[:-1], log, bar)
-                        del pending[:-1]
+                        written, pending[:] = pending[:-1], pending[-1:]
+                        self._write_rows(written, log, bar)
                     bar.update(1)
                     last_of_epoch = self.step % self.steps_per_epoch == 0
                     stopping = self.step >= self.stop_step
                     validating = self._validation_due(epoch, last_of_epoch)
                     saving = (cfg.save_every and self.step % cfg.save_every == 0) or last_of_epoch or stopping
                     if saving or validating:
-                        self._write_rows(pending, log, bar)  # a checkpoint never precedes its log rows
-                        pending.clear()
+                        written, pending[:] = pending[:], []
+                        self._write_rows(written, log, bar)  # a checkpoint never precedes its log rows
+                        self.guard.check(self.step, self._kept())  # the loop waits here anyway
                     if validating:  # first, so that last.pt knows the best so far
                         eval_log = self._validate_and_keep_best(epoch, eval_log)
                         tick, ticked = time.perf_counter(), self.step  # validation time is not step time
@@ -289,7 +312,7 @@ class TrainingLoop:
                     if stopping:
                         break
         finally:
-            self._write_rows(pending, log, bar)
+            self._write_rows(pending, log, bar, stop_on_divergence=False)  # rows of an interrupted run, as evidence
             bar.close()
             for f in (log, eval_log):
                 if f is not None:
@@ -301,14 +324,22 @@ class TrainingLoop:
     def check_batch(self, batch: Any) -> None:
         """Checks that read tensor values, run on the first batch of every epoch (default: none)."""
 
-    def _write_rows(self, rows: list[tuple[dict, torch.Tensor, Any]], log: CsvLog | None, bar: tqdm) -> None:
+    def _write_rows(self, rows: list[tuple[dict, torch.Tensor, Any]], log: CsvLog | None, bar: tqdm,
+                    stop_on_divergence: bool = True) -> None:
+        """Write the logged rows; if a row's step had seen a non-finite loss (on any rank), stop the run after
+        writing them all (the rows are the evidence)."""
+        diverged = False
         for row, parts, ready in rows:
             if ready is not None:
                 ready.synchronize()  # recorded a log interval ago: long done
-            values = dict(zip(self.log_fields, parts.tolist()))
+            *losses, nonfinite = parts.tolist()  # the loss parts, then the guard's count (its mean over ranks)
+            values = dict(zip(self.log_fields, losses))
+            diverged = diverged or nonfinite > 0
             if log is not None:
                 log.write(**row, **values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
+        if diverged and stop_on_divergence:
+            self.guard.stop(self.step, self._kept())
 
     def _validation_due(self, epoch: int, last_of_epoch: bool) -> bool:
         every = self.cfg.eval_every
@@ -335,10 +366,11 @@ class TrainingLoop:
         return eval_log
 
     def _train_step(self, batch: Any) -> torch.Tensor | None:
-        """One optimiser step; on log steps the (len(log_fields),) loss parts, mean over ranks, still
-        on the device; else None."""
+        """One optimiser step; on log steps the (len(log_fields) + 1,) loss parts, mean over ranks, and the
+        guard's count of non-finite steps (its mean over ranks), still on the device; else None."""
         with autocast(self.device, self.cfg.amp):
             losses = self.compute_loss(batch)
+        self.guard.observe(losses, self.step + 1)  # on the device: no wait
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         if self.cfg.grad_clip > 0:
@@ -351,6 +383,7 @@ class TrainingLoop:
             return None
         nan = losses["loss"].new_full((), float("nan"))  # filled on the device: no copy from the host
         parts = torch.stack([losses[k].detach().float() if losses.get(k) is not None else nan for k in self.log_fields])
+        parts = torch.cat([parts, self.guard.count[None]])  # the non-finite steps so far travel with the losses
         if self.env.enabled:  # the logged losses are means over ranks (gloo has no AVG)
             dist.all_reduce(parts, op=dist.ReduceOp.SUM)
             parts /= self.env.world_size

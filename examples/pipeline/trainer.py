@@ -17,6 +17,7 @@ from examples.pipeline.factory import backbone_prefixes, build_dataset, build_mo
 from examples.pipeline.loop import TrainingLoop, seed_everything
 from examples.pipeline.overlay import render_overlay
 from examples.pipeline.sampling import ShardSampler
+from examples.pipeline.workers import exit_with_parent
 from masksd import MaskSD
 from masksd.data import collate
 
@@ -138,6 +139,7 @@ class _Run(TrainingLoop):
             batch_size=max(1, cfg.batch_size // env.world_size),
             sampler=ShardSampler(len(self._eval_set), env.rank, env.world_size),
             num_workers=cfg.workers,
+            worker_init_fn=exit_with_parent(),
             collate_fn=collate,
             generator=torch.Generator().manual_seed(cfg.seed),  # leave the global RNG to training
         )
