@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, command_line, machine, markdown_table, write_results
+from benchmarks.lavt_rows import lavt_rows
 from benchmarks.runs import METRICS, Run, RunsFile, Settings, runs_path
 from examples.pipeline.cli import ScriptParser, run_script
+from examples.pipeline.config import masksd_preset
 
 GUIDANCE = ("lmvsd_auc", "lmvsd_kept", "lmvsd_top1", "vmlsd_precision")
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -81,6 +83,7 @@ ROWS: dict[str, dict[str, Row]] = {
         "separate heads": Row("scratch", "VII", {"masksd.share_weights": False}),
     },
 }
+ROWS["lavt"] = lavt_rows(Row, masksd_preset("maskris"))  # issue 30: the LAVT-style model's rows (benchmarks/lavt_rows.py)
 """The rows of each mode."""
 
 EXTRA_ROWS: dict[str, Row] = {
@@ -280,13 +283,14 @@ def run_one(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, 
                best_step=best_step)
 
 
-def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None]) -> dict[str, float]:
+def initial_guidance(premise: str, s: Settings, premises: dict[str, str | None], model: dict[str, str] | None = None) -> dict[str, float]:
     """The LMVSD/VMLSD guidance of a premise's weights before fine-tuning (the decode head plays no part), from seed 0's
-    initial weights (``scratch``: random ones, the same whatever ran before in this process)."""
+    initial weights (``scratch``: random ones, the same whatever ran before in this process); ``model``: the rows'
+    ``model`` override, if they train another model than the tiny CRIS."""
     from examples.pipeline.factory import build_model
     from examples.pipeline.loop import seed_everything
 
-    cfg = train_config(Row(premise, ""), 0, s, Path("."), premises)
+    cfg = train_config(Row(premise, "", {**BASELINE, **model} if model else {}), 0, s, Path("."), premises)  # no branch to refuse
     seed_everything(cfg.seed)
     return guidance(build_model(cfg), s.split)
 
@@ -371,10 +375,11 @@ def render(rows: dict[str, Row], summary: dict, initial: dict, split: str, s: Se
         if curves else ""
     )
     taken = sorted({n for e in summary.values() for n in e.get("steps_taken", [])})
+    model, encoders = ("LAVT-style", "Swin and BERT") if any(r.overrides.get("model") == "lavt" for r in rows.values()) else ("CRIS-style", "CLIP")
     step_text = f"{s.steps} steps" if taken in ([], [s.steps]) else (
         f"{s.steps} steps ({', '.join(map(str, taken))} taken: whole epochs of full batches)")
     return (
-        f"Tiny CRIS-style model, {step_text} of batch 32 (lr {s.lr:g}, CLIP at {s.backbone_lr_scale:g}×), "
+        f"Tiny {model} model, {step_text} of batch 32 (lr {s.lr:g}, {encoders} at {s.backbone_lr_scale:g}×), "
         f"{s.scenes} training scenes; scored on {s.eval_scenes} `{split}` and {s.eval_scenes} `compositional` scenes "
         f"(the same for every run)"
         + (f", each run from its best.pt (the step whose main-branch mIoU on {TrainConfig().synthetic_eval_size} `{s.best_of}` "
@@ -590,7 +595,8 @@ def main(argv: list[str] | None = None) -> None:
         args.seeds = []  # run nothing; summarise what is stored
     for premise in sorted({r.premise for r in rows.values()} if not args.report else ()):
         if premise not in store.initial:
-            store.initial[premise] = initial_guidance(premise, settings, premises)
+            models = {r.overrides["model"] for r in rows.values() if r.premise == premise and "model" in r.overrides}
+            store.initial[premise] = initial_guidance(premise, settings, premises, {"model": models.pop()} if models else None)
             store.write()
     pending = [(seed, name) for seed in args.seeds for name in rows  # seed by seed: an interrupted table has whole seeds
                if not store.has(name, seed)]

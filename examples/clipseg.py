@@ -18,7 +18,7 @@ import torch
 
 from examples.cris.config import CLIP_CONTEXT_LENGTH
 from examples.cris.truncation import TruncationCount, cut_to_context
-from masksd.data import CLIP_MEAN, CLIP_STD
+from masksd.data import CLIP_MEAN, CLIP_STD, Renormalise
 from masksd.integrations import CLIPSegSegmenter
 from masksd.integrations.hfclip import require_transformers
 
@@ -86,10 +86,7 @@ class CLIPSegRIS(CLIPSegSegmenter):
         self.truncation = TruncationCount(config.max_words)  # expressions cut by tokenize, warned once
         # The pipeline normalises with CLIP's statistics; a snapshot's processor may use others (CLIPSeg's
         # uses ImageNet's): an exact per-channel affine map between the two, identity for the random model.
-        scale = torch.tensor(CLIP_STD) / torch.tensor(std)
-        self.register_buffer("_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_shift", ((torch.tensor(CLIP_MEAN) - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
-        self._renormalise = mean != CLIP_MEAN or std != CLIP_STD
+        self.renormalise = Renormalise(mean, std)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -98,9 +95,7 @@ class CLIPSegRIS(CLIPSegSegmenter):
         return (self.config.image_size // patch, self.config.image_size // patch)
 
     def embed_image(self, images: torch.Tensor):
-        if self._renormalise and torch.is_tensor(images):
-            images = images * self._scale + self._shift  # CLIP's normalisation -> the processor's
-        return super().embed_image(images)
+        return super().embed_image(self.renormalise(images))  # CLIP's normalisation -> the processor's
 
     def tokenize(self, texts: Sequence[str]):
         """Referring expressions -> the tokenizer's mapping (``input_ids``, ``attention_mask``: (B, max_words)),

@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="paper settings to start from; later flags override")
     parser.add_argument("--masksd-preset", choices=sorted(MASKSD_PRESETS),
                         help="MaskSD recipe to start from (default: the paper's, or what --preset sets): maskris = MaskRIS as "
-                        "published (masksd.MaskSDConfig.maskris: 75%% of 32-px pixel patches and 15%% of words masked at the inputs, "
-                        "one combined view); CLIP's tokenizer has no [MASK], so add --vmlsd-site embedding; later flags override")
+                        "published (masksd.MaskSDConfig.maskris: 75%% of the pixel patches, MaskRIS's 32 px at 480 scaled to --image-size, and 15%% "
+                        "of words masked at the inputs, one combined view); CLIP's tokenizer has no [MASK], so add --vmlsd-site "
+                        "embedding (not with --model lavt: BERT's has one); later flags override")
     add_dataclass_arguments(parser, TrainConfig)
     parser.set_defaults(**PRESETS[known.preset])
     if known.masksd_preset:

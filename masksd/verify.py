@@ -168,7 +168,7 @@ def verify_segmenter(
             _check_upstream(segmenter, image_embedded, text_embedded, visual, text, composed, "text")
             report.checks.append(CheckResult("upstream", True, "one changed candidate embedding changes each encoder's output"))
             report.checks.append(_check_special_tokens(segmenter, texts, text_embedded))
-            for check in (_check_feature_maps(segmenter, visual, text, composed),
+            for check in (_check_feature_maps(segmenter, image_embedded, visual, text, composed),
                           _check_relevance(segmenter, image_embedded, text_embedded, visual, text),
                           _check_joint_space(config, visual, text)):
                 if check is not None:
@@ -326,7 +326,7 @@ def _check_joint_space(config: MaskSDConfig, visual, text) -> CheckResult | None
     return CheckResult("joint_space", True, "WARNING: " + message, warning=True)
 
 
-def _check_feature_maps(segmenter: nn.Module, visual, text, composed: torch.Tensor) -> CheckResult | None:
+def _check_feature_maps(segmenter: nn.Module, image_embedded, visual, text, composed: torch.Tensor) -> CheckResult | None:
     """LMVSD's features site replaces the maps ``feature_maps`` returns and decodes them with ``decode_maps``: a head
     whose split is not its own forward, or a layout that is not its maps', would train another model than it runs.
     None for a segmenter that implements no part of the protocol."""
@@ -339,7 +339,7 @@ def _check_feature_maps(segmenter: nn.Module, visual, text, composed: torch.Tens
         raise SegmenterCheckError("feature_maps", f"{type(segmenter).__name__} implements part of masksd.adapter.FeatureMapHead "
                                   f"and lacks {', '.join(missing)}", "implement all of it (LMVSD's site='features' needs each part) or none")
     layout = segmenter.feature_map_layout
-    patches = visual.tokens.shape[1]
+    patches = image_embedded.tokens.shape[1]  # the grid is the patch embeddings' (visual tokens may be None or coarser)
     if layout.grid[0] * layout.grid[1] != patches:
         raise SegmenterCheckError("feature_maps", f"feature_map_layout.grid {tuple(layout.grid)} has {layout.grid[0] * layout.grid[1]} "
                                   f"positions for {patches} patch tokens", "give the (h, w) of the patch-token grid, row-major")

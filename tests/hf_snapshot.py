@@ -1,4 +1,4 @@
-"""A tiny CLIPSeg snapshot on disk, written as save_pretrained writes CIDAS/clipseg-rd64-refined (config,
+"""Tiny transformers snapshots on disk. A CLIPSeg snapshot, written as save_pretrained writes CIDAS/clipseg-rd64-refined (config,
 weights, tokenizer files, preprocessor config), so that loading code runs offline. The tokenizer is
 transformers' CLIPTokenizer built from open_clip's copy of CLIP's BPE vocabulary: the real vocabulary
 and special tokens, not a stand-in."""
@@ -31,4 +31,23 @@ def write_clipseg_snapshot(folder: Path, seed: int = 0, image_size: int = 64) ->
     torch.manual_seed(seed)
     model = transformers.CLIPSegForImageSegmentation(_tiny_config(CLIPSegRISConfig(image_size=image_size)))
     model.save_pretrained(folder)
+    return folder
+
+
+def write_lavt_snapshot(folder: Path, seed: int = 0) -> Path:
+    """LAVT's two snapshots as ``LAVTConfig(pretrained=folder)`` reads them: ``swin/`` (a tiny random SwinModel and an
+    image processor with ImageNet's statistics, as microsoft/swin-base-patch4-window12-384's) and ``bert/`` (a tiny
+    random BertModel and a BertTokenizer of the tiny vocabulary), each written by save_pretrained."""
+    import transformers
+
+    from examples.lavt.config import LAVTConfig
+    from examples.lavt.model import _encoders
+    from examples.lavt.text import load_tokenizer
+
+    torch.manual_seed(seed)
+    swin, bert = _encoders(LAVTConfig(), None, transformers)
+    swin.save_pretrained(folder / "swin")
+    transformers.ViTImageProcessor(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(folder / "swin")
+    bert.save_pretrained(folder / "bert")
+    load_tokenizer(None).save_pretrained(folder / "bert")
     return folder

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -52,19 +51,10 @@ def test_clipseg_trains_validates_and_checkpoints_its_architecture(clipseg_run):
 
 
 def test_clipseg_checkpoint_evaluates_and_predicts_through_the_scripts(clipseg_run, tmp_path):
-    from examples.evaluate import main as evaluate_main
-    from examples.predict import main as predict_main
+    from tests.checkpoint_scripts import check_evaluate_and_predict
 
     out, result = clipseg_run
-    report = evaluate_main(["--checkpoint", str(out / "last.pt"), "--split", "val", "--workers", "0",
-                            "--no-progress", "--output", str(tmp_path / "val.json")])
-    assert {k: report[k] for k in result.metrics} == pytest.approx(result.metrics)
-    image = tmp_path / "scene.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(image)
-    mask_path, _ = predict_main(["--checkpoint", str(out / "last.pt"), "--image", str(image), "--text", "the red cube",
-                                 "--output-dir", str(tmp_path)])
-    with Image.open(mask_path) as mask:
-        assert mask.size == (80, 48)
+    check_evaluate_and_predict(out / "last.pt", result.metrics, tmp_path)
 
 
 def test_trained_clipseg_exports_to_a_plain_clipseg_without_masksd(clipseg_run, tmp_path):

@@ -133,9 +133,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def describe_model(entries: Mapping[str, Any]) -> str:
     """In words, the model that a checkpoint's entries (or the ones a run would write) describe: its
-    ``family`` (the class the training loop trained, e.g. MaskSD or CLIPPretrainer) and its CRIS
-    architecture (``cris_config``, else the ``config``'s ``model`` and ``image_size``), with the name of
-    the :data:`~examples.cris.config.VARIANTS` entry it is, if any."""
+    ``family`` (the class the training loop trained, e.g. MaskSD or CLIPPretrainer) and its architecture
+    (``cris_config`` with the name of the :data:`~examples.cris.config.VARIANTS` entry it is, if any;
+    ``clipseg_config``; ``lavt_config``; else the ``config``'s ``model`` and ``image_size``)."""
     family = entries.get("family")
     cris = entries.get("cris_config") or {}
     config = entries.get("config") or {}
@@ -144,10 +144,11 @@ def describe_model(entries: Mapping[str, Any]) -> str:
                         if all(cris.get(k) == v for k, v in fields.items() if k != "pretrained")), "")
         segmenter = f"CRIS {variant}({cris.get('model_name')}, {cris.get('image_size')} px)"
         return f"{family} around {segmenter}" if family else segmenter
-    clipseg = entries.get("clipseg_config") or {}
-    if clipseg:
-        segmenter = f"CLIPSeg ({clipseg.get('pretrained') or 'random tiny'}, {clipseg.get('image_size')} px)"
-        return f"{family} around {segmenter}" if family else segmenter
+    for key, name in (("clipseg_config", "CLIPSeg"), ("lavt_config", "LAVT")):
+        transformers_based = entries.get(key) or {}
+        if transformers_based:
+            segmenter = f"{name} ({transformers_based.get('pretrained') or 'random tiny'}, {transformers_based.get('image_size')} px)"
+            return f"{family} around {segmenter}" if family else segmenter
     if isinstance(config, Mapping) and "model" in config:
         segmenter = f"{config['model']} at {config.get('image_size')} px"
         return f"{family} ({segmenter})" if family else f"a model of {segmenter}"

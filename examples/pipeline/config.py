@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Literal, get_args
 
 from examples.cris.config import VARIANTS, CRISConfig, DeepLevel
+from examples.lavt.config import LAVT_MODEL
 from examples.pipeline.choices import Amp, Device
 from examples.pipeline.cli import check_choices, dataclass_from_dict, flatten, unflatten
 from masksd.config import MaskSDConfig, documented
@@ -115,8 +116,8 @@ class TrainConfig(LoopConfig):
     synthetic_eval_size: int = documented(500, runtime=True, help="Synthetic scenes evaluated.")
 
     # model
-    model: str = documented(_DEMO["model_name"], help="open_clip model of CRIS: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14; or clipseg (transformers' CLIPSeg, with --pretrained DIR or none).")
-    pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init.")
+    model: str = documented(_DEMO["model_name"], help="open_clip model of CRIS: masksd-tiny (CPU demo), ViT-B-16 or ViT-L-14; or clipseg (transformers' CLIPSeg), or lavt (a LAVT-style Swin + BERT segmenter, docs/lavt.md), each with --pretrained DIR or none.")
+    pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init; with --model clipseg or lavt: a folder of transformers snapshots, or none.")
     image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
     max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
     deep_level: DeepLevel = documented(CRISConfig.deep_level, help="What feeds CRIS's 1/32 level: block (the last feature block's output, CRIS on a ViT) or projected (CLIP's projected final tokens, ETRIS-style, so segmentation trains the tokens MaskSD correlates; ours).")
@@ -182,11 +183,11 @@ class TrainConfig(LoopConfig):
         if not 0 <= self.distill_ramp <= 1:
             raise ValueError(f"distill_ramp must be a fraction of the training in [0, 1], got {self.distill_ramp}")
         vmlsd = self.masksd_config().vmlsd
-        if vmlsd.enabled and vmlsd.site == "input" and self.masksd.masking:
+        if vmlsd.enabled and vmlsd.site == "input" and self.masksd.masking and self.model != LAVT_MODEL:  # BERT has [MASK]
             raise ValueError(
                 f"masksd.vmlsd.site='input' (the maskris preset's) replaces words by the tokenizer's [MASK] id, and {self.model} "
                 "tokenizes with CLIP's tokenizer, which has none: add --vmlsd-site embedding to mask the drawn words with a "
-                "learnable mask token at the word embeddings instead (docs/method.md, MaskRIS's recipe)"
+                f"learnable mask token at the word embeddings instead (docs/method.md, MaskRIS's recipe), or train --model {LAVT_MODEL}"
             )
 
 

@@ -16,24 +16,27 @@ from torch.utils.data import Dataset
 from examples.clipseg import CLIPSEG, CLIPSegRISConfig
 from examples.cris import CRIS, CRISConfig
 from examples.cris.config import SHIPPED_WEIGHTS
+from examples.lavt.config import LAVT_MODEL, SNAPSHOT_HINT, LAVTConfig
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
 from examples.pipeline.config import TrainConfig
-from masksd import InputSpec, MaskSD
+from masksd import InputSpec, MaskSD, MaskSDConfig
 from masksd.data import ManifestConfig, ManifestDataset, ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
     "ARCHITECTURES", "BACKBONE_PREFIXES", "Segmenter", "architecture_name", "backbone_prefixes", "compile_segmenter", "build_dataset",
-    "build_segmenter", "build_model", "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config",
-    "is_export_source", "load_segmenter", "segmenter_from_entries",
+    "build_segmenter", "build_model", "checkpoint_architecture", "check_guidance", "cris_config", "clipseg_config",
+    "checkpoint_cris_config", "input_patch_size", "input_spec", "is_export_source", "lavt_config", "load_segmenter",
+    "segmenter_from_entries",
 ]
 
 Segmenter = Any
-"""CRIS or examples.clipseg.CLIPSegRIS (imported only for --model clipseg: it needs transformers)."""
+"""CRIS, examples.clipseg.CLIPSegRIS or examples.lavt.LAVT (the last two imported only for their --model: they need
+transformers)."""
 
 
-ARCHITECTURES: dict[str, str] = {"cris": "cris_config", CLIPSEG: "clipseg_config"}
+ARCHITECTURES: dict[str, str] = {"cris": "cris_config", CLIPSEG: "clipseg_config", LAVT_MODEL: "lavt_config"}
 """The pipeline's segmenter kinds, by the name an export's config.json stores, each with the checkpoint entry
 holding its architecture: :func:`checkpoint_architecture` writes that entry, :func:`segmenter_from_entries`
 rebuilds the segmenter from it. A new reference model adds its name here and a branch in both."""
@@ -78,42 +81,100 @@ def cris_config(cfg: TrainConfig) -> CRISConfig:
 
 def clipseg_config(cfg: TrainConfig) -> CLIPSegRISConfig:
     """The CLIPSeg segmenter of ``--model clipseg``: a local snapshot (``--pretrained DIR``) or the random tiny one."""
-    if cfg.pretrained in SHIPPED_WEIGHTS:
-        raise ValueError(
-            f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {CLIPSEG} pass --pretrained DIR "
-            f"(a local CLIPSeg snapshot, e.g. of CIDAS/clipseg-rd64-refined) or --pretrained none (a random tiny CLIPSeg)"
-        )
-    if cfg.deep_level != "block":
-        raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; CLIPSeg's decoder reads its own layers")
+    refuse_cris_switches(cfg, "a local CLIPSeg snapshot, e.g. of CIDAS/clipseg-rd64-refined", "CLIPSeg", "its own layers")
     return CLIPSegRISConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
 
 
+def lavt_config(cfg: TrainConfig) -> LAVTConfig:
+    """The LAVT segmenter of ``--model lavt``: local Swin and BERT snapshots (``--pretrained DIR``) or the random tiny one."""
+    refuse_cris_switches(cfg, SNAPSHOT_HINT, "LAVT", "its four fused Swin stages")
+    return LAVTConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
+
+
+def refuse_cris_switches(cfg: TrainConfig, snapshot: str, name: str, decoder_reads: str) -> None:
+    """Refuse, naming the flag, what only CRIS has for a transformers model (``--model clipseg``, ``lavt``): CLIP weights
+    shipped here, and ``--deep-level``. ``snapshot`` says what its ``--pretrained DIR`` holds."""
+    if cfg.pretrained in SHIPPED_WEIGHTS:
+        raise ValueError(
+            f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {cfg.model} pass --pretrained DIR "
+            f"({snapshot}) or --pretrained none (a random tiny {name})"
+        )
+    if cfg.deep_level != "block":
+        raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; {name}'s decoder reads {decoder_reads}")
+
+
 def build_segmenter(cfg: TrainConfig) -> Segmenter:
-    """The segmenter a run trains: CRIS on ``cfg.model``'s CLIP, or CLIPSeg for ``--model clipseg``."""
+    """The segmenter a run trains: CRIS on ``cfg.model``'s CLIP, CLIPSeg for ``--model clipseg`` or LAVT for ``--model lavt``."""
     if cfg.model == CLIPSEG:
         from examples.clipseg import CLIPSegRIS
 
         return CLIPSegRIS(clipseg_config(cfg))
+    if cfg.model == LAVT_MODEL:
+        from examples.lavt import LAVT
+
+        return LAVT(lavt_config(cfg))
     return CRIS(cris_config(cfg))
 
 
 def backbone_prefixes(segmenter: Segmenter) -> tuple[str, ...]:
-    """Parameter-name prefixes of the CLIP towers inside MaskSD(segmenter): what --backbone-lr-scale scales."""
-    return BACKBONE_PREFIXES if isinstance(segmenter, CRIS) else ("segmenter.towers.",)
+    """Parameter-name prefixes of the pretrained encoders inside MaskSD(segmenter): what --backbone-lr-scale scales
+    (CRIS's CLIP, CLIPSeg's CLIP towers, LAVT's Swin and BERT but not its fusion modules)."""
+    if isinstance(segmenter, CRIS):
+        return BACKBONE_PREFIXES
+    if isinstance(segmenter.config, LAVTConfig):
+        return ("segmenter.swin.", "segmenter.bert.")
+    return ("segmenter.towers.",)
 
 
 def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
-    """``--compile``: compile the four pieces MaskSD calls (in place); the wrapper's own glue stays eager."""
-    for name in ("encode_image", "encode_text"):
+    """``--compile``: compile the pieces MaskSD calls (in place: both encoders, or the fused ``encode``, and the decode
+    head); the wrapper's own glue stays eager."""
+    from masksd.adapter import is_fused
+
+    for name in ("encode",) if is_fused(segmenter) else ("encode_image", "encode_text"):
         setattr(segmenter, name, torch.compile(getattr(segmenter, name), backend=backend))
     segmenter.decode_head.compile(backend=backend)
 
 
+MASKRIS_PATCH = (32, 480)
+"""MaskRIS's pixel patch side at ``site="input"`` and the input size it was chosen for (naver-ai/maskris)."""
+
+
+def input_patch_size(image_size: int) -> int:
+    """The pixel patch side of ``site="input"`` at ``image_size``: MaskRIS's 32 px at 480, the same share of the
+    image at any other size (4 px at the tiny models' 64)."""
+    patch, size = MASKRIS_PATCH
+    return max(1, round(patch * image_size / size))
+
+
+def input_spec(segmenter: Segmenter, image_size: int) -> InputSpec:
+    """How ``site="input"`` finds and masks this segmenter's inputs: its tokenizer's mask id, vocabulary and special
+    ids (CLIP's tokenizer has no mask id: VMLSD at the input site is then refused by name), patches of
+    :func:`input_patch_size`."""
+    tokenizer = getattr(segmenter, "tokenizer", None) or segmenter._tokenizer  # LAVT's is public; CRIS's and CLIPSeg's not
+    return InputSpec.from_tokenizer(tokenizer, patch_size=input_patch_size(image_size))
+
+
 def build_model(cfg: TrainConfig) -> MaskSD:
-    """The CRIS-style segmenter wrapped in MaskSD (branches off for ``--baseline``). Masking at the inputs finds the
-    images as the pipeline passes them, a (B, 3, S, S) tensor, in MaskRIS's 32-px patches; the pipeline's models
-    tokenize with CLIP, which has no mask id, so TrainConfig refuses ``--vmlsd-site input``."""
-    return MaskSD(build_segmenter(cfg), cfg.masksd_config(), inputs=InputSpec())
+    """The run's segmenter wrapped in MaskSD (branches off for ``--baseline``)."""
+    segmenter, config = build_segmenter(cfg), cfg.masksd_config()
+    check_guidance(segmenter, config)
+    return MaskSD(segmenter, config, inputs=input_spec(segmenter, cfg.image_size))
+
+
+def check_guidance(segmenter: Segmenter, config: MaskSDConfig) -> None:
+    """Refuse, by its flags, a branch that ranks in a joint image-text space (``guidance="joint"``, K < 1, the default)
+    for a model without one (LAVT), here rather than at the first training step."""
+    if not isinstance(getattr(segmenter, "config", None), LAVTConfig):
+        return
+    for name in ("lmvsd", "vmlsd"):
+        branch = config.branch(name)
+        if branch.enabled and branch.guidance == "joint" and branch.top_k < 1 and branch.site != "input":
+            other = "segmenter (PWAM's attention) or prediction" if name == "lmvsd" else "segmenter (PWAM's attention)"
+            raise ValueError(
+                f"--{name}-guidance joint (the default) ranks tokens in a joint image-text space, which --model {LAVT_MODEL} "
+                f"lacks: pass --{name}-guidance {other}, or --{name}-top-k 1 (random masking), or --no-{name}"
+            )
 
 
 def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
@@ -124,9 +185,12 @@ def checkpoint_cris_config(segmenter: CRIS) -> dict[str, Any]:
 
 def checkpoint_architecture(segmenter: Segmenter) -> dict[str, Any]:
     """What a checkpoint stores to rebuild ``segmenter`` without its pretrained weights: ``cris_config``,
-    or ``clipseg_config`` with the transformers architecture (``hf_config``)."""
+    or ``clipseg_config`` / ``lavt_config`` with the transformers architecture (``hf_config``: CLIPSeg's, or LAVT's
+    Swin and BERT as ``{"swin": ..., "bert": ...}``)."""
     if isinstance(segmenter, CRIS):
         return {"cris_config": checkpoint_cris_config(segmenter)}
+    if isinstance(segmenter.config, LAVTConfig):
+        return {"lavt_config": asdict(segmenter.config), "hf_config": segmenter.hf_configs()}
     return {"clipseg_config": asdict(segmenter.config), "hf_config": segmenter.hf_config()}
 
 
@@ -136,7 +200,7 @@ def architecture_name(entries: dict[str, Any]) -> str | None:
 
 
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
-    """The trained segmenter (main branch only: CRIS or CLIPSeg) from a training checkpoint, an export folder
+    """The trained segmenter (main branch only: CRIS, CLIPSeg or LAVT) from a training checkpoint, an export folder
     (``examples/pipeline/export.py``) or the Hub id of one, in eval mode, and the run's TrainConfig as a dict.
     Checkpoints load with ``weights_only=True``, exports from safetensors and JSON; a checkpoint of
     another model (another family, such as a CLIP pretraining run, or weights that do not fit the
@@ -188,7 +252,7 @@ def weights_follow() -> Iterator[None]:
 
 
 def _segmenter_for(checkpoint: dict[str, Any], cfg: TrainConfig | None, path: str | Path) -> tuple[MaskSD, dict[str, Any]]:
-    """MaskSD around the segmenter a checkpoint records (CRIS or CLIPSeg), and the architecture entries it expects."""
+    """MaskSD around the segmenter a checkpoint records (CRIS, CLIPSeg or LAVT), and the architecture entries it expects."""
     if architecture_name(checkpoint) is not None:
         segmenter, architecture = segmenter_from_entries(checkpoint, f"checkpoint {path}")
     elif cfg is not None:  # not written by train_cris_masksd.py: rebuild what its config names, so the error can count
@@ -196,7 +260,8 @@ def _segmenter_for(checkpoint: dict[str, Any], cfg: TrainConfig | None, path: st
         segmenter, architecture = CRIS(cris), {"cris_config": asdict(cris)}
     else:
         raise ValueError(f"checkpoint {path} holds {describe_model(checkpoint)} and no cris_config: not written by examples/train_cris_masksd.py")
-    return MaskSD(segmenter, (cfg or TrainConfig()).masksd_config()), architecture  # the whole state is checked
+    inputs = input_spec(segmenter, segmenter.config.image_size)
+    return MaskSD(segmenter, (cfg or TrainConfig()).masksd_config(), inputs=inputs), architecture  # the whole state is checked
 
 
 def segmenter_from_entries(entries: dict[str, Any], source: str) -> tuple[Segmenter, dict[str, Any]]:
@@ -204,6 +269,17 @@ def segmenter_from_entries(entries: dict[str, Any], source: str) -> tuple[Segmen
     config.json), built without pretrained weights (no download; the caller loads the trained ones), and the
     architecture entries it expects. ``source`` names the file in errors."""
     name = architecture_name(entries)
+    if name == LAVT_MODEL:
+        from examples.lavt import LAVT
+
+        try:
+            config = dataclass_from_dict(LAVTConfig, entries["lavt_config"], source=f"{source} lavt_config")
+        except FileNotFoundError as error:  # the snapshot holds the tokenizer and the image processor's normalisation
+            raise FileNotFoundError(
+                f"{source} was trained from the LAVT snapshots in {entries['lavt_config'].get('pretrained')!r}, "
+                f"which are gone: the tokenizer and image normalisation are read from there again ({error})"
+            ) from None
+        return LAVT(config, hf_configs=entries["hf_config"]), {"lavt_config": asdict(config)}
     if name == CLIPSEG:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 

@@ -1,4 +1,5 @@
-"""Measure how well a CRIS model's correlation filters pick the referred patches and words."""
+"""Measure how well a model's guidance picks the referred patches and words: CLIP's joint-space correlation (CRIS,
+CLIPSeg), or the segmenter's own relevance where it has no joint space (LAVT's pixel-word attention)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from examples.pipeline.evaluation import autocast
 from masksd import MaskSD
 from masksd.data.synthetic import target_words
 from masksd.guidance import GuidanceMeter, correlation_scores, patch_targets
+from masksd.wrapper import encode_pair, relevance_scores
 
-__all__ = ["format_guidance", "measure_guidance"]
+__all__ = ["format_guidance", "guidance_scores", "measure_guidance"]
 
 
 @torch.no_grad()
@@ -51,7 +53,7 @@ def measure_guidance(
             texts = list(batch["text"])
             tokens = tokenize(texts).to(device, non_blocking=True)
             with autocast(device, amp):
-                patch_scores, word_scores, candidates = correlation_scores(segmenter, images, tokens)
+                patch_scores, word_scores, candidates = guidance_scores(segmenter, images, tokens)
             meter.update_patches(patch_scores, patch_targets(batch["mask"], grid).to(patch_scores.device))
 
             flags = [_target_words_or_none(t) for t in texts] if hasattr(segmenter, "word_mask") else []
@@ -64,6 +66,23 @@ def measure_guidance(
     finally:
         model.train(was_training)
     return meter.compute()  # VMLSD keys only where some rank saw a synthetic expression
+
+
+@torch.no_grad()
+def guidance_scores(segmenter: torch.nn.Module, images, tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the filters rank, as :func:`masksd.guidance.correlation_scores` returns it: the joint-space correlation,
+    or, for a segmenter without a joint space that scores its own tokens (LAVT), its ``relevance`` (patch scores on
+    the patch grid, word scores per position) with the text's candidates."""
+    if not callable(getattr(segmenter, "relevance", None)):
+        return correlation_scores(segmenter, images, tokens)
+    image_embedded, text_embedded, visual, text = encode_pair(segmenter, images, tokens)
+    if visual.tokens is not None and text.pooled is not None:
+        return correlation_scores(segmenter, images, tokens)
+    patches = relevance_scores("lmvsd", segmenter.relevance("lmvsd", visual, text), tuple(image_embedded.tokens.shape[:2]),
+                               image_embedded.grid)  # (B, N)
+    words = relevance_scores("vmlsd", segmenter.relevance("vmlsd", visual, text), tuple(text_embedded.tokens.shape[:2]), None)
+    candidates = text_embedded.candidates if text_embedded.candidates is not None else torch.ones_like(words, dtype=torch.bool)
+    return patches.float(), words.float(), candidates
 
 
 def _target_words_or_none(text: str) -> list[bool] | None:

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from masksd.data.config import RESIZE_MODES, RESTORE_METHODS, ResizeMode, RestoreMethod  # re-exported here
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "RESTORE_METHODS", "Frame", "InputTransform", "ResizeMode", "RestoreMethod",
-    "normalize_uint8", "restore",
+    "CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "RESTORE_METHODS", "Frame", "InputTransform", "Renormalise", "ResizeMode",
+    "RestoreMethod", "normalize_uint8", "restore",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,6 +54,28 @@ def normalize_uint8(image: np.ndarray) -> torch.Tensor:
     for c in range(3):
         np.take(_LEVELS[c], image[:, :, c], out=out[c])
     return torch.from_numpy(out)
+
+
+class Renormalise(torch.nn.Module):
+    """Images normalised with CLIP's statistics (what the data here gives) -> normalised with another ``mean`` and
+    ``std`` (a model's image processor, e.g. ImageNet's for Swin or CLIPSeg), exactly: the per-channel affine map
+    ``x * (CLIP_STD / std) + (CLIP_MEAN - mean) / std``; the identity for CLIP's own statistics. Its buffers are
+    not persistent: state dicts do not change."""
+
+    def __init__(self, mean: tuple[float, float, float] = CLIP_MEAN, std: tuple[float, float, float] = CLIP_STD):
+        super().__init__()
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std must give 3 channels, std > 0; got mean={mean}, std={std}")
+        self.mean, self.std = mean, std  # what an export records beside the weights
+        self.identity = (mean, std) == (CLIP_MEAN, CLIP_STD)
+        target_mean, target_std = torch.tensor(mean), torch.tensor(std)
+        self.register_buffer("scale", (torch.tensor(CLIP_STD) / target_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((torch.tensor(CLIP_MEAN) - target_mean) / target_std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) CLIP-normalised -> (B, 3, H, W) normalised with this module's statistics."""
+        return images if self.identity or not torch.is_tensor(images) else images * self.scale + self.shift
 
 
 @dataclass(frozen=True)
