@@ -198,7 +198,7 @@ def test_loading_never_runs_code_from_the_folder_and_refuses_what_is_not_a_masks
     refused = {
         json.dumps({"model_type": "clipseg", "architectures": ["CLIPSegForImageSegmentation"]}):
             "is not a masksd export: its config.json describes a transformers model \\(CLIPSegForImageSegmentation\\)",
-        json.dumps({**config, "architecture": "lavt", "lavt_config": {}}): "masksd export of architecture 'lavt', which this checkout does not build",
+        json.dumps({**config, "architecture": "unet", "unet_config": {}}): "masksd export of architecture 'unet', which this checkout does not build",
         json.dumps({**config, "format_version": 99}): "export format 99; this masksd reads up to 1",
         "[1, 2]": "holds a JSON list",
         "{not json": "is not JSON",
