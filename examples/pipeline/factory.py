@@ -7,24 +7,26 @@ import logging
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch.utils.data import Dataset
 
 from examples.clipseg import CLIPSEG, CLIPSegRISConfig
 from examples.cris import CRIS, CRISConfig
+from examples.cris.backbone import resolve_quick_gelu
 from examples.cris.config import SHIPPED_WEIGHTS
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
+from examples.pipeline.choices import CompileScope
 from examples.pipeline.config import TrainConfig
 from masksd import MaskSD
 from masksd.data import ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
-    "BACKBONE_PREFIXES", "Segmenter", "backbone_prefixes", "compile_segmenter", "build_dataset", "build_segmenter", "build_model",
-    "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config", "load_segmenter",
+    "BACKBONE_PREFIXES", "Segmenter", "backbone_prefixes", "compile_masksd", "compile_segmenter", "build_dataset", "build_segmenter", "build_model",
+    "checkpoint_architecture", "cris_config", "clipseg_config", "checkpoint_cris_config", "load_segmenter", "random_init",
 ]
 
 Segmenter = Any
@@ -60,8 +62,17 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
 def cris_config(cfg: TrainConfig) -> CRISConfig:
     """The segmenter a run trains: the architecture of ``cfg.model``'s CRIS variant, at the run's size and weights."""
     return CRISConfig.for_model(
-        cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words, deep_level=cfg.deep_level
+        cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words, deep_level=cfg.deep_level,
+        quick_gelu=cfg.quick_gelu, fast_head=cfg.fast_head,
     )
+
+
+def random_init(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` from random weights (``pretrained`` None), building the network its weights would build
+    (QuickGELU for OpenAI's CLIP): what a benchmark times of a preset, with nothing to download."""
+    if cfg.model == CLIPSEG:
+        return replace(cfg, pretrained=None)
+    return replace(cfg, pretrained=None, quick_gelu=resolve_quick_gelu(cfg.model, cfg.pretrained, cfg.quick_gelu))
 
 
 def clipseg_config(cfg: TrainConfig) -> CLIPSegRISConfig:
@@ -73,6 +84,10 @@ def clipseg_config(cfg: TrainConfig) -> CLIPSegRISConfig:
         )
     if cfg.deep_level != "block":
         raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; CLIPSeg's decoder reads its own layers")
+    if cfg.quick_gelu is not None:
+        raise ValueError(f"--quick-gelu is CRIS's switch (its open_clip CLIP); CLIPSeg's activations come with its snapshot")
+    if cfg.fast_head:
+        raise ValueError("--fast-head is CRIS's switch (its decode head); CLIPSeg's decoder is transformers'")
     return CLIPSegRISConfig(pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words)
 
 
@@ -91,10 +106,22 @@ def backbone_prefixes(segmenter: Segmenter) -> tuple[str, ...]:
 
 
 def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
-    """``--compile``: compile the four pieces MaskSD calls (in place); the wrapper's own glue stays eager."""
+    """``--compile --compile-scope parts``: compile the encoders and the decode head MaskSD calls (in place);
+    the wrapper's own glue stays eager."""
     for name in ("encode_image", "encode_text"):
         setattr(segmenter, name, torch.compile(getattr(segmenter, name), backend=backend))
     segmenter.decode_head.compile(backend=backend)
+
+
+def compile_masksd(model: MaskSD, scope: CompileScope, backend: str = "inductor") -> None:
+    """``--compile``: the pieces (:func:`compile_segmenter`) or, for ``scope="step"``, MaskSD itself (in place): its
+    whole training forward, the branches' masking and losses included, and so its backward."""
+    if scope not in get_args(CompileScope):
+        raise ValueError(f"compile scope must be one of {get_args(CompileScope)}, got {scope!r}")
+    if scope == "step":
+        model.compile(backend=backend)
+    else:
+        compile_segmenter(model.segmenter, backend)
 
 
 def build_model(cfg: TrainConfig) -> MaskSD:
