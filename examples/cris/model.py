@@ -34,7 +34,7 @@ class DecodeHead(nn.Module):
         super().__init__()
         deep_width = text_dim if config.deep_level == "projected" else image_width  # text_dim is CLIP's joint D
         self.pyramid = ViTPyramid(image_width, config.pyramid_channels, deep_width)
-        self.neck = FusionNeck(config.pyramid_channels, config.neck_channels, text_dim)
+        self.neck = FusionNeck(config.pyramid_channels, config.neck_channels, text_dim, fast=config.fast_head)
         self.decoder = VisionLanguageDecoder(
             config.decoder_layers,
             config.decoder_dim,
@@ -43,7 +43,7 @@ class DecodeHead(nn.Module):
             config.decoder_dropout,
             text_dim,
         )
-        self.projector = Projector(config.decoder_dim, text_dim, config.projector_kernel)
+        self.projector = Projector(config.decoder_dim, text_dim, config.projector_kernel, fast=config.fast_head)
 
     def forward(self, visual: Features, text: Features) -> torch.Tensor:
         return self.decode_maps(self.feature_maps(visual), visual, text)
