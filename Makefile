@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
-# The one prepared GPU check (benchmarks/gpu_check.py): under 8 minutes on one H200; the log beside its results.
+# The one prepared GPU check (python -m benchmarks.gpu_check): under 8 minutes on one H100/H200; the log beside its results.
 # On the lent GPU machine (no network, its own python3 with torch) it runs there directly, with the wheels
 # that `make gpu-wheels` saved in .whl/ here (carry .whl); anywhere else it uses .venv like demo and test.
 gpu-check:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check`: benchmarks/gpu_check.py with its log beside its results. On a machine whose own python3
+# `make gpu-check`: `python -m benchmarks.gpu_check` (the benchmarks/gpu_check package) with its log beside its results. On a machine whose own python3
 # has CUDA and no network (the lent H200), it installs the carried wheels in .whl/ (`make gpu-wheels`) into a
 # scratch folder and runs from the checkout; elsewhere it sets up .venv the way `make demo` does.
 set -euo pipefail
@@ -17,4 +17,4 @@ else
     make install
     PY=.venv/bin/python
 fi
-PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py "$@" 2>&1 | tee benchmarks/results/gpu_check.log
+PYTHONUNBUFFERED=1 "$PY" -m benchmarks.gpu_check "$@" 2>&1 | tee benchmarks/results/gpu_check.log

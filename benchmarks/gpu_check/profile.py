@@ -1,0 +1,77 @@
+"""Section 7: where the time of the small preset's step goes (torch.profiler, benchmarks.step_profile): GPU time
+per part (embeddings, image and text encoders, the CRIS head's pyramid, neck, decoder and projector, masking,
+losses, backward, optimizer step) and the top kernels, baseline vs CM-MaskSD. On a CPU (the --tiny stand-in) the
+operators' CPU time instead."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from benchmarks.common import markdown_table
+from benchmarks.gpu_check.section import Section, free_memory
+from benchmarks.step_profile import PARTS, profile_step
+from benchmarks.train_step import Bench
+from masksd import MaskSDConfig
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_check.check import GpuCheck
+
+__all__ = ["SECTION", "VARIANTS"]
+
+VARIANTS = {"baseline": MaskSDConfig.baseline(), "CM-MaskSD": MaskSDConfig()}
+TOP = 15
+"""Kernels (operators on a CPU) listed per variant."""
+
+
+def run(check: "GpuCheck", end: float) -> dict[str, Any]:
+    plan = check.plan
+    train = plan.small
+    torch.manual_seed(0)
+    bench = Bench(train, plan.batch, check.device, VARIANTS)
+    profiles = {}
+    for name in VARIANTS:
+        check.log(f"profile: {plan.profile_steps} steps of {name} after {plan.warmup} warm-up")
+        profiles[name] = profile_step(lambda: bench.run(name), bench.models[name], check.device, plan.profile_steps,
+                                      plan.warmup, TOP).record()
+        free_memory()
+    cris = bench.segmenter.config
+    return {"model": cris.model_name, "image_size": cris.image_size, "batch": plan.batch, "amp": train.amp,
+            "fast_head": cris.fast_head, "quick_gelu": cris.quick_gelu, "variants": profiles}
+
+
+def headline(f: dict[str, Any]) -> str:
+    def biggest(p: dict[str, Any]) -> str:
+        parts = sorted(p["parts_ms"].items(), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"{k} {v:.0f}" for k, v in parts)
+
+    clock = next(iter(f["variants"].values()))["clock"]
+    return f"{clock} ms/step, largest parts: " + "; ".join(f"{name}: {biggest(p)}" for name, p in f["variants"].items())
+
+
+def markdown(f: dict[str, Any]) -> str:
+    variants = f["variants"]
+    clock = next(iter(variants.values()))["clock"]
+    unit = "GPU" if clock == "cuda" else "CPU"
+    parts = [p for p in PARTS if any(p in v["parts_ms"] for v in variants.values())]
+    rows = [[part, *(cell for v in variants.values() for cell in (f"{v['parts_ms'].get(part, 0.0):.1f}",
+                                                                  f"{100 * v['parts_ms'].get(part, 0.0) / v['total_ms']:.1f} %"))]
+            for part in parts]
+    rows.append(["total", *(cell for v in variants.values() for cell in (f"{v['total_ms']:.1f}", "100 %"))])
+    rows.append(["wall (profiled)", *(cell for v in variants.values() for cell in (f"{v['wall_ms']:.1f}", ""))])
+    header = ["part", *(h for name in variants for h in (f"{name} {unit} ms / step", "share"))]
+    text = [
+        f"{f['model']} @ {f['image_size']} px, batch {f['batch']}, amp {f['amp']}, fast head {f['fast_head']}: the trainer's "
+        f"step under torch.profiler, mean of {next(iter(variants.values()))['steps']} steps; each operator's own {unit} time "
+        f"goes to the innermost part it ran in (the branches' passes summed into their parts; backward and the optimizer "
+        f"step whole).", "", markdown_table(header, rows, align="l" + "r" * (len(header) - 1)),
+    ]
+    for name, v in variants.items():
+        top = [[t["name"].replace("|", "/"), f"{t['calls']:.0f}", f"{t['ms']:.2f}", f"{100 * t['share']:.1f} %"] for t in v["top"]]
+        text += ["", f"Top {'kernels' if clock == 'cuda' else 'operators'}, {name}:", "",
+                 markdown_table(["name", "calls / step", "ms / step", "share"], top)]
+    return "\n".join(text)
+
+
+SECTION = Section("profile", "7. Where the step's time goes (torch.profiler)", 60, run, headline, markdown)

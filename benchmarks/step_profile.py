@@ -1,0 +1,186 @@
+"""Where a MaskSD training step spends its time: torch.profiler over the trainer's step, per part and per kernel.
+
+:func:`labelled_parts` marks the parts of a MaskSD(CRIS) step as profiler ranges (embeddings, image encoder,
+text encoder, the decode head's pyramid, neck, decoder and projector, masking, losses; the step's own
+forward, backward and optimizer-step ranges come from examples.pipeline.step.TrainStep); :func:`profile_step`
+profiles a few steps and attributes every operator's time to the innermost part it ran in: GPU kernel time
+on CUDA, CPU time on a CPU. The parts of every branch are summed (the image encoder's time is the main
+branch's and LMVSD's). Used by benchmarks/gpu_check (the profile section) and benchmarks/cris_head.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.profiler import record_function
+
+from examples.pipeline.step import PHASES
+
+__all__ = ["PARTS", "StepProfile", "labelled_parts", "profile_step"]
+
+SEGMENTER_PARTS = {"embed_image": "embeddings", "embed_text": "embeddings", "encode_image": "image encoder",
+                   "encode_text": "text encoder"}
+"""The segmenter's protocol methods and the part each one's time is reported under."""
+HEAD_PARTS = ("pyramid", "neck", "decoder", "projector")
+"""CRIS's decode-head modules, reported under their own names (another head is reported as "decode head")."""
+PARTS = ("embeddings", "image encoder", "text encoder", *HEAD_PARTS, "decode head", "masking", "losses",
+         "forward, other", "backward", "optimizer step", "outside the step")
+"""Every part a profile reports, in order. "forward, other": MaskSD's own glue (checks, correlation outside the
+masking, the branches' arithmetic); "outside the step": what ran in no range (zeroing the gradients, the caller)."""
+_LABEL = {"forward": "forward, other", "backward": "backward", "optimizer step": "optimizer step"}
+"""TrainStep's phase ranges and the parts their otherwise unlabelled time goes to."""
+assert set(_LABEL) == set(PHASES)
+
+
+@contextlib.contextmanager
+def labelled_parts(model: nn.Module) -> Iterator[None]:
+    """Within the block, the parts of ``model`` (MaskSD around a segmenter) run inside profiler ranges named
+    after :data:`PARTS`; outside it they are as they were (instance attributes set here are removed)."""
+    import masksd.wrapper
+
+    patched: list[tuple[Any, str, bool, Any]] = []  # (owner, attribute, had its own, previous)
+
+    def label(owner: Any, attribute: str, name: str) -> None:
+        own = attribute in vars(owner)
+        previous = getattr(owner, attribute)
+
+        def labelled(*args: Any, **kwargs: Any) -> Any:
+            with record_function(name):
+                return previous(*args, **kwargs)
+
+        patched.append((owner, attribute, own, vars(owner).get(attribute)))
+        setattr(owner, attribute, labelled)
+
+    segmenter = model.segmenter
+    for method, name in SEGMENTER_PARTS.items():
+        label(segmenter, method, name)
+    heads = [segmenter.decode_head] + [b.head for b in model.branches.values() if b.head is not None]
+    for head in heads:
+        parts = [p for p in HEAD_PARTS if isinstance(getattr(head, p, None), nn.Module)]
+        for part in parts:
+            label(getattr(head, part), "forward", part)
+        if not parts:
+            label(head, "forward", "decode head")
+    for branch in model.branches.values():
+        label(branch, "perturb", "masking")
+        label(branch, "choose_positions", "masking")
+        label(branch.criterion, "forward", "losses")
+    label(masksd.wrapper, "segmentation_loss", "losses")  # the main branch's BCE, a function the wrapper looks up per call
+    try:
+        yield
+    finally:
+        for owner, attribute, own, previous in reversed(patched):
+            if own:
+                setattr(owner, attribute, previous)
+            else:
+                delattr(owner, attribute)
+
+
+@dataclass
+class StepProfile:
+    """Per-step times of a profiled training step."""
+
+    clock: str
+    """"cuda" (GPU kernel time) or "cpu" (CPU time of the operators)."""
+    steps: int
+    """Steps profiled; every figure is their mean."""
+    parts_ms: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per step by part (:data:`PARTS`; parts that took no time are left out)."""
+    top: list[dict[str, Any]] = field(default_factory=list)
+    """The operators (CPU) or kernels (CUDA) with the most time: name, calls and ms per step, share of the total."""
+    wall_ms: float = 0.0
+    """Median wall time of the profiled steps (the profiler's overhead included)."""
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.parts_ms.values())
+
+    def record(self) -> dict[str, Any]:
+        return {"clock": self.clock, "steps": self.steps, "parts_ms": self.parts_ms, "total_ms": self.total_ms,
+                "wall_ms": self.wall_ms, "top": self.top}
+
+
+def profile_step(step: Callable[[], None], model: nn.Module, device: torch.device, steps: int = 3, warmup: int = 1,
+                 top: int = 15) -> StepProfile:
+    """Profile ``steps`` calls of ``step`` (a TrainStep of ``model``, which labels its phases) after ``warmup``
+    unprofiled ones, with :func:`labelled_parts`; each operator's own time goes to the innermost part whose
+    range contains its start (on CUDA the kernels an operator launched, the autograd thread's included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    walls = []
+    with labelled_parts(model), profile(activities=activities) as prof:
+        for _ in range(steps):
+            start = _now(device)
+            step()
+            walls.append(_elapsed(start, device))
+    return StepProfile("cuda" if cuda else "cpu", steps, _parts(prof.events(), cuda, steps), _top(prof, cuda, steps, top),
+                       statistics.median(walls))
+
+
+def _now(device: torch.device) -> float:
+    import time
+
+    _synchronize(device)
+    return time.perf_counter()
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    import time
+
+    _synchronize(device)
+    return 1000 * (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _parts(events: Any, cuda: bool, steps: int) -> dict[str, float]:
+    """Milliseconds per step by part: each CPU-side event's own time (its own kernels' on CUDA) to the innermost
+    labelled range containing its start."""
+    names = set(PARTS) | set(_LABEL)
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    ranges = sorted(((e.time_range.start, e.time_range.end, e.name) for e in cpu if e.name in names and e.is_user_annotation),
+                    key=lambda r: (r[0], -r[1]))
+    totals: dict[str, float] = {}
+    for e in cpu:
+        own = e.self_device_time_total if cuda else e.self_cpu_time_total  # microseconds
+        if not own:
+            continue
+        start, label = e.time_range.start, "outside the step"
+        for low, high, name in ranges:  # sorted by start: the last that contains ``start`` is the innermost
+            if low > start:
+                break
+            if start < high:
+                label = name
+        label = _LABEL.get(label, label)
+        totals[label] = totals.get(label, 0.0) + own / 1000 / steps
+    return {part: totals[part] for part in PARTS if part in totals}
+
+
+def _top(prof: Any, cuda: bool, steps: int, count: int) -> list[dict[str, Any]]:
+    """The operators (CPU) or kernels (CUDA) with the most own time per step."""
+    averages = [a for a in prof.key_averages() if not a.is_user_annotation]
+    if cuda:
+        averages = [a for a in averages if a.device_type == torch.autograd.DeviceType.CUDA]
+        own = lambda a: a.self_device_time_total  # noqa: E731
+    else:
+        averages = [a for a in averages if a.device_type == torch.autograd.DeviceType.CPU]
+        own = lambda a: a.self_cpu_time_total  # noqa: E731
+    total = sum(own(a) for a in averages) or 1.0
+    ranked = sorted(averages, key=own, reverse=True)[:count]
+    return [{"name": a.key[:120], "calls": a.count / steps, "ms": own(a) / 1000 / steps, "share": own(a) / total} for a in ranked]
