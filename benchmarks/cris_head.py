@@ -37,12 +37,6 @@ HEAD_VARIANTS: dict[str, tuple[bool, bool]] = {
 """Head variant -> (Projector.fast, CoordConv.fast); the last is ``CRISConfig(fast_head=True)``."""
 
 
-def set_head(head: torch.nn.Module, projector_fast: bool, coord_fast: bool) -> None:
-    """Switch the CRIS decode head's two reassociated parts on or off in place (same weights)."""
-    head.projector.fast = projector_fast
-    head.neck.refine[0].fast = coord_fast
-
-
 def logit_differences(bench: Bench) -> dict[str, float]:
     """Each head variant's largest |eval logit - reference's| on the bench's inputs (no autocast)."""
     segmenter, head = bench.segmenter, bench.segmenter.decode_head
@@ -51,7 +45,7 @@ def logit_differences(bench: Bench) -> dict[str, float]:
     outputs = {}
     with torch.no_grad():
         for name, switches in HEAD_VARIANTS.items():
-            set_head(head, *switches)
+            head.set_fast(*switches)
             outputs[name] = segmenter(bench.images, bench.tokens).float()
     segmenter.train(was_training)
     return {name: (out - outputs["reference"]).abs().max().item() for name, out in outputs.items()}
@@ -79,16 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     differences = logit_differences(bench)
     names = list(HEAD_VARIANTS)
     for name in names:
-        set_head(head, *HEAD_VARIANTS[name])
+        head.set_fast(*HEAD_VARIANTS[name])
         for _ in range(args.warmup):
             bench.run(args.variant)
     profiles: dict[str, list] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotated, so that none always runs first
-            set_head(head, *HEAD_VARIANTS[name])
+            head.set_fast(*HEAD_VARIANTS[name])
             profiles[name].append(profile_step(lambda: bench.run(args.variant), model, device, steps=1, warmup=0))
             print(f"round {r + 1}, {name}: {profiles[name][-1].wall_ms / 1000:.2f} s", flush=True)
-    set_head(head, *HEAD_VARIANTS["reference"])
+    head.set_fast(*HEAD_VARIANTS["reference"])
 
     parts = [p for p in PARTS if any(p in prof.parts_ms for runs in profiles.values() for prof in runs)]
     medians = {

@@ -151,24 +151,27 @@ def _synchronize(device: torch.device) -> None:
 
 def _parts(events: Any, cuda: bool, steps: int) -> dict[str, float]:
     """Milliseconds per step by part: each CPU-side event's own time (its own kernels' on CUDA) to the innermost
-    labelled range containing its start."""
+    labelled range containing its start (one sweep over both, sorted by start; the ranges nest)."""
     names = set(PARTS) | set(_LABEL)
     cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     ranges = sorted(((e.time_range.start, e.time_range.end, e.name) for e in cpu if e.name in names and e.is_user_annotation),
                     key=lambda r: (r[0], -r[1]))
+    timed = sorted(((e.time_range.start, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in cpu),
+                   key=lambda t: t[0])
     totals: dict[str, float] = {}
-    for e in cpu:
-        own = e.self_device_time_total if cuda else e.self_cpu_time_total  # microseconds
-        if not own:
-            continue
-        start, label = e.time_range.start, "outside the step"
-        for low, high, name in ranges:  # sorted by start: the last that contains ``start`` is the innermost
-            if low > start:
-                break
-            if start < high:
-                label = name
-        label = _LABEL.get(label, label)
-        totals[label] = totals.get(label, 0.0) + own / 1000 / steps
+    open_ranges: list[tuple[float, float, str]] = []  # the ranges containing the sweep's position, innermost last
+    next_range = 0
+    for start, own in timed:  # own time in microseconds
+        while next_range < len(ranges) and ranges[next_range][0] <= start:
+            while open_ranges and open_ranges[-1][1] <= ranges[next_range][0]:
+                open_ranges.pop()
+            open_ranges.append(ranges[next_range])
+            next_range += 1
+        while open_ranges and open_ranges[-1][1] <= start:
+            open_ranges.pop()
+        if own:
+            label = _LABEL.get(open_ranges[-1][2], open_ranges[-1][2]) if open_ranges else "outside the step"
+            totals[label] = totals.get(label, 0.0) + own / 1000 / steps
     return {part: totals[part] for part in PARTS if part in totals}
 
 

@@ -59,6 +59,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
         assert {"image encoder", "text encoder", "neck", "decoder", "projector", "backward", "optimizer step"} <= set(p["parts_ms"])
         assert 0.5 * p["wall_ms"] < p["total_ms"] < 1.5 * p["wall_ms"]  # the parts account for the step
     assert "masking" in profiled["figures"]["variants"]["CM-MaskSD"]["parts_ms"]
+    assert list(profiled["figures"]["variants"]) == ["baseline", "CM-MaskSD", "baseline, fast head"]  # demo: reference head
     assert "torchrun --standalone --nproc_per_node=1" in data["commands"]["torchrun"]
     assert "benchmarks.gpu_check" in data["commands"]["check"]
     text = (tmp_path / "gpu_check_tiny.md").read_text()

@@ -35,7 +35,8 @@ RUN_ORDER = ("vit_b16", "vit_l14", "sync_debug", "profile", "torchrun", "compile
 DEFAULT_BUDGET_S = 420
 """The sections' limit: 7 minutes, leaving start-up (imports, CUDA) and writing inside the 8 a GPU session allows.
 Expected on one H200 (2026-12-04, before the profile section): about 25, 45, 10, 40 and 120 s for sections 1, 2,
-5, 3 and 4 (compile: inductor on a fresh cache); the profile section about 20 s."""
+5, 3 and 4 (compile: inductor on a fresh cache, then of the pieces; the whole step compiles more); the profile
+section is expected to take 30-60 s (three variants, the CUDA trace parsed in Python)."""
 FAILED = ("error", "timeout", "out of budget")
 """Statuses that make the check exit 1 (after writing its results)."""
 

@@ -1,7 +1,8 @@
 """Section 7: where the time of the small preset's step goes (torch.profiler, benchmarks.step_profile): GPU time
 per part (embeddings, image and text encoders, the CRIS head's pyramid, neck, decoder and projector, masking,
-losses, backward, optimizer step) and the top kernels, baseline vs CM-MaskSD. On a CPU (the --tiny stand-in) the
-operators' CPU time instead."""
+losses, backward, optimizer step) and the top kernels, baseline vs CM-MaskSD, and the baseline once more with the
+other setting of ``CRISConfig.fast_head`` (same weights), so its GPU effect shows part by part. On a CPU (the
+--tiny stand-in) the operators' CPU time instead."""
 
 from __future__ import annotations
 
@@ -30,13 +31,18 @@ def run(check: "GpuCheck", end: float) -> dict[str, Any]:
     train = plan.small
     torch.manual_seed(0)
     bench = Bench(train, plan.batch, check.device, VARIANTS)
-    profiles = {}
-    for name in VARIANTS:
-        check.log(f"profile: {plan.profile_steps} steps of {name} after {plan.warmup} warm-up")
-        profiles[name] = profile_step(lambda: bench.run(name), bench.models[name], check.device, plan.profile_steps,
-                                      plan.warmup, TOP).record()
-        free_memory()
     cris = bench.segmenter.config
+    head = bench.segmenter.decode_head
+    other = "baseline, reference head" if cris.fast_head else "baseline, fast head"  # the head switch the preset does not use
+    profiles = {}
+    for label, name in (*((v, v) for v in VARIANTS), (other, "baseline")):
+        fast = cris.fast_head != (label == other)
+        head.set_fast(fast, fast)
+        check.log(f"profile: {plan.profile_steps} steps of {label} after {plan.warmup} warm-up")
+        profiles[label] = profile_step(lambda: bench.run(name), bench.models[name], check.device, plan.profile_steps,
+                                       plan.warmup, TOP).record()
+        free_memory()
+    head.set_fast(cris.fast_head, cris.fast_head)
     return {"model": cris.model_name, "image_size": cris.image_size, "batch": plan.batch, "amp": train.amp,
             "fast_head": cris.fast_head, "quick_gelu": cris.quick_gelu, "variants": profiles}
 
@@ -74,4 +80,4 @@ def markdown(f: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
-SECTION = Section("profile", "7. Where the step's time goes (torch.profiler)", 60, run, headline, markdown)
+SECTION = Section("profile", "7. Where the step's time goes (torch.profiler)", 90, run, headline, markdown)

@@ -48,6 +48,13 @@ class DecodeHead(nn.Module):
     def forward(self, visual: Features, text: Features) -> torch.Tensor:
         return self.decode_maps(self.feature_maps(visual), visual, text)
 
+    def set_fast(self, projector: bool, coordinates: bool) -> None:
+        """Switch the two reassociated parts of ``CRISConfig.fast_head`` (the projector's dynamic convolution,
+        CoordConv's coordinates) on or off in place, keeping the weights: for benchmarks that compare them on
+        one model. A model's config says what it was built with."""
+        self.projector.fast = projector
+        self.neck.refine[0].fast = coordinates
+
     def feature_maps(self, visual: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pyramid's maps (B, C_i, ...) at 2g, g and ceil(g/2): what the fusion neck reads."""
         image = visual.context
