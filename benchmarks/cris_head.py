@@ -22,7 +22,7 @@ from typing import get_args
 import torch
 
 from benchmarks.common import TABLE_VII, markdown_table, write_results
-from benchmarks.step_profile import PARTS, profile_step
+from benchmarks.step_profile import profile_step
 from benchmarks.train_step import Bench, run_config
 from examples.pipeline.cli import ScriptParser, run_script
 from examples.pipeline.config import PRESETS
@@ -84,27 +84,33 @@ def main(argv: list[str] | None = None) -> None:
             print(f"round {r + 1}, {name}: {profiles[name][-1].wall_ms / 1000:.2f} s", flush=True)
     head.set_fast(*HEAD_VARIANTS["reference"])
 
-    parts = [p for p in PARTS if any(p in prof.parts_ms for runs in profiles.values() for prof in runs)]
-    medians = {
-        name: {"step_s": statistics.median(p.wall_ms for p in runs) / 1000,
-               **{part: statistics.median(p.parts_ms.get(part, 0.0) for p in runs) / 1000 for part in parts}}
-        for name, runs in profiles.items()
-    }
+    head_parts = ("pyramid", "neck", "decoder", "projector")
+    medians = {}
+    for name, runs in profiles.items():
+        both = {part: statistics.median(p.parts_ms.get(part, 0.0) + p.backward_ms.get(part, 0.0) for p in runs) / 1000
+                for part in head_parts}
+        medians[name] = {"step_s": statistics.median(p.wall_ms for p in runs) / 1000,
+                         "head_forward_s": statistics.median(sum(p.parts_ms.get(h, 0.0) for h in head_parts) for p in runs) / 1000,
+                         "head_backward_s": statistics.median(sum(p.backward_ms.get(h, 0.0) for h in head_parts) for p in runs) / 1000,
+                         "rest_s": statistics.median(p.total_ms - sum(p.parts_ms.get(h, 0.0) + p.backward_ms.get(h, 0.0)
+                                                                      for h in head_parts) for p in runs) / 1000,
+                         **both}
     base = medians["reference"]["step_s"]
-    head_parts = [p for p in ("pyramid", "neck", "decoder", "projector") if p in parts]
     rows = [
-        [name, f"{m['step_s']:.2f}", f"{m['step_s'] / base:.3f}", f"{sum(m[p] for p in head_parts):.2f}",
-         *(f"{m[p]:.2f}" for p in parts), f"{differences[name]:.1e}"]
+        [name, f"{m['step_s']:.2f}", f"{m['step_s'] / base:.3f}", f"{m['head_forward_s']:.2f}", f"{m['head_backward_s']:.2f}",
+         *(f"{m[p]:.2f}" for p in head_parts), f"{m['rest_s']:.2f}", f"{differences[name]:.1e}"]
         for name, m in medians.items()
     ]
     cris = bench.segmenter.config
-    header = ["head", "step (s)", "× reference", "head forward (s)", *(f"{p} (s)" for p in parts), "max |Δ logit| (fp32 eval)"]
+    header = ["head", "step (s)", "× reference", "head forward (s)", "head backward (s)",
+              *(f"{p}, fwd + bwd (s)" for p in head_parts), "rest of the step (s)", "max |Δ logit| (fp32 eval)"]
     markdown = (
         f"# CRIS head variants: {cris.model_name} @ {cris.image_size} px, batch {args.batch}, {device.type}, float32\n\n"
         f"The trainer's step (preset `{args.preset}`, autocast off, random weights, "
         f"{'QuickGELU' if cris.quick_gelu else 'GELU'}) of `{args.variant}`, median of {args.rounds} alternating rounds "
-        f"after {args.warmup} warm-up step(s) per variant; parts: CPU time under torch.profiler (benchmarks/step_profile.py), "
-        f"so they add up to more than the unprofiled step would take. Torch threads: {torch.get_num_threads()}.\n\n"
+        f"after {args.warmup} warm-up step(s) per variant; the step's wall time profiled, its parts the CPU time of their "
+        f"operators (forward) and of the backward nodes they recorded (benchmarks/step_profile.py). "
+        f"Torch threads: {torch.get_num_threads()}; the 2-core machine was shared with other jobs.\n\n"
         + markdown_table(header, rows)
     )
     print(markdown)

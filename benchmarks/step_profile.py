@@ -3,9 +3,9 @@
 :func:`labelled_parts` marks the parts of a MaskSD(CRIS) step as profiler ranges (embeddings, image encoder,
 text encoder, the decode head's pyramid, neck, decoder and projector, masking, losses; the step's own
 forward, backward and optimizer-step ranges come from examples.pipeline.step.TrainStep); :func:`profile_step`
-profiles a few steps and attributes every operator's time to the innermost part it ran in: GPU kernel time
-on CUDA, CPU time on a CPU. The parts of every branch are summed (the image encoder's time is the main
-branch's and LMVSD's). Used by benchmarks/gpu_check (the profile section) and benchmarks/cris_head.py.
+profiles a few steps and attributes every operator's time to the innermost part it ran in, and every backward
+node's to the part whose forward recorded it: GPU kernel time on CUDA, CPU time on a CPU. The parts of every
+branch are summed (the image encoder's time is the main branch's and LMVSD's). Used by benchmarks/gpu_check (the profile section) and benchmarks/cris_head.py.
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ class StepProfile:
     steps: int
     """Steps profiled; every figure is their mean."""
     parts_ms: dict[str, float] = field(default_factory=dict)
-    """Milliseconds per step by part (:data:`PARTS`; parts that took no time are left out)."""
+    """Milliseconds per step by part (:data:`PARTS`; parts that took no time are left out): the forward parts'
+    forward time, and "backward" for the backward no forward part recorded (gradient accumulation, the engine)."""
+    backward_ms: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per step of each forward part's backward (the nodes its operators recorded)."""
     top: list[dict[str, Any]] = field(default_factory=list)
     """The operators (CPU) or kernels (CUDA) with the most time: name, calls and ms per step, share of the total."""
     wall_ms: float = 0.0
@@ -99,18 +102,19 @@ class StepProfile:
 
     @property
     def total_ms(self) -> float:
-        return sum(self.parts_ms.values())
+        return sum(self.parts_ms.values()) + sum(self.backward_ms.values())
 
     def record(self) -> dict[str, Any]:
-        return {"clock": self.clock, "steps": self.steps, "parts_ms": self.parts_ms, "total_ms": self.total_ms,
-                "wall_ms": self.wall_ms, "top": self.top}
+        return {"clock": self.clock, "steps": self.steps, "parts_ms": self.parts_ms, "backward_ms": self.backward_ms,
+                "total_ms": self.total_ms, "wall_ms": self.wall_ms, "top": self.top}
 
 
 def profile_step(step: Callable[[], None], model: nn.Module, device: torch.device, steps: int = 3, warmup: int = 1,
                  top: int = 15) -> StepProfile:
     """Profile ``steps`` calls of ``step`` (a TrainStep of ``model``, which labels its phases) after ``warmup``
     unprofiled ones, with :func:`labelled_parts`; each operator's own time goes to the innermost part whose
-    range contains its start (on CUDA the kernels an operator launched, the autograd thread's included)."""
+    range contains its start (on CUDA the kernels an operator launched, the autograd thread's included), and
+    each backward node's to the part whose forward recorded it."""
     from torch.profiler import ProfilerActivity, profile
 
     if steps < 1:
@@ -126,8 +130,8 @@ def profile_step(step: Callable[[], None], model: nn.Module, device: torch.devic
             start = _now(device)
             step()
             walls.append(_elapsed(start, device))
-    return StepProfile("cuda" if cuda else "cpu", steps, _parts(prof.events(), cuda, steps), _top(prof, cuda, steps, top),
-                       statistics.median(walls))
+    parts, backward = _parts(prof.events(), cuda, steps)
+    return StepProfile("cuda" if cuda else "cpu", steps, parts, backward, _top(prof, cuda, steps, top), statistics.median(walls))
 
 
 def _now(device: torch.device) -> float:
@@ -149,30 +153,53 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _parts(events: Any, cuda: bool, steps: int) -> dict[str, float]:
-    """Milliseconds per step by part: each CPU-side event's own time (its own kernels' on CUDA) to the innermost
-    labelled range containing its start (one sweep over both, sorted by start; the ranges nest)."""
+FORWARD_PARTS = PARTS[: PARTS.index("forward, other") + 1]
+"""The parts a forward operator can run in; the backward of each is timed apart (:attr:`StepProfile.backward_ms`)."""
+_ENGINE = "autograd::engine::evaluate_function"
+"""The autograd engine's range around each backward node (its sequence number is the forward operator's)."""
+
+
+def _parts(events: Any, cuda: bool, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Milliseconds per step (forward parts and phases; backward by the forward part of each node): each CPU-side
+    event's own time (its own kernels' on CUDA) goes to the innermost labelled range containing its start; a
+    backward node's range is labelled with the part whose forward operator recorded it (same sequence number)."""
     names = set(PARTS) | set(_LABEL)
-    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    ranges = sorted(((e.time_range.start, e.time_range.end, e.name) for e in cpu if e.name in names and e.is_user_annotation),
-                    key=lambda r: (r[0], -r[1]))
-    timed = sorted(((e.time_range.start, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in cpu),
-                   key=lambda t: t[0])
+    cpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU), key=lambda e: e.time_range.start)
+    ranges = [(e.time_range.start, e.time_range.end, e.name) for e in cpu if e.name in names and e.is_user_annotation]
+    labels = _innermost(cpu, ranges)
+    forward = {}  # sequence number -> the forward part whose operator recorded that autograd node
+    for e, label in zip(cpu, labels):
+        if e.sequence_nr >= 0 and label in FORWARD_PARTS and not e.name.startswith(_ENGINE):
+            forward.setdefault(e.sequence_nr, label)
+    nodes = [(e.time_range.start, e.time_range.end, f"backward of {forward[e.sequence_nr]}") for e in cpu
+             if e.name.startswith(_ENGINE) and e.sequence_nr in forward]
     totals: dict[str, float] = {}
-    open_ranges: list[tuple[float, float, str]] = []  # the ranges containing the sweep's position, innermost last
-    next_range = 0
-    for start, own in timed:  # own time in microseconds
-        while next_range < len(ranges) and ranges[next_range][0] <= start:
-            while open_ranges and open_ranges[-1][1] <= ranges[next_range][0]:
+    for e, label in zip(cpu, _innermost(cpu, ranges + nodes)):
+        own = e.self_device_time_total if cuda else e.self_cpu_time_total  # microseconds
+        if own:
+            totals[label] = totals.get(label, 0.0) + own / 1000 / steps
+    parts = {part: totals[part] for part in PARTS if part in totals}
+    backward = {part: totals[f"backward of {part}"] for part in FORWARD_PARTS if f"backward of {part}" in totals}
+    return parts, backward
+
+
+def _innermost(events: list, ranges: list[tuple[float, float, str]]) -> list[str]:
+    """For each event (sorted by start) the part of the innermost of the (nested) ``ranges`` containing its start:
+    one sweep; TrainStep's phase ranges name their otherwise unlabelled time (:data:`_LABEL`)."""
+    ranges = sorted(ranges, key=lambda r: (r[0], -r[1]))
+    labels, open_ranges, following = [], [], 0  # open_ranges: those containing the sweep's position, innermost last
+    for e in events:
+        start = e.time_range.start
+        while following < len(ranges) and ranges[following][0] <= start:
+            while open_ranges and open_ranges[-1][1] <= ranges[following][0]:
                 open_ranges.pop()
-            open_ranges.append(ranges[next_range])
-            next_range += 1
+            open_ranges.append(ranges[following])
+            following += 1
         while open_ranges and open_ranges[-1][1] <= start:
             open_ranges.pop()
-        if own:
-            label = _LABEL.get(open_ranges[-1][2], open_ranges[-1][2]) if open_ranges else "outside the step"
-            totals[label] = totals.get(label, 0.0) + own / 1000 / steps
-    return {part: totals[part] for part in PARTS if part in totals}
+        label = open_ranges[-1][2] if open_ranges else "outside the step"
+        labels.append(_LABEL.get(label, label))
+    return labels
 
 
 def _top(prof: Any, cuda: bool, steps: int, count: int) -> list[dict[str, Any]]:

@@ -57,6 +57,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     for name, p in profiled["figures"]["variants"].items():
         assert p["clock"] == "cpu" and p["steps"] == 1 and len(p["top"]) == 15
         assert {"image encoder", "text encoder", "neck", "decoder", "projector", "backward", "optimizer step"} <= set(p["parts_ms"])
+        assert {"image encoder", "decoder", "projector"} <= set(p["backward_ms"])
         assert 0.5 * p["wall_ms"] < p["total_ms"] < 1.5 * p["wall_ms"]  # the parts account for the step
     assert "masking" in profiled["figures"]["variants"]["CM-MaskSD"]["parts_ms"]
     assert list(profiled["figures"]["variants"]) == ["baseline", "CM-MaskSD", "baseline, fast head"]  # demo: reference head
@@ -76,6 +77,9 @@ def test_step_profile_labels_every_part_and_puts_the_model_back():
     profile = profile_step(lambda: bench.run("CM-MaskSD"), model, CPU, steps=1, warmup=1, top=5)
     expected = {"embeddings", "image encoder", "text encoder", *HEAD_PARTS, "masking", "losses", "backward", "optimizer step"}
     assert expected <= set(profile.parts_ms) and all(v > 0 for v in profile.parts_ms.values())
+    # each part's backward is timed apart, through the sequence numbers its forward operators recorded
+    assert {"image encoder", "text encoder", *HEAD_PARTS, "losses"} <= set(profile.backward_ms)
+    assert sum(profile.backward_ms.values()) > profile.parts_ms["backward"]  # most of the backward has a part
     assert profile.steps == 1 and len(profile.top) == 5 and profile.top[0]["ms"] >= profile.top[-1]["ms"]
     assert not set(SEGMENTER_PARTS) & set(vars(segmenter)) and "forward" not in vars(segmenter.decode_head.projector)
     assert masksd.wrapper.segmentation_loss is loss

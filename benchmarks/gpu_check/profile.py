@@ -47,35 +47,44 @@ def run(check: "GpuCheck", end: float) -> dict[str, Any]:
             "fast_head": cris.fast_head, "quick_gelu": cris.quick_gelu, "variants": profiles}
 
 
+def _both(p: dict[str, Any], part: str) -> float:
+    """A part's forward and backward milliseconds per step."""
+    return p["parts_ms"].get(part, 0.0) + p["backward_ms"].get(part, 0.0)
+
+
 def headline(f: dict[str, Any]) -> str:
     def biggest(p: dict[str, Any]) -> str:
-        parts = sorted(p["parts_ms"].items(), key=lambda kv: -kv[1])[:3]
+        parts = sorted(((part, _both(p, part)) for part in PARTS), key=lambda kv: -kv[1])[:3]
         return ", ".join(f"{k} {v:.0f}" for k, v in parts)
 
     clock = next(iter(f["variants"].values()))["clock"]
-    return f"{clock} ms/step, largest parts: " + "; ".join(f"{name}: {biggest(p)}" for name, p in f["variants"].items())
+    return f"{clock} ms/step, largest parts (forward + backward): " + "; ".join(f"{name}: {biggest(p)}" for name, p in f["variants"].items())
 
 
 def markdown(f: dict[str, Any]) -> str:
     variants = f["variants"]
-    clock = next(iter(variants.values()))["clock"]
-    unit = "GPU" if clock == "cuda" else "CPU"
-    parts = [p for p in PARTS if any(p in v["parts_ms"] for v in variants.values())]
-    rows = [[part, *(cell for v in variants.values() for cell in (f"{v['parts_ms'].get(part, 0.0):.1f}",
-                                                                  f"{100 * v['parts_ms'].get(part, 0.0) / v['total_ms']:.1f} %"))]
-            for part in parts]
-    rows.append(["total", *(cell for v in variants.values() for cell in (f"{v['total_ms']:.1f}", "100 %"))])
-    rows.append(["wall (profiled)", *(cell for v in variants.values() for cell in (f"{v['wall_ms']:.1f}", ""))])
-    header = ["part", *(h for name in variants for h in (f"{name} {unit} ms / step", "share"))]
+    first = next(iter(variants.values()))
+    unit = "GPU" if first["clock"] == "cuda" else "CPU"
+    parts = [p for p in PARTS if any(p in v["parts_ms"] or p in v["backward_ms"] for v in variants.values())]
+
+    def cells(v: dict[str, Any], part: str) -> tuple[str, str, str]:
+        forward, backward = v["parts_ms"].get(part, 0.0), v["backward_ms"].get(part, 0.0)
+        return f"{forward:.1f}", f"{backward:.1f}" if part in v["backward_ms"] else "", f"{100 * (forward + backward) / v['total_ms']:.1f} %"
+
+    rows = [[part, *(c for v in variants.values() for c in cells(v, part))] for part in parts]
+    rows.append(["total", *(c for v in variants.values() for c in (f"{v['total_ms']:.1f}", "", "100 %"))])
+    rows.append(["wall (profiled)", *(c for v in variants.values() for c in (f"{v['wall_ms']:.1f}", "", ""))])
+    header = ["part", *(h for name in variants for h in (f"{name}: forward", "backward", "share"))]
     text = [
         f"{f['model']} @ {f['image_size']} px, batch {f['batch']}, amp {f['amp']}, fast head {f['fast_head']}: the trainer's "
-        f"step under torch.profiler, mean of {next(iter(variants.values()))['steps']} steps; each operator's own {unit} time "
-        f"goes to the innermost part it ran in (the branches' passes summed into their parts; backward and the optimizer "
-        f"step whole).", "", markdown_table(header, rows, align="l" + "r" * (len(header) - 1)),
+        f"step under torch.profiler, {unit} ms per step (mean of {first['steps']} steps). Each operator's own {unit} time goes "
+        f"to the innermost part it ran in, each backward node's to the part whose forward recorded it (\"backward\" alone: "
+        f"gradient accumulation and what no part recorded); the branches' passes are summed into their parts.",
+        "", markdown_table(header, rows, align="l" + "r" * (len(header) - 1)),
     ]
     for name, v in variants.items():
         top = [[t["name"].replace("|", "/"), f"{t['calls']:.0f}", f"{t['ms']:.2f}", f"{100 * t['share']:.1f} %"] for t in v["top"]]
-        text += ["", f"Top {'kernels' if clock == 'cuda' else 'operators'}, {name}:", "",
+        text += ["", f"Top {'kernels' if first['clock'] == 'cuda' else 'operators'}, {name}:", "",
                  markdown_table(["name", "calls / step", "ms / step", "share"], top)]
     return "\n".join(text)
 

@@ -115,7 +115,10 @@ class GraphBreaks(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.sites: Counter[str] = Counter()
+        self.counted = 0
+        """Graph breaks dynamo's own counters recorded within the block (a check on the log, whose format is internal)."""
         self._saved: list[tuple[logging.Logger, int, bool]] = []
+        self._counted_before = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         lines = [line.strip() for line in record.getMessage().splitlines()]
@@ -130,6 +133,7 @@ class GraphBreaks(logging.Handler):
         self.sites[f"{where}: {reasons[0] if reasons else 'unknown reason'}"] += 1
 
     def __enter__(self) -> "GraphBreaks":
+        self._counted_before = self._breaks_counted()
         for name in self.LOGGERS:
             logger = logging.getLogger(name)
             self._saved.append((logger, logger.level, logger.propagate))
@@ -139,11 +143,26 @@ class GraphBreaks(logging.Handler):
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.counted = self._breaks_counted() - self._counted_before
         for logger, level, propagate in self._saved:
             logger.removeHandler(self)
             logger.setLevel(level)
             logger.propagate = propagate
         self._saved.clear()
+
+    @staticmethod
+    def _breaks_counted() -> int:
+        try:
+            import torch._dynamo.utils
+
+            return sum(torch._dynamo.utils.counters["graph_break"].values())
+        except Exception:
+            return 0
+
+    @property
+    def count(self) -> int:
+        """Graph breaks met in the block: those logged, or dynamo's count where the log said less."""
+        return max(sum(self.sites.values()), self.counted)
 
     @staticmethod
     def graphs() -> int | None:
@@ -157,6 +176,6 @@ class GraphBreaks(logging.Handler):
 
     def summary(self) -> str:
         """"torch.compile: G graphs, N graph breaks (where: why ×n; ...)"."""
-        count = sum(self.sites.values())
+        count = self.count
         sites = "; ".join(f"{site} ×{n}" for site, n in self.sites.most_common())
         return f"torch.compile: {self.graphs()} graphs, {count} graph breaks" + (f" ({sites})" if sites else "")
