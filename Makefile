@@ -25,7 +25,7 @@ test: $(STAMP)
 app: $(STAMP)
 	$(PY) examples/app.py $(if $(wildcard runs/demo/export/config.json),--model runs/demo/export)
 
-# The one prepared GPU check (benchmarks/gpu_check.py): under 8 minutes on one H200; the log beside its results.
+# The one prepared GPU check (python -m benchmarks.gpu_check): under 8 minutes on one H100/H200; the log beside its results.
 # On the lent GPU machine (no network, its own python3 with torch) it runs there directly, with the wheels
 # that `make gpu-wheels` saved in .whl/ here (carry .whl); anywhere else it uses .venv like demo and test.
 gpu-check:

@@ -1,33 +1,41 @@
 """Wall time and memory of one training step: baseline vs MaskSD and each branch alone.
 
-    python -m benchmarks.train_step                                # CPU: the tiny model, batch 32
-    python -m benchmarks.train_step --model ViT-B-16 --size 480 --batch 32 --amp bf16   # on a GPU
+    python -m benchmarks.train_step                                       # CPU: the demo's tiny model, batch 32
+    python -m benchmarks.train_step --preset ablation-vitb --batch 32     # on a GPU: ViT-B-16 @ 480, bf16
 
-All variants wrap one segmenter (same weights) and are measured in one process, alternating
-(one step of each variant per round, order rotated every round), after warm-up; the median over
-rounds is reported, and its ratio to the baseline beside the FLOP ratio (FlopCounterMode, the
-same step, counted on two samples and scaled to the batch). Memory: the bytes autograd saves for
-backward (every device), and on a GPU also torch.cuda.max_memory_allocated over the step. With
---amp bf16 on a GPU also the model FLOP utilisation (achieved FLOP/s over the device's dense bf16
-peak). Bench and the figures are shared with benchmarks/gpu_check.py.
+The step timed is the trainer's own (examples.pipeline.step.TrainStep, built from the preset's TrainConfig:
+fused Adam, the warm-up/cosine schedule, clipping, autocast, the GPU-side settings), on random weights that
+build the network the preset's weights would (QuickGELU for OpenAI's CLIP). All variants wrap one segmenter
+(same weights) and are measured in one process, alternating (one step of each variant per round, order rotated
+every round), after warm-up; the median over rounds is reported, and its ratio to the baseline beside the FLOP
+ratio (FlopCounterMode, the same step, counted on two samples and scaled to the batch). Memory: the bytes
+autograd saves for backward (every device), and on a GPU also torch.cuda.max_memory_allocated over the step.
+With bf16 autocast on a GPU also the model FLOP utilisation (achieved FLOP/s over the device's dense bf16
+peak). Bench and the figures are shared with benchmarks/gpu_check.
 Writes benchmarks/results/train_step_<device>_<model>_<size>.{md,json}.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import get_args
 
 import torch
+from torch import nn
 
 from benchmarks.common import TABLE_VII, command_line, count_flops, markdown_table, write_results
+from examples.cris import CRISConfig
 from examples.pipeline.cli import ScriptParser, run_script
-from examples.cris import CRIS, CRISConfig
+from examples.pipeline.config import PRESETS, TrainConfig, preset
 from examples.pipeline.distributed import Device, resolve_device
-from examples.pipeline.evaluation import Amp, autocast
+from examples.pipeline.evaluation import Amp
+from examples.pipeline.factory import backbone_prefixes, build_segmenter, random_init
+from examples.pipeline.step import TrainStep, masksd_losses
 from masksd import MaskSD, MaskSDConfig
 
 VARIANTS = {name: TABLE_VII[name] for name in ("baseline", "LMVSD, shared", "VMLSD, shared", "both, shared")}
@@ -66,13 +74,6 @@ def mfu_peak(device: torch.device, amp: str) -> float | None:
     return found[1] if found else None
 
 
-def use_tf32(device: torch.device) -> None:
-    """fp32 matmuls and convolutions on TF32 tensor cores (what a CUDA training run would use)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 class SavedActivations:
     """Bytes autograd keeps for the backward pass (each storage counted once): the training-memory
     cost of the extra branches, measurable on the CPU too (which has no allocator statistics)."""
@@ -108,26 +109,41 @@ class Timing:
         return max(self.peak_bytes) if self.peak_bytes else None
 
 
+SCHEDULE_STEPS = 10_000
+"""The learning-rate schedule's length in the benchmark's TrainStep (its value does not change the step's work)."""
+
+
 class Bench:
-    """One segmenter wrapped in MaskSD once per variant (the same weights), one batch of random inputs and
-    one Adam over every parameter: timed training steps, their FLOPs and their memory.
+    """The trainer's step (:class:`~examples.pipeline.step.TrainStep` built from ``train``, a TrainConfig such as
+    ``preset("ablation-vitb")``) of one segmenter wrapped in MaskSD once per variant (the same weights), on one
+    batch of random inputs: timed training steps, their FLOPs and their memory.
 
     ``variants``: name -> MaskSDConfig (default: VARIANTS, the baseline and each branch alone and together).
+    ``segmenter``: default ``build_segmenter(random_init(train))``. ``schedule``: (warm-up steps, total steps)
+    of the learning-rate schedule (the trainer's depend on the dataset's length). One TrainStep covers every variant's
+    parameters under MaskSD's own names (so ``--backbone-lr-scale`` finds the backbone as in training); a
+    variant's step updates only the parameters its loss reaches, as the trainer's optimiser over that
+    variant alone would (Adam skips parameters without a gradient), and keeps one optimiser state.
     """
 
     def __init__(
         self,
-        segmenter: CRIS,
+        train: TrainConfig,
         batch: int,
         device: torch.device,
-        amp: str,
         variants: dict[str, MaskSDConfig] | None = None,
+        segmenter: nn.Module | None = None,
+        schedule: tuple[int, int] = (0, SCHEDULE_STEPS),
     ):
-        self.device, self.amp, self.segmenter = device, amp, segmenter
+        self.train, self.device, self.amp = train, device, train.amp
+        self.segmenter = build_segmenter(random_init(train)) if segmenter is None else segmenter
         variants = VARIANTS if variants is None else variants
-        self.models = {name: MaskSD(segmenter, cfg).to(device).train() for name, cfg in variants.items()}
-        params = {id(p): p for m in self.models.values() for p in m.parameters() if p.requires_grad}
-        self.optimizer = torch.optim.Adam(params.values(), lr=1e-6)
+        self.models = {name: MaskSD(self.segmenter, cfg).to(device).train() for name, cfg in variants.items()}
+        holder = nn.Module()  # every variant's parameters once, named as inside MaskSD ("segmenter.backbone....")
+        holder.segmenter = self.segmenter
+        holder.branches = nn.ModuleList(m.branches for m in self.models.values())
+        self.train_step = TrainStep(holder, train, device, *schedule, backbone_prefixes(self.segmenter))
+        self.optimizer = self.train_step.optimizer
         self.generator = torch.Generator(device).manual_seed(0)
         self.set_batch(batch)
 
@@ -144,19 +160,19 @@ class Bench:
         self.tokens = self.segmenter.tokenize(sentences).to(self.device)  # (B, L)
         self.masks = (torch.rand(batch, 1, size, size, generator=g) > 0.5).float().to(self.device)  # (B, 1, S, S)
 
-    def loss(self, name: str, samples: int | None = None) -> torch.Tensor:
-        """The training loss of ``name`` on the first ``samples`` inputs (all by default), under autocast."""
+    def losses(self, name: str, samples: int | None = None) -> dict[str, torch.Tensor | None]:
+        """The trainer's loss dict (examples.pipeline.step.masksd_losses) of ``name`` on the first ``samples``
+        inputs (all by default), without autocast (TrainStep adds it)."""
         n = self.batch if samples is None else samples
-        with autocast(self.device, self.amp):
-            out = self.models[name](self.images[:n], self.tokens[:n], self.masks[:n], generator=self.generator)
-        return out.loss
+        return masksd_losses(self.models[name], self.images[:n], self.tokens[:n], self.masks[:n], self.generator)
+
+    def loss(self, name: str, samples: int | None = None) -> torch.Tensor:
+        """The training loss of ``name`` on the first ``samples`` inputs, under the run's autocast."""
+        return self.train_step.forward(lambda: self.losses(name, samples))["loss"]
 
     def run(self, name: str) -> None:
-        """One training step of ``name``: forward, backward, Adam. Reads no tensor value (no host sync of its own)."""
-        loss = self.loss(name)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        """One training step of ``name``: the trainer's TrainStep. Reads no tensor value (no host sync of its own)."""
+        self.train_step(lambda: self.losses(name))
 
     def step(self, name: str) -> tuple[float, int | None]:
         """One timed training step; returns (seconds, peak allocated bytes on a GPU or None)."""
@@ -223,12 +239,27 @@ def step_figures(timing: Timing, batch: int, flops: int, peak_flops: float | Non
     }
 
 
+def run_config(name: str, model: str | None = None, size: int | None = None, amp: str | None = None) -> TrainConfig:
+    """Preset ``name`` with another model (at its CRIS size), image size or autocast: the run whose step is timed."""
+    overrides: dict = {}
+    if model:
+        overrides.update(model=model, image_size=CRISConfig.for_model(model).image_size)
+    if size:
+        overrides["image_size"] = size
+    if amp:
+        overrides["amp"] = amp
+    return preset(name, **overrides)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ScriptParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=CRISConfig.tiny().model_name, help="masksd-tiny (default), ViT-B-16 or ViT-L-14")
-    parser.add_argument("--size", type=int, help="image size (default: the model's first CRIS variant: 64 tiny, 480 ViT-B-16, 532 ViT-L-14)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--amp", choices=get_args(Amp), default="none")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                        help="the run whose step is timed (its model, size, optimiser and amp; random weights): demo (default, "
+                        "the tiny model), ablation-vitb (ViT-B-16 @ 480), refcoco-vitl (ViT-L-14 @ 532), ...")
+    parser.add_argument("--model", help="another open_clip model than the preset's (masksd-tiny, ViT-B-16, ViT-L-14), at its CRIS size")
+    parser.add_argument("--size", type=int, help="another image size than the preset's (or --model's)")
+    parser.add_argument("--batch", type=int, help="batch (default: the preset's, 32)")
+    parser.add_argument("--amp", choices=get_args(Amp), help="another autocast than the preset's (demo: none; the paper's: bf16)")
     parser.add_argument("--device", choices=get_args(Device), default="auto")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant")
     parser.add_argument("--rounds", type=int, default=10, help="measured steps per variant")
@@ -236,11 +267,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="variants to measure (the baseline is always one: the ratios are to it)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    use_tf32(device)
+    try:
+        train = run_config(args.preset, args.model, args.size, args.amp)
+    except ValueError as error:
+        parser.error(str(error))
+    batch = args.batch or train.batch_size
 
     torch.manual_seed(0)
-    cris = CRISConfig.for_model(args.model, pretrained=None, **({"image_size": args.size} if args.size else {}))
-    bench = Bench(CRIS(cris), args.batch, device, args.amp)
+    bench = Bench(train, batch, device)
+    cris = bench.segmenter.config
     names = ["baseline"] + [name for name in VARIANTS if name in args.variants and name != "baseline"]
     timings = bench.measure(names, args.warmup, args.rounds)
     with contextlib.suppress(Exception):
@@ -248,8 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     flops = {name: bench.flops(name) for name in names}
     activations = {name: bench.saved_activations(name) for name in names}
 
-    peak = mfu_peak(device, args.amp)
-    figures = {name: step_figures(timings[name], args.batch, flops[name], peak) for name in names}
+    peak = mfu_peak(device, train.amp)
+    figures = {name: step_figures(timings[name], batch, flops[name], peak) for name in names}
     base = figures["baseline"]
     rows, data = [], {}
     for name in names:
@@ -273,17 +308,19 @@ def main(argv: list[str] | None = None) -> None:
         header += ["peak allocated (MiB)", "peak × baseline"]
     if peak:
         header.append("MFU (bf16 peak)")
-    title = (f"# Training step: {cris.model_name} @ {cris.image_size} px, batch {args.batch}, {device.type}"
-             f"{', ' + args.amp if args.amp != 'none' else ''}")
+    title = (f"# Training step: {cris.model_name} @ {cris.image_size} px, batch {batch}, {device.type}"
+             f"{', ' + train.amp if train.amp != 'none' else ''}")
     markdown = (
         f"{title}\n\nMedian of {args.rounds} alternating rounds after {args.warmup} warm-up steps per variant "
-        f"(forward, backward and Adam step). FLOPs: FlopCounterMode, 2 per multiply-add, same step.\n\n"
+        f"(the trainer's step of preset `{args.preset}`: forward, backward, fused Adam, schedule; random weights, "
+        f"{'QuickGELU' if cris.quick_gelu else 'GELU'}). FLOPs: FlopCounterMode, 2 per multiply-add, same step.\n\n"
         + markdown_table(header, rows)
     )
     print(markdown)
-    label = f"train_step_{device.type}_{cris.model_name}_{cris.image_size}" + (f"_{args.amp}" if args.amp != "none" else "")
+    label = f"train_step_{device.type}_{cris.model_name}_{cris.image_size}" + (f"_{train.amp}" if train.amp != "none" else "")
     command = command_line("benchmarks.train_step", argv)
-    paths = write_results(label, markdown, {"batch": args.batch, "amp": args.amp, "variants": data}, command)
+    record = {"preset": args.preset, "batch": batch, "amp": train.amp, "quick_gelu": cris.quick_gelu, "variants": data}
+    paths = write_results(label, markdown, record, command)
     print(f"wrote {paths[0]} and {paths[1]}")
 
 

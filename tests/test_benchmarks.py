@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from examples.cris import CRIS, CRISConfig
+from examples.cris import CRISConfig
 from masksd import BranchConfig, MaskSDConfig
 
 
@@ -35,184 +35,6 @@ def test_params_flops_rows_add_what_the_branches_add():
     assert both["training_flops"] - features["training_flops"] == pytest.approx(
         rows["VMLSD, shared"]["training_flops"] - base["training_flops"], rel=0.02
     )
-
-
-def test_train_step_measures_every_variant(tmp_path, monkeypatch):
-    from benchmarks import common
-    from benchmarks import train_step
-
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    train_step.main(["--batch", "4", "--warmup", "1", "--rounds", "2", "--device", "cpu"])
-    written = list(tmp_path.glob("train_step_cpu_masksd-tiny_64.*"))
-    assert sorted(p.suffix for p in written) == [".json", ".md"]
-    text = (tmp_path / "train_step_cpu_masksd-tiny_64.md").read_text()
-    for name in train_step.VARIANTS:
-        assert f"| {name} |" in text
-
-
-def test_train_step_variants_keep_the_baseline_and_drop_the_rest(tmp_path, monkeypatch):
-    from benchmarks import common
-    from benchmarks import train_step
-
-    monkeypatch.setattr(common, "RESULTS", tmp_path)
-    train_step.main(["--batch", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--variants", "both, checkpointed"])
-    data = json.loads((tmp_path / "train_step_cpu_masksd-tiny_64.json").read_text())
-    assert list(data["variants"]) == ["baseline", "both, checkpointed"]
-
-
-def test_train_step_flops_scale_with_the_batch():
-    from benchmarks import train_step
-    import torch
-
-    segmenter, variants = CRIS(CRISConfig.tiny()), {"baseline": MaskSDConfig.baseline()}
-    small, large = (train_step.Bench(segmenter, b, torch.device("cpu"), "none", variants) for b in (4, 8))
-    assert large.flops("baseline") == 2 * small.flops("baseline") > 0
-
-
-def test_bf16_peak_lookup_takes_the_most_specific_name():
-    from benchmarks.train_step import peak_for_name
-
-    assert peak_for_name("NVIDIA H200") == ("H200", 989e12)
-    assert peak_for_name("NVIDIA H100 80GB HBM3") == ("H100", 989e12)
-    assert peak_for_name("NVIDIA H100 PCIe") == ("H100 PCIe", 756e12)
-    assert peak_for_name("NVIDIA GH200 480GB") == ("GH200", 989e12)
-    assert peak_for_name("Tesla T4") is None
-
-
-def test_gpu_check_tiny_runs_every_section(tmp_path):
-    """The whole GPU check on the CPU (tiny model, gloo, dynamo's eager backend): every section reports numbers,
-    so the script cannot rot before a GPU is at hand."""
-    from benchmarks import gpu_check
-
-    assert gpu_check.main(["--device", "cpu", "--tiny", "--output", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "gpu_check_tiny.json").read_text())
-    sections = data["sections"]
-    assert list(sections) == list(gpu_check.SECTIONS)
-    for name in ("vit_b16", "vit_l14"):
-        assert sections[name]["status"] == "ok", sections[name]["error"]
-        figures = sections[name]["figures"]
-        assert figures["batch"] == 4 and figures["oom"] == {}
-        assert {"baseline", "CM-MaskSD"} <= set(figures["variants"])
-        for v in figures["variants"].values():
-            assert v["median_s"] > 0 and v["images_per_s"] > 0 and v["flops"] > 0 and v["achieved_tflops"] > 0
-            assert v["mfu"] is None and v["peak_allocated_bytes"] is None  # CPU: no bf16 peak, no allocator stats
-        variants = figures["variants"]
-        assert variants["CM-MaskSD"]["flops"] > 2 * variants["baseline"]["flops"]
-    run = sections["torchrun"]
-    assert run["status"] == "ok", run["error"]
-    f = run["figures"]
-    assert f["backend"] == "gloo" and f["in_group"] and f["world_size"] == 1 and f["ddp_wrapped"] == 1
-    assert f["steps"] == 3 and f["train_images_per_s"] > 0 and f["eval_images_per_s"] > 0 and f["eval_samples"] == 8
-    assert f["losses_finite"]
-    compiled = sections["compile"]
-    assert compiled["status"] == "ok", compiled["error"]
-    assert compiled["figures"]["backend"] == "eager" and compiled["figures"]["first_step_s"] > 0
-    assert compiled["figures"]["speedup"] > 0 and compiled["figures"]["graph_breaks"] in (0, None)
-    assert sections["sync_debug"]["status"] == "not applicable" and "CUDA" in sections["sync_debug"]["figures"]["reason"]
-    assert sections["checkpoint_branches"]["status"] == "ok"
-    assert "CM-MaskSD, checkpointed" in sections["vit_b16"]["figures"]["variants"]
-    assert "torchrun --standalone --nproc_per_node=1" in data["commands"]["torchrun"]
-    text = (tmp_path / "gpu_check_tiny.md").read_text()
-    assert "| 3. One-process torchrun" in text and "Machine:" in text
-
-
-@pytest.mark.slow
-def test_gpu_check_compile_section_runs_aot_autograd(tmp_path):
-    """Section 4 with AOTAutograd's tracing too (inductor's code generation takes minutes on a CPU)."""
-    from benchmarks import gpu_check
-
-    args = ["--device", "cpu", "--tiny", "--only", "compile", "--compile-backend", "aot_eager", "--output", str(tmp_path)]
-    assert gpu_check.main(args) == 0
-    compiled = json.loads((tmp_path / "gpu_check_tiny.json").read_text())["sections"]["compile"]
-    assert compiled["status"] == "ok", compiled["error"]
-    assert compiled["figures"]["backend"] == "aot_eager" and compiled["figures"]["compiled_median_s"] > 0
-
-
-def test_gpu_check_rejects_bad_flags_by_name(capsys):
-    from benchmarks import gpu_check
-
-    for argv, message in [
-        (["--device", "cpu"], "--tiny"),
-        (["--tiny", "--device", "cpu", "--budget", "0"], "--budget"),
-        (["--tiny", "--only", "nope"], "--only"),
-        (["--tiny", "--compile-backend", "tvm"], "--compile-backend"),
-    ]:
-        with pytest.raises(SystemExit):
-            gpu_check.main(argv)
-        assert message in capsys.readouterr().err
-
-
-def test_largest_batch_steps_down_past_out_of_memory():
-    import torch
-    from benchmarks.gpu_check import largest_batch
-
-    tried, released = [], []
-
-    def try_batch(batch):
-        tried.append(batch)
-        if batch > 12:
-            raise torch.OutOfMemoryError(f"CUDA out of memory at batch {batch}\nmore")
-
-    batch, failed = largest_batch((32, 24, 16, 12, 8), try_batch, lambda: released.append(True))
-    assert batch == 12 and tried == [32, 24, 16, 12] and len(released) == 3
-    assert failed == {32: "CUDA out of memory at batch 32", 24: "CUDA out of memory at batch 24", 16: "CUDA out of memory at batch 16"}
-    with pytest.raises(torch.OutOfMemoryError, match="none of the batch sizes"):
-        largest_batch((16, 14), try_batch, lambda: None)
-
-    def workspace(batch):
-        if batch > 8:
-            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
-
-    assert largest_batch((16, 8), workspace, lambda: None)[0] == 8
-
-    def broken(batch):
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-
-    with pytest.raises(RuntimeError, match="shapes"):  # only memory errors mean "try a smaller batch"
-        largest_batch((16, 8), broken, lambda: None)
-
-
-def _synchronising_step():
-    raise RuntimeError("called a synchronizing CUDA operation")  # stands in for a .item() under mode "error"
-
-
-def test_describe_sync_names_the_innermost_repository_line():
-    from benchmarks.gpu_check import describe_sync
-
-    try:
-        _synchronising_step()
-    except RuntimeError as error:
-        found = describe_sync(error)
-    assert found["host_sync"] and found["operation"].startswith("tests/test_benchmarks.py:")
-    assert "in _synchronising_step: raise RuntimeError" in found["operation"]
-    assert found["stack"][-1] == found["operation"] and len(found["stack"]) == 2
-    assert found["result"] == f"host sync at {found['operation']}"
-
-
-def test_checkpoint_option_is_cm_masksd_with_checkpointed_branches():
-    from benchmarks import gpu_check
-
-    config, note = gpu_check.checkpoint_option()
-    assert config.checkpoint_branches is True and config.lmvsd.enabled and config.vmlsd.enabled and "measured" in note
-
-
-def test_a_failing_or_overrunning_section_is_recorded_and_the_check_goes_on(monkeypatch):
-    import time
-
-    import torch
-    from benchmarks import gpu_check
-
-    monkeypatch.setattr(gpu_check, "MIN_SECTION_S", 0.05)
-    check = gpu_check.GpuCheck(torch.device("cpu"), gpu_check.Plan.tiny(torch.device("cpu")), budget=2, argv=[])
-
-    def out_of_memory(end):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    failed = check.run_section("vit_l14", out_of_memory)
-    assert failed["status"] == "error" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
-    slow = check.run_section("compile", lambda end: time.sleep(30))  # stopped when the 2 s budget runs out
-    assert slow["status"] == "timeout" and slow["seconds"] < 3
-    assert check.run_section("torchrun", lambda end: {})["status"] == "out of budget"
 
 
 # --- the summary command ---------------------------------------------------------------------------
@@ -413,17 +235,6 @@ def test_ablation_policy_rows_set_their_switch_and_leave_the_stored_rows_as_they
     assert len(set(folders)) == len(folders) and not set(POLICY_ROWS) & set(known)  # no policy row reuses a stored run
 
 
-def test_the_gpu_checks_torchrun_flags_train_from_random_init():
-    import torch
-    from benchmarks.gpu_check import Plan
-
-    from examples.train_cris_masksd import parse_args
-
-    for plan in (Plan.gpu(), Plan.tiny(torch.device("cpu"))):
-        cfg = parse_args(plan.train_args(torch.device("cpu"), Path("/tmp/x")))
-        assert cfg.pretrained is None and cfg.model == plan.small.model_name
-
-
 def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
     from benchmarks.ablation import T_95, paired_difference
 
@@ -431,19 +242,6 @@ def test_ablation_t_interval_falls_back_to_the_next_lower_degrees_of_freedom():
     d = paired_difference(values, [0.0] * 36)
     assert (d["high"] - d["mean"]) == pytest.approx(T_95[30] * d["std"] / math.sqrt(36))
     assert T_95[19] == 2.093  # 20 paired seeds use their own quantile
-
-
-def test_gpu_check_records_a_crashed_compile_process(tmp_path, monkeypatch):
-    """Section 4 runs in its own process: when that process dies of a signal (inductor segfaulted once on the
-    H200), the section records the signal and the other sections' results are still written."""
-    from benchmarks import gpu_check
-
-    monkeypatch.setattr(gpu_check, "_run_process", lambda command, env, timeout: (-11, "Fatal Python error: Segmentation fault"))
-    assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "sync_debug", "compile", "--output", str(tmp_path)]) == 1
-    sections = json.loads((tmp_path / "gpu_check_tiny.json").read_text())["sections"]
-    assert sections["compile"]["status"] == "error"
-    assert "SIGSEGV" in sections["compile"]["error"] and "Segmentation fault" in sections["compile"]["error"]
-    assert sections["sync_debug"]["status"] == "not applicable"
 
 
 def test_ablation_best_of_scores_the_best_checkpoint_and_reports_the_gap(tmp_path, monkeypatch, capsys):
@@ -495,15 +293,6 @@ def test_ablation_run_one_with_best_of_scores_best_pt(tmp_path):
     assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == int(run.best_step)
     assert list(run.to_json("val")) == ["seed", "steps", "seconds", "val", "compositional", "guidance_after", "curve",
                                         "best_step", "train"]  # the layout every stored table has
-
-
-def test_gpu_check_plans_say_which_is_the_cpu_stand_in():
-    """Section 4's child process gets --tiny only from the stand-in plan (a field once shadowed by Plan.tiny)."""
-    from benchmarks import gpu_check
-    import torch
-
-    assert gpu_check.Plan.gpu().stand_in is False and gpu_check.Plan.gpu().small.model_name == "ViT-B-16"
-    assert gpu_check.Plan.tiny(torch.device("cpu")).stand_in is True
 
 
 def test_results_commands_are_quoted_for_a_shell():
@@ -576,21 +365,6 @@ def test_regime_map_statistics_on_fixed_numbers(tmp_path, monkeypatch):
     for bad in (["--also", "overfit"], ["--sizes", "16"], ["--sizes", "3000", "--report"]):
         with pytest.raises(SystemExit):
             regime_map.main(bad + (["--report"] if "--report" not in bad else []))
-
-
-def test_gpu_check_records_a_compile_process_that_overruns(tmp_path, monkeypatch):
-    import subprocess
-
-    from benchmarks import gpu_check
-
-    def overrun(command, env, timeout):
-        assert float(command[command.index("--budget") + 1]) >= gpu_check.MIN_SECTION_S
-        raise subprocess.TimeoutExpired(command, timeout, output=b"compile: first step with backend 'inductor'")
-
-    monkeypatch.setattr(gpu_check, "_run_process", overrun)
-    assert gpu_check.main(["--device", "cpu", "--tiny", "--only", "compile", "--output", str(tmp_path)]) == 1
-    compiled = json.loads((tmp_path / "gpu_check_tiny.json").read_text())["sections"]["compile"]
-    assert compiled["status"] == "timeout" and "first step with backend" in compiled["error"]
 
 
 def _table_store(scenes, rows, numerics="n"):

@@ -587,7 +587,7 @@ def test_a_folder_given_as_a_file(tmp_path, capsys, one_thread):
 
     run_script(train, flags(tmp_path / "run", "--max-steps", "1"))
     err = one_line_error(capsys, evaluate, ["--checkpoint", str(tmp_path / "run")])
-    assert f"checkpoint {tmp_path / 'run'} is a folder, not a checkpoint file (it holds last.pt: pass one of them)" in err
+    assert f"checkpoint {tmp_path / 'run'} is a folder, not a checkpoint file (it holds last.pt and export/: pass one of them)" in err
     err = one_line_error(capsys, predict, ["--checkpoint", str(tmp_path / "run" / "last.pt"), "--image", str(tmp_path), "--text", "a"])
     assert f"--image {tmp_path} is a folder, not an image file" in err
 

@@ -79,6 +79,12 @@ class CRISConfig:
     """Dropout in the decoder's attention and feed-forward paths."""
     projector_kernel: int = 3
     """Size of the dynamic convolution kernel that the sentence state generates (odd)."""
+    fast_head: bool = False
+    """Compute two parts of the decode head in another order: the projector's per-sample dynamic convolution as
+    one batched matmul and a fixed shift-and-add (instead of a convolution of B groups), and CoordConv's two
+    coordinate channels as one convolution shared by the batch (instead of concatenating them to every
+    sample). The same function: outputs equal the reference's within float rounding (tested: 1e-5 relative
+    in float32, 2e-2 under bf16 autocast). Off: the arithmetic of every stored run (tiny, synthetic). Ours."""
     deep_level: DeepLevel = "block"
     """What feeds the 1/32 level: "block", the raw output of the last feature block (CRIS on a ViT;
     CLIP's ln_post and proj then only serve MaskSD's correlation and stay frozen), or "projected",
@@ -125,6 +131,8 @@ class CRISConfig:
                 f"neck_channels[1]={self.neck_channels[1]} is the decoder's input width and must equal "
                 f"decoder_dim={self.decoder_dim}"
             )
+        if not isinstance(self.fast_head, bool):
+            raise TypeError(f"fast_head must be True or False, got {self.fast_head!r}")
         if self.deep_level not in get_args(DeepLevel):
             raise ValueError(f"deep_level must be one of {get_args(DeepLevel)}, got {self.deep_level!r}")
         _check_int("projector_kernel", self.projector_kernel, low=1)

@@ -62,16 +62,19 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """pixels (B, N, dim), pixel_pos (N, dim), words (B, L, text_dim), word_pos (L, text_dim),
         padding (B, L) bool True at padded words. Returns (B, N, dim)."""
+        # Each update is cast to the stream's dtype: under autocast the LayerNorms return float32, which would turn
+        # the (B, N, dim) residual stream float32 from the first layer on (as the ViT's stays in the autocast dtype).
+        # Without autocast the casts are no-ops.
         x = self.self_norm(pixels)
         query = x + pixel_pos
         attended = self.self_attn(query, query, x, need_weights=False)[0]
-        pixels = pixels + self.dropout(self.self_out_norm(attended))
+        pixels = pixels + self.dropout(self.self_out_norm(attended)).to(pixels.dtype)
 
         x = self.cross_norm(pixels)
         attended = self.cross_attn(x + pixel_pos, words + word_pos, words, key_padding_mask=padding, need_weights=False)[0]
-        pixels = pixels + self.dropout(self.cross_out_norm(attended))
+        pixels = pixels + self.dropout(self.cross_out_norm(attended)).to(pixels.dtype)
 
-        return pixels + self.dropout(self.ffn(self.ffn_norm(pixels)))
+        return pixels + self.dropout(self.ffn(self.ffn_norm(pixels))).to(pixels.dtype)
 
 
 class VisionLanguageDecoder(nn.Module):
@@ -100,12 +103,19 @@ class Projector(nn.Module):
     """Upsamples the decoded map 4x and convolves it with a kernel generated from the sentence state.
 
     (B, dim, h, w), (B, text_dim) -> (B, 1, 4h, 4w) mask logits.
+
+    ``fast``: the per-sample (one output channel) k x k convolution as one batched matmul, the k² per-offset
+    channel sums (B, k², 4h, 4w), then a fixed one-hot k x k convolution that shifts and adds them: the same
+    function (both are linear in the map, and zero padding of the sums is zero padding of the map),
+    reassociated, instead of one grouped convolution of B groups. Off: the grouped convolution every
+    stored run computed.
     """
 
-    def __init__(self, dim: int, text_dim: int, kernel_size: int = 3):
+    def __init__(self, dim: int, text_dim: int, kernel_size: int = 3, fast: bool = False):
         super().__init__()
         half = dim // 2
         self.kernel_size = kernel_size
+        self.fast = fast
         self.visual = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             conv_bn_relu(dim, dim, 3),
@@ -117,11 +127,29 @@ class Projector(nn.Module):
 
     def forward(self, pixels: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         x = self.visual(pixels)  # (B, C, 4h, 4w)
-        batch, channels = x.shape[:2]
+        batch, channels, height, width = x.shape
         params = self.dynamic(sentence)  # (B, C k k + 1)
-        weight = rearrange(params[:, :-1], "b (c kh kw) -> b c kh kw", c=channels, kh=self.kernel_size)
+        k = self.kernel_size
+        if self.fast:
+            weight = rearrange(params[:, :-1], "b (c q) -> b c q", c=channels)  # (B, C, k²)
+            taps = _channel_sums(x, weight)  # (B, k², 4h, 4w)
+            shift = torch.eye(k * k, device=taps.device, dtype=taps.dtype).view(1, k * k, k, k)  # offset q -> its kernel cell
+            out = F.conv2d(taps, shift, padding=k // 2)  # (B, 1, 4h, 4w)
+            return out + params[:, -1].view(batch, 1, 1, 1).to(out.dtype)
+        weight = rearrange(params[:, :-1], "b (c kh kw) -> b c kh kw", c=channels, kh=k)
         # One group per sample: sample b's channels meet only sample b's kernel.
         out = F.conv2d(
-            rearrange(x, "b c h w -> 1 (b c) h w"), weight, params[:, -1], padding=self.kernel_size // 2, groups=batch
+            rearrange(x, "b c h w -> 1 (b c) h w"), weight, params[:, -1], padding=k // 2, groups=batch
         )  # (1, B, 4h, 4w)
         return rearrange(out, "1 b h w -> b 1 h w")
+
+
+def _channel_sums(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, Q, h, w) maps sum_c weight[b, c, q] * x[b, c] for a (B, C, h, w) map and (B, C, Q) weights: one batched
+    matmul over the layout ``x`` is in (channels_last on GPUs, so that no copy of ``x`` is made)."""
+    height = x.shape[2]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        sums = torch.bmm(rearrange(x, "b c h w -> b (h w) c"), weight)  # (B, hw, Q): x read as it lies
+        return rearrange(sums, "b (h w) q -> b q h w", h=height)
+    sums = torch.bmm(weight.transpose(1, 2), rearrange(x, "b c h w -> b c (h w)"))  # (B, Q, hw)
+    return rearrange(sums, "b q (h w) -> b q h w", h=height)

@@ -35,7 +35,7 @@ class DecodeHead(nn.Module):
         super().__init__()
         deep_width = text_dim if config.deep_level == "projected" else image_width  # text_dim is CLIP's joint D
         self.pyramid = ViTPyramid(image_width, config.pyramid_channels, deep_width)
-        self.neck = FusionNeck(config.pyramid_channels, config.neck_channels, text_dim)
+        self.neck = FusionNeck(config.pyramid_channels, config.neck_channels, text_dim, fast=config.fast_head)
         self.decoder = VisionLanguageDecoder(
             config.decoder_layers,
             config.decoder_dim,
@@ -44,10 +44,17 @@ class DecodeHead(nn.Module):
             config.decoder_dropout,
             text_dim,
         )
-        self.projector = Projector(config.decoder_dim, text_dim, config.projector_kernel)
+        self.projector = Projector(config.decoder_dim, text_dim, config.projector_kernel, fast=config.fast_head)
 
     def forward(self, visual: Features, text: Features) -> torch.Tensor:
         return self.decode_maps(self.feature_maps(visual), visual, text)
+
+    def set_fast(self, projector: bool, coordinates: bool) -> None:
+        """Switch the two reassociated parts of ``CRISConfig.fast_head`` (the projector's dynamic convolution,
+        CoordConv's coordinates) on or off in place, keeping the weights: for benchmarks that compare them on
+        one model. A model's config says what it was built with."""
+        self.projector.fast = projector
+        self.neck.refine[0].fast = coordinates
 
     def feature_maps(self, visual: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pyramid's maps (B, C_i, ...) at 2g, g and ceil(g/2): what the fusion neck reads."""

@@ -106,6 +106,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():
         inside = [p.name for p in (path / "last.pt", path / "best.pt") if p.is_file()]
+        if (path / "export" / "config.json").is_file():
+            inside.append("export/")
         hint = f" (it holds {' and '.join(inside)}: pass one of them)" if inside else ""
         raise IsADirectoryError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():

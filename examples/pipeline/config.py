@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, get_args
 
 from examples.cris.config import VARIANTS, CRISConfig, DeepLevel
 from examples.lavt.config import LAVT_MODEL
-from examples.pipeline.choices import Amp, Device
+from examples.pipeline.choices import Amp, CompileScope, Device
 from examples.pipeline.cli import check_choices, dataclass_from_dict, flatten, unflatten
 from masksd.config import MaskSDConfig, documented
 from masksd.data.config import DEFAULT_SPLIT_BY, ReferConfig, ReferDatasetName, ResizeMode, RestoreMethod, SplitBy, TextKey
@@ -120,7 +120,10 @@ class TrainConfig(LoopConfig):
     pretrained: str | None = documented("masksd-tiny-synthetic", help="CLIP weights: an open_clip tag (openai), shipped weights by name (masksd-tiny-synthetic: the tiny CLIP pretrained on the synthetic scenes), a local checkpoint path, or none for random init; with --model clipseg or lavt: a folder of transformers snapshots, or none.")
     image_size: int = documented(_DEMO["image_size"], help="Input size: 480 (ablations), 576 (ViT-B-16), 532 (ViT-L-14), 64 (tiny).")
     max_words: int = documented(CRISConfig.max_words, help="Text positions incl. SOT/EOT: 17 for RefCOCO/RefCOCO+, 22 for G-Ref.")
+    quick_gelu: bool | None = documented(CRISConfig.quick_gelu, help="QuickGELU activations in CLIP's towers; default: what --pretrained's tag was trained with (on for openai). Pass --quick-gelu for OpenAI weights loaded from a file, or to time a random-init model as the openai presets build it.")
+    fast_head: bool = documented(CRISConfig.fast_head, help="CRIS's decode head with its dynamic convolution as a batched matmul and CoordConv's coordinates convolved once: the same function in another order (equal within float rounding), without a B-group convolution or a 514-channel input; off keeps the arithmetic of the stored runs.")
     deep_level: DeepLevel = documented(CRISConfig.deep_level, help="What feeds CRIS's 1/32 level: block (the last feature block's output, CRIS on a ViT) or projected (CLIP's projected final tokens, ETRIS-style, so segmentation trains the tokens MaskSD correlates; ours).")
+    compile_scope: CompileScope = documented("parts", help="What --compile compiles: parts (the segmenter's image and text encoders and its decode head; MaskSD's glue stays eager) or step (MaskSD's whole training forward, branches, masking and losses included, and so its backward: one torch.compile of the model); the graph breaks are printed after the first step.")
 
     # MaskSD
     baseline: bool = documented(False, help="Train the bare segmenter: both MaskSD branches off (overrides --lmvsd/--vmlsd).")

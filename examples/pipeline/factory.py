@@ -8,26 +8,28 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch.utils.data import Dataset
 
 from examples.clipseg import CLIPSEG, CLIPSegRISConfig
 from examples.cris import CRIS, CRISConfig
+from examples.cris.backbone import resolve_quick_gelu
 from examples.cris.config import SHIPPED_WEIGHTS
 from examples.lavt.config import LAVT_MODEL, SNAPSHOT_HINT, LAVTConfig
 from examples.pipeline.checkpoint import describe_model, load_checkpoint, load_weights
 from examples.pipeline.cli import dataclass_from_dict
+from examples.pipeline.choices import CompileScope
 from examples.pipeline.config import TrainConfig
 from masksd import InputSpec, MaskSD, MaskSDConfig
 from masksd.data import ManifestConfig, ManifestDataset, ReferConfig, ReferDataset
 from masksd.data.synthetic import SyntheticConfig, SyntheticReferDataset
 
 __all__ = [
-    "ARCHITECTURES", "BACKBONE_PREFIXES", "Segmenter", "architecture_name", "backbone_prefixes", "compile_segmenter", "build_dataset",
-    "build_segmenter", "build_model", "checkpoint_architecture", "check_guidance", "cris_config", "clipseg_config",
-    "checkpoint_cris_config", "input_patch_size", "input_spec", "is_export_source", "lavt_config", "load_segmenter",
+    "ARCHITECTURES", "BACKBONE_PREFIXES", "Segmenter", "architecture_name", "backbone_prefixes", "compile_masksd", "compile_segmenter",
+    "build_dataset", "build_segmenter", "build_model", "checkpoint_architecture", "check_guidance", "cris_config", "clipseg_config",
+    "checkpoint_cris_config", "input_patch_size", "input_spec", "is_export_source", "lavt_config", "load_segmenter", "random_init",
     "segmenter_from_entries",
 ]
 
@@ -75,8 +77,17 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool) -> Dataset:
 def cris_config(cfg: TrainConfig) -> CRISConfig:
     """The segmenter a run trains: the architecture of ``cfg.model``'s CRIS variant, at the run's size and weights."""
     return CRISConfig.for_model(
-        cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words, deep_level=cfg.deep_level
+        cfg.model, pretrained=cfg.pretrained, image_size=cfg.image_size, max_words=cfg.max_words, deep_level=cfg.deep_level,
+        quick_gelu=cfg.quick_gelu, fast_head=cfg.fast_head,
     )
+
+
+def random_init(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` from random weights (``pretrained`` None), building the network its weights would build
+    (QuickGELU for OpenAI's CLIP): what a benchmark times of a preset, with nothing to download."""
+    if cfg.model in (CLIPSEG, LAVT_MODEL):
+        return replace(cfg, pretrained=None)
+    return replace(cfg, pretrained=None, quick_gelu=resolve_quick_gelu(cfg.model, cfg.pretrained, cfg.quick_gelu))
 
 
 def clipseg_config(cfg: TrainConfig) -> CLIPSegRISConfig:
@@ -93,7 +104,8 @@ def lavt_config(cfg: TrainConfig) -> LAVTConfig:
 
 def refuse_cris_switches(cfg: TrainConfig, snapshot: str, name: str, decoder_reads: str) -> None:
     """Refuse, naming the flag, what only CRIS has for a transformers model (``--model clipseg``, ``lavt``): CLIP weights
-    shipped here, and ``--deep-level``. ``snapshot`` says what its ``--pretrained DIR`` holds."""
+    shipped here, ``--deep-level``, ``--quick-gelu`` and ``--fast-head``. ``snapshot`` says what its ``--pretrained DIR``
+    holds."""
     if cfg.pretrained in SHIPPED_WEIGHTS:
         raise ValueError(
             f"--pretrained {cfg.pretrained} holds CLIP weights for CRIS; with --model {cfg.model} pass --pretrained DIR "
@@ -101,6 +113,10 @@ def refuse_cris_switches(cfg: TrainConfig, snapshot: str, name: str, decoder_rea
         )
     if cfg.deep_level != "block":
         raise ValueError(f"--deep-level {cfg.deep_level} is CRIS's switch; {name}'s decoder reads {decoder_reads}")
+    if cfg.quick_gelu is not None:
+        raise ValueError(f"--quick-gelu is CRIS's switch (its open_clip CLIP); {name}'s activations come with its snapshot")
+    if cfg.fast_head:
+        raise ValueError(f"--fast-head is CRIS's switch (its decode head); {name}'s decoder is its own")
 
 
 def build_segmenter(cfg: TrainConfig) -> Segmenter:
@@ -127,8 +143,8 @@ def backbone_prefixes(segmenter: Segmenter) -> tuple[str, ...]:
 
 
 def compile_segmenter(segmenter: Segmenter, backend: str = "inductor") -> None:
-    """``--compile``: compile the pieces MaskSD calls (in place: both encoders, or the fused ``encode``, and the decode
-    head); the wrapper's own glue stays eager."""
+    """``--compile --compile-scope parts``: compile the pieces MaskSD calls (in place: both encoders, or the fused
+    ``encode``, and the decode head); the wrapper's own glue stays eager."""
     from masksd.adapter import is_fused
 
     for name in ("encode",) if is_fused(segmenter) else ("encode_image", "encode_text"):
@@ -153,6 +169,15 @@ def input_spec(segmenter: Segmenter, image_size: int) -> InputSpec:
     :func:`input_patch_size`."""
     tokenizer = getattr(segmenter, "tokenizer", None) or segmenter._tokenizer  # LAVT's is public; CRIS's and CLIPSeg's not
     return InputSpec.from_tokenizer(tokenizer, patch_size=input_patch_size(image_size))
+def compile_masksd(model: MaskSD, scope: CompileScope, backend: str = "inductor") -> None:
+    """``--compile``: the pieces (:func:`compile_segmenter`) or, for ``scope="step"``, MaskSD itself (in place): its
+    whole training forward, the branches' masking and losses included, and so its backward."""
+    if scope not in get_args(CompileScope):
+        raise ValueError(f"compile scope must be one of {get_args(CompileScope)}, got {scope!r}")
+    if scope == "step":
+        model.compile(backend=backend)
+    else:
+        compile_segmenter(model.segmenter, backend)
 
 
 def build_model(cfg: TrainConfig) -> MaskSD:
@@ -223,11 +248,12 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> tupl
 
 
 def is_export_source(path: str | Path) -> bool:
-    """Whether ``path`` names an export rather than a checkpoint file: a folder, or (nothing by that name
+    """Whether ``path`` names an export rather than a checkpoint file: a folder (not a run folder holding
+    checkpoints), or (nothing by that name
     here) a Hugging Face Hub id ``owner/name`` not ending in .pt."""
     local = Path(path)
-    if local.is_dir():
-        return True
+    if local.is_dir():  # a run folder (checkpoints, no config.json) is refused as a folder by load_checkpoint
+        return (local / "config.json").is_file() or not any(local.glob("*.pt"))
     return not local.exists() and local.suffix not in (".pt", ".pth") and _HUB_ID.fullmatch(str(path)) is not None
 
 

@@ -1,7 +1,8 @@
 """The training loop every script here shares, whatever it trains.
 
 :class:`TrainingLoop` owns seeding per rank, DDP (and SyncBatchNorm on GPUs), Adam with warm-up and
-cosine decay, the resumable epoch sampler, autocast and fp16 gradient scaling, atomic checkpoints
+cosine decay, the resumable epoch sampler, autocast and fp16 gradient scaling (the step itself is
+:class:`~examples.pipeline.step.TrainStep`, which the benchmarks time), atomic checkpoints
 (``last.pt``, ``best.pt``) holding every rank's RNG states, exact resume, periodic validation, the
 CSV logs, TensorBoard scalars and the progress bar; a run folder is never overwritten unasked
 (:mod:`examples.pipeline.runfolder`) and a diverging loss stops the run before any checkpoint holds
@@ -11,6 +12,7 @@ non-finite weights (:mod:`examples.pipeline.guard`). A subclass says what one st
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import random
@@ -33,11 +35,10 @@ from examples.pipeline.checkpoint import latest_checkpoint, load_checkpoint, loa
 from examples.pipeline.cli import flatten
 from examples.pipeline.config import LoopConfig, runtime_fields
 from examples.pipeline.distributed import Dist
-from examples.pipeline.evaluation import autocast
 from examples.pipeline.guard import DivergenceGuard
-from examples.pipeline.optim import build_optimizer, warmup_cosine
 from examples.pipeline.runfolder import prepare_run_folder
 from examples.pipeline.sampling import EpochSampler
+from examples.pipeline.step import GraphBreaks, TrainStep
 from examples.pipeline.workers import exit_with_parent
 from masksd.data import collate
 
@@ -128,10 +129,9 @@ class TrainingLoop:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        prefixes = backbone_prefixes if cfg.backbone_lr_scale != 1.0 else ()
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_scale, prefixes)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(s, warmup, self.total_steps))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        # the step the benchmarks time too (examples.pipeline.step): optimiser, schedule, autocast, clipping
+        self.train_step = TrainStep(self.model, cfg, self.device, warmup, self.total_steps, backbone_prefixes)
+        self.optimizer, self.scheduler, self.scaler = self.train_step.optimizer, self.train_step.scheduler, self.train_step.scaler
         # The run's own random draws (e.g. which tokens to mask) differ per rank; dropout too (global RNG re-seeded below).
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + 7919 * env.rank + 1)
         self.step = 0
@@ -223,7 +223,8 @@ class TrainingLoop:
             return False
         state = load_checkpoint(path, map_location="cpu")  # RNG states must stay CPU tensors; load_state_dict copies the rest
         load_weights(self.model, state, path, self._identity(), "--resume into this run")  # another model: one error, first
-        saved, now = flatten(state.get("config", {})), flatten(self.cfg)
+        # a setting the checkpoint predates reads as its default (what that code did), as when a checkpoint is loaded
+        saved, now = {**flatten(type(self.cfg)()), **flatten(state.get("config", {}))}, flatten(self.cfg)
         runtime = runtime_fields(type(self.cfg))
         changed = sorted(k for k in saved.keys() | now.keys() if k not in runtime and saved.get(k) != now.get(k))
         if changed and self.env.is_main:
@@ -277,6 +278,7 @@ class TrainingLoop:
         bar = tqdm(total=self.stop_step, initial=self.step, desc="train", disable=not (cfg.progress and env.is_main))
         self.resumed_at = self.step
         self.train_model.train()
+        report_compile = cfg.compile  # what torch.compile made of the step: graphs and graph breaks, after the first
         try:
             for epoch in range(self.step // self.steps_per_epoch, cfg.epochs):
                 if self.step >= self.stop_step:
@@ -285,7 +287,11 @@ class TrainingLoop:
                 for index, batch in enumerate(self._loader(epoch)):
                     if index == 0:
                         self.check_batch(batch)  # value checks once per epoch, not in every step
-                    parts = self._train_step(batch)
+                    with GraphBreaks() if report_compile else contextlib.nullcontext() as breaks:
+                        parts = self._train_step(batch)
+                    if report_compile and env.is_main:
+                        print(breaks.summary())
+                    report_compile = False
                     self.step += 1
                     if parts is not None:
                         now = time.perf_counter()
@@ -368,17 +374,8 @@ class TrainingLoop:
     def _train_step(self, batch: Any) -> torch.Tensor | None:
         """One optimiser step; on log steps the (len(log_fields) + 1,) loss parts, mean over ranks, and the
         guard's count of non-finite steps (its mean over ranks), still on the device; else None."""
-        with autocast(self.device, self.cfg.amp):
-            losses = self.compute_loss(batch)
+        losses = self.train_step(lambda: self.compute_loss(batch))
         self.guard.observe(losses, self.step + 1)  # on the device: no wait
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
         if (self.step + 1) % self.cfg.log_every:
             return None
         nan = losses["loss"].new_full((), float("nan"))  # filled on the device: no copy from the host

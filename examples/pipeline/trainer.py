@@ -13,10 +13,11 @@ from torch.utils.data import DataLoader
 from examples.pipeline.config import TrainConfig
 from examples.pipeline.distributed import Dist, process_group
 from examples.pipeline.evaluation import evaluate
-from examples.pipeline.factory import backbone_prefixes, build_dataset, build_model, checkpoint_architecture, compile_segmenter
+from examples.pipeline.factory import backbone_prefixes, build_dataset, build_model, checkpoint_architecture, compile_masksd
 from examples.pipeline.loop import TrainingLoop, seed_everything
 from examples.pipeline.overlay import render_overlay
 from examples.pipeline.sampling import ShardSampler
+from examples.pipeline.step import masksd_losses
 from examples.pipeline.workers import exit_with_parent
 from masksd import MaskSD
 from masksd.data import collate
@@ -90,7 +91,7 @@ class _Run(TrainingLoop):
             self.wandb = self.tensorboard = start_wandb(cfg, self.out, resumed=self.step > 0, tensorboard=self.tensorboard)
 
     def compile_model(self) -> None:
-        compile_segmenter(self.model.segmenter)
+        compile_masksd(self.model, self.cfg.compile_scope)
 
     def checkpoint_extra(self) -> dict:
         return checkpoint_architecture(self.model.segmenter)  # also called while resuming, before self.segmenter is set
@@ -108,8 +109,7 @@ class _Run(TrainingLoop):
         images, tokens, masks = self._inputs(batch)
         ramp = self.cfg.distill_ramp * self.total_steps
         scale = min(1.0, self.step / ramp) if ramp > 0 else 1.0  # ours: λ grows with the teacher
-        out = self.train_model(images, tokens, masks, generator=self.generator, distill_scale=scale)
-        return {"loss": out.loss, "seg": out.seg_loss, "lmvsd": out.lmvsd_loss, "vmlsd": out.vmlsd_loss, "combined": out.combined_loss}
+        return masksd_losses(self.train_model, images, tokens, masks, self.generator, scale)
 
     def validate(self) -> dict[str, float]:
         return self._evaluate(write=False)
