@@ -143,8 +143,11 @@ def render(results: list[dict[str, Any]], stores: dict[int, RunsFile], tags: dic
     counts = "; ".join(f"`ablation_{tags[t.size]}`: " + ", ".join(f"{name} {len(stores[t.size].by_seed(name))}" for name in t.rows)
                        for t in TABLES)
     settings = stores[3000].settings
+    counted = [len(stores[t.size].by_seed(name)) for t in TABLES for name in t.rows]
+    span = f"{min(counted)}" if min(counted) == max(counted) else f"{min(counted)}–{max(counted)}"
+    title = "20 paired seeds" if min(counted) >= len(SEEDS) else f"partial: {span} of the 20 planned paired seeds per row"
     return (
-        "# Evidence with power: 20 paired seeds for the comparisons that decide\n\n"
+        f"# Evidence with power ({title}) for the comparisons that decide\n\n"
         f"Tiny CRIS-style model from the region-aligned CLIP, {settings.steps} optimiser steps of batch 32, each run scored "
         f"from its best `{settings.best_of}` checkpoint on {settings.eval_scenes} `{settings.split}` and compositional scenes; "
         "Δ: paired difference by seed, mean [95 % t-interval]; seeds ahead: seeds where the first row scored higher. "

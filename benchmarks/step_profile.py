@@ -67,9 +67,9 @@ def labelled_parts(model: nn.Module) -> Iterator[None]:
             label(getattr(head, part), "forward", part)
         if not parts:
             label(head, "forward", "decode head")
+    label(model, "_perturb", "masking")  # a branch's ranking, selection and masking of its input
+    label(model, "_feature_positions", "masking")  # the same at the features site
     for branch in model.branches.values():
-        label(branch, "perturb", "masking")
-        label(branch, "choose_positions", "masking")
         label(branch.criterion, "forward", "losses")
     label(masksd.wrapper, "segmentation_loss", "losses")  # the main branch's BCE, a function the wrapper looks up per call
     try:
