@@ -4,6 +4,7 @@ and --model lavt through the training, evaluation and prediction scripts."""
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -182,12 +183,13 @@ def test_a_local_snapshot_loads_its_weights_tokenizer_and_normalisation(tmp_path
     reloaded, run = load_segmenter(tmp_path / "run" / "last.pt")  # the architecture from the checkpoint, the tokenizer from the snapshot
     assert run["pretrained"] == str(snapshot) and reloaded.config.pretrained == str(snapshot)
     assert reloaded.renormalise.scale.flatten().tolist() == pytest.approx((torch.tensor(CLIP_STD) / torch.tensor(IMAGENET_STD)).tolist())
-    # what an export keeps beside the weights rebuilds the same model without the snapshot folder
-    exported = LAVT(LAVTConfig(), hf_configs=reloaded.hf_configs(), tokenizer=reloaded.tokenizer,
-                    image_statistics=(reloaded.renormalise.mean, reloaded.renormalise.std))
-    exported.load_state_dict(reloaded.state_dict())
+    # the trainer's export keeps the tokenizer and image statistics beside the weights: it predicts the same with the
+    # snapshots gone
+    snapshot.rename(tmp_path / "gone")
+    from_export, _ = load_segmenter(tmp_path / "run" / "export")
+    assert json.loads((tmp_path / "run" / "export" / "config.json").read_text())["lavt_config"]["pretrained"] is None
     with torch.no_grad():
-        assert torch.equal(exported.eval()(clip, texts), reloaded(clip, texts))
+        assert torch.equal(from_export(clip, from_export.tokenize(SENTENCES)), reloaded(clip, texts))
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
@@ -226,6 +228,8 @@ def test_lavt_checkpoint_evaluates_and_predicts_through_the_scripts(lavt_run, tm
 
     out, result = lavt_run
     check_evaluate_and_predict(out / "last.pt", result.metrics, tmp_path)
+    (tmp_path / "export").mkdir()
+    check_evaluate_and_predict(out / "export", result.metrics, tmp_path / "export")  # the random tiny LAVT's export
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_name(lavt_run, tmp_path):

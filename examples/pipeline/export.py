@@ -115,6 +115,8 @@ class SegmenterExport(
         entries = dict(config)
         if PROCESSOR_DIR == (config.get("clipseg_config") or {}).get("pretrained"):  # the export's own processor files
             entries["clipseg_config"] = {**config["clipseg_config"], "pretrained": str(folder / PROCESSOR_DIR)}
+        if PROCESSOR_DIR == (config.get("lavt_processor") or {}).get("tokenizer"):  # LAVT's tokenizer, saved beside the weights
+            entries["lavt_processor"] = {**config["lavt_processor"], "tokenizer": str(folder / PROCESSOR_DIR)}
         with weights_follow():
             segmenter, architecture = segmenter_from_entries(entries, f"export {folder}")
         load_weights(segmenter, {"model": _read_weights(folder), **architecture}, folder / WEIGHTS_NAME, architecture, "from_pretrained")
@@ -296,7 +298,11 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _save_processor(segmenter: nn.Module, config: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A CLIPSeg trained from a snapshot reads its tokenizer and normalisation from there: copy the snapshot's
-    processor files into the export and point config.json at them. Returns config.json's changed entries."""
+    processor files into the export and point config.json at them. A LAVT trained from snapshots: save its tokenizer
+    there and record its image statistics (``lavt_processor``), so the export needs no snapshot folder. Returns
+    config.json's changed entries."""
+    if "lavt_config" in config:
+        return _save_lavt_processor(segmenter, config, folder)
     clipseg = config.get("clipseg_config") or {}
     source = clipseg.get("pretrained")
     if not source or source == PROCESSOR_DIR:
@@ -308,6 +314,16 @@ def _save_processor(segmenter: nn.Module, config: dict[str, Any], folder: Path) 
     processor = require_transformers().AutoProcessor.from_pretrained(source)
     processor.save_pretrained(str(folder / PROCESSOR_DIR))
     return {"clipseg_config": {**clipseg, "pretrained": PROCESSOR_DIR}}
+
+
+def _save_lavt_processor(segmenter: nn.Module, config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """LAVT's share of :func:`_save_processor`: nothing for the random tiny model (its vocabulary is built in code)."""
+    lavt = config["lavt_config"]
+    if lavt.get("pretrained") is None and "lavt_processor" not in config:
+        return {}
+    segmenter.tokenizer.save_pretrained(str(folder / PROCESSOR_DIR))
+    processor = {"tokenizer": PROCESSOR_DIR, "mean": list(segmenter.renormalise.mean), "std": list(segmenter.renormalise.std)}
+    return {"lavt_config": {**lavt, "pretrained": None}, "lavt_processor": processor}
 
 
 # --------------------------------------------------------------- the model card

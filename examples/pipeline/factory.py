@@ -305,7 +305,14 @@ def segmenter_from_entries(entries: dict[str, Any], source: str) -> tuple[Segmen
                 f"{source} was trained from the LAVT snapshots in {entries['lavt_config'].get('pretrained')!r}, "
                 f"which are gone: the tokenizer and image normalisation are read from there again ({error})"
             ) from None
-        return LAVT(config, hf_configs=entries["hf_config"]), {"lavt_config": asdict(config)}
+        saved = entries.get("lavt_processor")  # an export's tokenizer folder and image statistics
+        if saved is None:
+            return LAVT(config, hf_configs=entries["hf_config"]), {"lavt_config": asdict(config)}
+        from masksd.integrations.hfclip import require_transformers
+
+        tokenizer = require_transformers().AutoTokenizer.from_pretrained(saved["tokenizer"])
+        segmenter = LAVT(config, hf_configs=entries["hf_config"], tokenizer=tokenizer, image_statistics=(saved["mean"], saved["std"]))
+        return segmenter, {"lavt_config": asdict(config)}
     if name == CLIPSEG:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 
