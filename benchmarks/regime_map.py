@@ -64,9 +64,10 @@ def size_row(size: int, store: RunsFile) -> dict[str, Any]:
 
 def trend(stores: dict[int, RunsFile], part: str) -> dict[str, Any] | None:
     """Does the gain depend on the size? Per seed, the least-squares slope of CM-MaskSD − baseline (on ``part``)
-    against log10(training scenes) over the sizes where that seed has both rows; then the mean slope over seeds
-    with its 95 % t-interval (mIoU per tenfold more scenes). Seeds with fewer than two sizes are left out; None when
-    no seed has two."""
+    against log10(training scenes) over every size; then the mean slope over seeds with its 95 % t-interval (mIoU
+    per tenfold more scenes). A seed missing both rows at any size is left out (a slope over fewer sizes estimates
+    another quantity: seeds added to some sizes only, as the powered table's, do not enter); None with fewer than
+    two sizes or no complete seed."""
     slopes = {}
     seeds = sorted({seed for store in stores.values() for seed in store.by_seed("baseline")})
     for seed in seeds:
@@ -75,7 +76,7 @@ def trend(stores: dict[int, RunsFile], part: str) -> dict[str, Any] | None:
             base, ours = store.by_seed("baseline").get(seed), store.by_seed("CM-MaskSD").get(seed)
             if base and ours:
                 points.append((math.log10(size), ours.miou(part) - base.miou(part)))
-        if len(points) >= 2:
+        if len(points) == len(stores) >= 2:
             mx = sum(x for x, _ in points) / len(points)
             my = sum(y for _, y in points) / len(points)
             slopes[seed] = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)

@@ -447,10 +447,12 @@ def test_regime_map_trend_is_the_mean_per_seed_slope_against_log_size():
     from benchmarks.runs import RunsFile
 
     # seed 0: gains +3 at 100 scenes, +1 at 1,000, -1 at 10,000 -> slope -2 per decade; seed 1: +2, +2, -2 -> -2 as well
-    # (least squares over x = 2, 3, 4); seed 2 has one size only and is left out
-    small = RunsFile.from_json(_regime_store(100, [(0, (0, 50, 40), (0, 53, 43)), (1, (0, 50, 40), (0, 52, 42)), (2, (0, 50, 40), (0, 50, 40))]))
+    # (least squares over x = 2, 3, 4); seed 2 has one size only and seed 3 two of the three: both are left out
+    small = RunsFile.from_json(_regime_store(100, [(0, (0, 50, 40), (0, 53, 43)), (1, (0, 50, 40), (0, 52, 42)), (2, (0, 50, 40), (0, 50, 40)),
+                                                   (3, (0, 50, 40), (0, 60, 40))]))
     mid = RunsFile.from_json(_regime_store(1000, [(0, (0, 50, 40), (0, 51, 41)), (1, (0, 50, 40), (0, 52, 40))]))
-    large = RunsFile.from_json(_regime_store(10000, [(0, (0, 50, 40), (0, 49, 39)), (1, (0, 50, 40), (0, 48, 39))]))
+    large = RunsFile.from_json(_regime_store(10000, [(0, (0, 50, 40), (0, 49, 39)), (1, (0, 50, 40), (0, 48, 39)),
+                                                     (3, (0, 50, 40), (0, 40, 40))]))
     t = regime_map.trend({100: small, 1000: mid, 10000: large}, "val")
     assert t["seeds"] == [0, 1] and t["slopes"] == [pytest.approx(-2.0), pytest.approx(-2.0)] and t["mean"] == pytest.approx(-2.0)
     assert t["low"] == pytest.approx(-2.0) and t["high"] == pytest.approx(-2.0)  # no spread between seeds
