@@ -214,7 +214,7 @@ def epochs_for(steps: int, scenes: int) -> int:
 
 def train_config(row: Row, seed: int, s: Settings, folder: Path, premises: dict[str, str | None], eval_every: int = 0,
                  device: str = "cpu"):
-    from examples.pipeline.config import TrainConfig, preset
+    from examples.pipeline.config import preset
 
     epochs = epochs_for(s.steps, s.scenes)
     return preset(

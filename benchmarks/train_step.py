@@ -18,9 +18,7 @@ Writes benchmarks/results/train_step_<device>_<model>_<size>.{md,json}.
 from __future__ import annotations
 
 import contextlib
-import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import get_args

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from masksd import BranchConfig, Features, MaskSD, MaskSDConfig, SegmenterAdapter, bare_state_dict, verify_segmenter
+from masksd import BranchConfig, Features, MaskSD, MaskSDConfig, bare_state_dict, verify_segmenter
 from masksd.adapter import is_fused
 from masksd.verify import SegmenterCheckError
 from tests.toys import EOT, FusedToy, ToyViT, colour_task

@@ -321,7 +321,7 @@ def _save_lavt_processor(segmenter: nn.Module, config: dict[str, Any], folder: P
     lavt = config["lavt_config"]
     if lavt.get("pretrained") is None and "lavt_processor" not in config:
         return {}
-    segmenter.tokenizer.save_pretrained(str(folder / PROCESSOR_DIR))
+    segmenter.tokenizer.save_pretrained(str(folder / PROCESSOR_DIR / "bert"))  # the snapshot's layout: load_tokenizer reads it
     processor = {"tokenizer": PROCESSOR_DIR, "mean": list(segmenter.renormalise.mean), "std": list(segmenter.renormalise.std)}
     return {"lavt_config": {**lavt, "pretrained": None}, "lavt_processor": processor}
 

@@ -297,6 +297,7 @@ def segmenter_from_entries(entries: dict[str, Any], source: str) -> tuple[Segmen
     name = architecture_name(entries)
     if name == LAVT_MODEL:
         from examples.lavt import LAVT
+        from examples.lavt.text import load_tokenizer
 
         try:
             config = dataclass_from_dict(LAVTConfig, entries["lavt_config"], source=f"{source} lavt_config")
@@ -305,14 +306,9 @@ def segmenter_from_entries(entries: dict[str, Any], source: str) -> tuple[Segmen
                 f"{source} was trained from the LAVT snapshots in {entries['lavt_config'].get('pretrained')!r}, "
                 f"which are gone: the tokenizer and image normalisation are read from there again ({error})"
             ) from None
-        saved = entries.get("lavt_processor")  # an export's tokenizer folder and image statistics
-        if saved is None:
-            return LAVT(config, hf_configs=entries["hf_config"]), {"lavt_config": asdict(config)}
-        from masksd.integrations.hfclip import require_transformers
-
-        tokenizer = require_transformers().AutoTokenizer.from_pretrained(saved["tokenizer"])
-        segmenter = LAVT(config, hf_configs=entries["hf_config"], tokenizer=tokenizer, image_statistics=(saved["mean"], saved["std"]))
-        return segmenter, {"lavt_config": asdict(config)}
+        saved = entries.get("lavt_processor")  # an export's tokenizer folder (snapshot layout) and image statistics
+        kept = {} if saved is None else {"tokenizer": load_tokenizer(saved["tokenizer"]), "image_statistics": (saved["mean"], saved["std"])}
+        return LAVT(config, hf_configs=entries["hf_config"], **kept), {"lavt_config": asdict(config)}
     if name == CLIPSEG:
         from examples.clipseg import CLIPSegRIS, CLIPSegRISConfig
 
